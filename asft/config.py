@@ -1,0 +1,261 @@
+"""One typed configuration for the whole pipeline.
+
+Every setting lives here exactly once. ``params.yaml`` at the repository root holds the values;
+the CLI, the Prefect flows and the DVC stages all read it through :func:`load_config`, and
+``key=value`` overrides (dotted paths, YAML-typed values) are applied on top.
+
+Each field is documented; ``asft config --show`` prints the resolved configuration.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid. The message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the interaction log comes from and how to read it."""
+
+    source: str = Field(
+        "simulator",
+        description="'simulator' for the built-in simulator, or a path to a data directory or file.",
+    )
+    format: Literal["auto", "movielens-100k", "movielens-dat", "movielens-csv", "recbole", "generic"] = Field(
+        "auto", description="Input format; 'auto' detects it from the files in the directory."
+    )
+    interactions_file: str | None = Field(
+        None, description="generic format: interactions file (CSV or Parquet) inside `source`, or absolute."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="generic format: canonical column -> source column (user_id, item_id, timestamp, rating).",
+    )
+    order_column: str | None = Field(
+        None, description="generic format: column giving the event order when there is no timestamp."
+    )
+    items_file: str | None = Field(None, description="generic format: optional item catalog file.")
+    item_columns: dict[str, str] = Field(
+        default_factory=dict, description="generic format: canonical catalog column -> source column."
+    )
+    sep: str | None = Field(None, description="generic format: CSV delimiter (default ',').")
+
+
+class SimulatorConfig(_Section):
+    """The built-in simulator: the embedded default data source. Seeded and deterministic."""
+
+    n_users: int = Field(800, ge=2, description="Number of simulated users.")
+    n_items: int = Field(400, ge=10, description="Catalog size.")
+    dim: int = Field(8, ge=1, description="Dimension of latent user tastes and item features.")
+    min_len: int = Field(20, ge=3, description="Shortest simulated history.")
+    max_len: int = Field(60, ge=3, description="Longest simulated history.")
+    popularity_alpha: float = Field(1.0, ge=0, description="Zipf exponent of item popularity.")
+    exposure_bias: float = Field(
+        1.0, ge=0, description="Weight of log-popularity in the logging policy (exposure/popularity bias)."
+    )
+    logging_temperature: float = Field(
+        0.5, gt=0, description="Temperature of the logging policy's softmax over true utility."
+    )
+    taste_drift: float = Field(
+        0.15, ge=0, le=1, description="How far a user's taste moves toward each consumed item."
+    )
+    rating_noise: float = Field(0.5, ge=0, description="Std of Gaussian noise added before rounding ratings.")
+    start_timestamp: int = Field(1_600_000_000, description="Timestamp of the first event (seconds).")
+
+
+class PreprocessConfig(_Section):
+    """Turning raw interactions into token sequences and a leave-one-out split."""
+
+    user_core: int = Field(0, ge=0, description="k-core filter: keep users with at least this many events (0 = off).")
+    item_core: int = Field(0, ge=0, description="k-core filter: keep items with at least this many events (0 = off).")
+    min_user_events: int = Field(
+        3,
+        ge=3,
+        description="Users with fewer events are dropped: leave-one-out needs >= 1 train, 1 valid, 1 test item.",
+    )
+    max_len: int = Field(50, ge=2, description="Maximum input sequence length (most recent items kept).")
+    dedupe_consecutive: bool = Field(False, description="Drop an event that repeats the user's previous item.")
+
+
+class ModelConfig(_Section):
+    """The base generative recommender: a decoder-only transformer over item tokens (GPT-2 blocks)."""
+
+    n_layer: int = Field(2, ge=1, description="Transformer blocks.")
+    n_head: int = Field(2, ge=1, description="Attention heads.")
+    n_embd: int = Field(64, ge=8, description="Hidden size; item embeddings are tied to the output layer.")
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout on embeddings, residuals and attention.")
+    n_positions: int | None = Field(None, description="Position table size; defaults to preprocess.max_len.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        return self
+
+
+class TrainConfig(_Section):
+    """Next-item SFT (behaviour cloning) of the base model."""
+
+    epochs: int = Field(60, ge=1, description="Maximum epochs.")
+    batch_size: int = Field(128, ge=1, description="Sequences per optimizer step (per process).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(2e-3, gt=0, description="AdamW peak learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases/LayerNorm).")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps, then constant.")
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0 = off).")
+    eval_every: int = Field(1, ge=1, description="Evaluate on validation every N epochs.")
+    patience: int = Field(8, ge=1, description="Early stopping: evaluations without validation improvement.")
+    monitor: str = Field("ndcg@10", description="Validation metric for early stopping and checkpoint choice.")
+    train_windows: Literal["all", "last"] = Field(
+        "all",
+        description="'all' cuts long training sequences into consecutive windows so every event is a target"
+        " once; 'last' keeps only the most recent max_len+1 events.",
+    )
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'. Multi-GPU: see README.")
+    num_threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch default).")
+    checkpoint_every: int = Field(1, ge=1, description="Write a resumable checkpoint every N epochs.")
+
+
+class EvalConfig(_Section):
+    """Full-ranking evaluation (METHODS.md section 7)."""
+
+    ks: list[int] = Field(default_factory=lambda: [10, 50], description="Cut-offs for HR@K and NDCG@K.")
+    mask_history: bool = Field(True, description="Mask items already in the user's history before ranking.")
+    also_unmasked: bool = Field(True, description="Also report test metrics without history masking.")
+    batch_size: int = Field(512, ge=1, description="Users scored per forward pass.")
+
+    @field_validator("ks")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(k <= 0 for k in v):
+            raise ValueError("eval.ks must be a non-empty list of positive integers")
+        return sorted(set(v))
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking and Prefect settings."""
+
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI. None: a local SQLite store `mlflow.db` in the project root"
+        " (env MLFLOW_TRACKING_URI wins when set).",
+    )
+    artifact_root: str | None = Field(
+        None, description="Artifact location for a new experiment (None: `mlartifacts/` next to the SQLite store)."
+    )
+    experiment: str = Field("asft-retrain", description="MLflow experiment name.")
+    enabled: bool = Field(True, description="Log to MLflow at all (stage commands may turn it off).")
+
+
+class Config(_Section):
+    """The whole pipeline configuration (``params.yaml``)."""
+
+    seed: int = Field(2026, description="Global seed: simulator, splits, initialisation, data order.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view, e.g. for ``mlflow.log_params``."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, obj: Any) -> None:
+            if isinstance(obj, dict) and obj:
+                for k, v in obj.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = obj
+
+        walk("", self.to_dict())
+        return out
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some sections (used to key caches and to detect changed params)."""
+        d = self.to_dict()
+        payload = json.dumps({s: d[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any, origin: str) -> None:
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if nxt is None:
+            nxt = cur[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{origin}: cannot set '{key}': '{p}' is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    """Parse ``key=value`` strings; values are read as YAML scalars/lists (safe loader only)."""
+    out = []
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}': expected key=value")
+        key, raw = ov.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override '{ov}': empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{ov}': value is not valid YAML ({e})") from e
+        out.append((key, value))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read ``params.yaml`` (or defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    origin = str(path) if path else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
+        raw = copy.deepcopy(loaded)
+    for key, value in parse_overrides(overrides):
+        _set_dotted(raw, key, value, f"{origin} override")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError(f"{origin}: invalid configuration\n" + "\n".join(lines)) from None
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

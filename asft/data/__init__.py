@@ -1,0 +1,1 @@
+"""Data layer: canonical interaction table, loaders, preprocessing."""
