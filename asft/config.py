@@ -88,6 +88,11 @@ class PreprocessConfig(_Section):
     )
     max_len: int = Field(50, ge=2, description="Maximum input sequence length (most recent items kept).")
     dedupe_consecutive: bool = Field(False, description="Drop an event that repeats the user's previous item.")
+    train_windows: Literal["all", "last"] = Field(
+        "all",
+        description="'all' cuts long training sequences into consecutive windows of max_len+1 tokens so every"
+        " training event is a target exactly once; 'last' keeps only the most recent max_len+1 events.",
+    )
 
 
 class ModelConfig(_Section):
@@ -120,11 +125,6 @@ class TrainConfig(_Section):
     eval_every: int = Field(1, ge=1, description="Evaluate on validation every N epochs.")
     patience: int = Field(8, ge=1, description="Early stopping: evaluations without validation improvement.")
     monitor: str = Field("ndcg@10", description="Validation metric for early stopping and checkpoint choice.")
-    train_windows: Literal["all", "last"] = Field(
-        "all",
-        description="'all' cuts long training sequences into consecutive windows so every event is a target"
-        " once; 'last' keeps only the most recent max_len+1 events.",
-    )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'. Multi-GPU: see README.")
     num_threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch default).")
     checkpoint_every: int = Field(1, ge=1, description="Write a resumable checkpoint every N epochs.")

@@ -1,0 +1,162 @@
+"""Command line: ``retrain`` (the Prefect flow) and one command per stage (used by DVC).
+
+    asft retrain --data simulator --output runs/sim [--config params.yaml] [key=value ...]
+    asft load --output DIR/raw            asft validate --raw DIR/raw
+    asft preprocess --raw DIR/raw --output DIR/processed
+    asft train-base --processed DIR/processed --output DIR/models/base
+    asft evaluate --model DIR/models/base/best --processed DIR/processed [--output metrics.json]
+    asft config [--config params.yaml] [key=value ...]      print the resolved configuration
+
+Overrides are dotted ``key=value`` pairs read as YAML values, e.g. ``train.epochs=5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from asft.env import configure_environment
+
+DEFAULT_CONFIG = "params.yaml"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="params.yaml (defaults used if it does not exist)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="asft", description="A-SFT post-training pipeline for generative recommenders")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("retrain", help="run the whole retrain flow through Prefect, tracked in MLflow")
+    p.add_argument("--data", default=None, help="'simulator' or a data path (overrides data.source)")
+    p.add_argument("--output", default="runs/latest", help="run output directory")
+    _common(p)
+
+    p = sub.add_parser("load", help="load or simulate raw interactions into canonical Parquet")
+    p.add_argument("--data", default=None)
+    p.add_argument("--output", required=True)
+    _common(p)
+
+    p = sub.add_parser("validate", help="validate the canonical raw table")
+    p.add_argument("--raw", required=True)
+    _common(p)
+
+    p = sub.add_parser("preprocess", help="k-core, ordering, vocabulary, leave-one-out split")
+    p.add_argument("--raw", required=True)
+    p.add_argument("--output", required=True)
+    _common(p)
+
+    p = sub.add_parser("train-base", help="next-item SFT of the base generative recommender")
+    p.add_argument("--processed", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="full-ranking evaluation of a saved model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--processed", required=True)
+    p.add_argument("--output", default=None, help="write metrics JSON here")
+    _common(p)
+
+    p = sub.add_parser("config", help="print the resolved configuration")
+    _common(p)
+    return ap
+
+
+def _load_cfg(args, extra: list[str] | None = None):
+    from asft.config import load_config
+
+    path = args.config if args.config and Path(args.config).is_file() else None
+    if args.config and args.config != DEFAULT_CONFIG and path is None:
+        from asft.config import ConfigError
+
+        raise ConfigError(f"{args.config}: config file not found")
+    return load_config(path, list(args.overrides) + list(extra or []))
+
+
+def _print_metrics(title: str, metrics: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    splits = [k for k, v in metrics.items() if isinstance(v, dict)]
+    keys = [k for k in next(iter(metrics[s] for s in splits)).keys() if k != "n_users"] if splits else []
+    t = Table(title=title)
+    t.add_column("split")
+    for k in keys:
+        t.add_column(k, justify="right")
+    for s in splits:
+        t.add_row(s, *[f"{metrics[s].get(k, float('nan')):.4f}" for k in keys])
+    Console(stderr=True).print(t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_environment()
+    args = build_parser().parse_args(argv)
+    from asft.config import ConfigError
+    from asft.data.schema import DataFormatError
+    from asft.data.validation import DataValidationError
+
+    try:
+        return _dispatch(args)
+    except (ConfigError, DataFormatError, DataValidationError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    from asft import stages
+
+    cmd = args.command
+    if cmd == "retrain":
+        cfg = _load_cfg(args, [f"data.source={args.data}"] if args.data else [])  # fail fast on bad config
+        del cfg
+        from flows.retrain import retrain
+
+        overrides = list(args.overrides)
+        result = retrain(data=args.data, output=args.output,
+                         config=args.config if Path(args.config).is_file() else None, overrides=overrides)
+        _print_metrics("base model", {k: v for k, v in result["models"]["base"].items() if k != "train"})
+        print(f"metrics: {Path(args.output) / 'metrics.json'}", file=sys.stderr)
+        return 0
+    if cmd == "config":
+        import yaml
+
+        print(yaml.safe_dump(_load_cfg(args).to_dict(), sort_keys=False))
+        return 0
+    if cmd == "load":
+        cfg = _load_cfg(args, [f"data.source={args.data}"] if args.data else [])
+        print(json.dumps(stages.stage_load(cfg, args.output), indent=2))
+        return 0
+    cfg = _load_cfg(args)
+    if cmd == "validate":
+        print(json.dumps(stages.stage_validate(args.raw, cfg), indent=2))
+    elif cmd == "preprocess":
+        print(json.dumps(stages.stage_preprocess(args.raw, cfg, args.output), indent=2))
+    elif cmd == "train-base":
+        from asft.training.sft import train_base
+
+        summary = train_base(args.processed, cfg, args.output, resume=not args.no_resume)
+        print(json.dumps(summary, indent=2))
+    elif cmd == "evaluate":
+        metrics = stages.stage_evaluate(args.model, args.processed, cfg)
+        _print_metrics(str(args.model), metrics)
+        if args.output:
+            from asft.utils import write_json
+
+            write_json(args.output, metrics)
+        else:
+            print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def retrain_main() -> int:
+    """The ``retrain`` console script: same as ``asft retrain``."""
+    return main(["retrain", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

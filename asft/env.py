@@ -1,0 +1,37 @@
+"""Process environment defaults: no telemetry, no hub access, Prefect state kept in the project.
+
+Called by the CLI (before Prefect or MLflow are imported) and by the test suite. Explicit
+environment settings always win (``setdefault``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+OFFLINE_DEFAULTS = {
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "PREFECT_UI_ENABLED": "false",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "GIT_PYTHON_REFRESH": "quiet",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def configure_environment(project_root: str | Path | None = None) -> None:
+    for k, v in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    root = Path(project_root) if project_root else Path.cwd()
+    os.environ.setdefault("PREFECT_HOME", str((root / ".prefect").resolve()))
+    try:  # quiet the "Writing model shards" bars of save_pretrained
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - transformers always present, keep env setup robust
+        pass

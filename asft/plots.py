@@ -1,0 +1,53 @@
+"""Plots of results people look at (PNG; logged to MLflow by the orchestration layer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def training_curves(history: list[dict], path: str | Path, title: str = "training") -> Path:
+    """Train loss and every validation metric per epoch."""
+    epochs = [h["epoch"] for h in history]
+    valid_keys = sorted({k for h in history for k in h if k.startswith("valid/")})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].plot(epochs, [h["train_loss"] for h in history], marker=".")
+    axes[0].set(xlabel="epoch", ylabel="train loss", title=f"{title}: loss")
+    for k in valid_keys:
+        pts = [(h["epoch"], h[k]) for h in history if k in h]
+        if pts and k.split("/")[1].startswith(("ndcg", "hr")):
+            axes[1].plot(*zip(*pts), marker=".", label=k.split("/", 1)[1])
+    axes[1].set(xlabel="epoch", ylabel="validation", title=f"{title}: validation")
+    if valid_keys:
+        axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def metric_bars(metrics: dict[str, dict[str, float]], keys: list[str], path: str | Path, title: str) -> Path:
+    """Grouped bars: one group per metric key, one bar per split/model."""
+    import numpy as np
+
+    names = list(metrics)
+    x = np.arange(len(keys))
+    width = 0.8 / max(len(names), 1)
+    fig, ax = plt.subplots(figsize=(1.6 * len(keys) + 2, 3.6))
+    for i, n in enumerate(names):
+        ax.bar(x + i * width, [metrics[n].get(k, 0.0) for k in keys], width, label=n)
+    ax.set_xticks(x + width * (len(names) - 1) / 2, keys)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

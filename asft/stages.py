@@ -1,0 +1,94 @@
+"""Pipeline stages as plain functions: config + paths in, JSON-able summary out.
+
+No orchestration here. The Prefect tasks in ``tasks/`` wrap these with tracking; the CLI stage
+commands (and so the DVC stages) call them directly. Every stage writes its outputs atomically.
+
+Run directory layout::
+
+    DIR/raw/            canonical interactions.parquet (+ catalog.parquet, simulator/)
+    DIR/processed/      sequences/train/valid/test parquet, vocab.json, stats.json
+    DIR/models/base/    checkpoint/ (resumable), best/ (save_pretrained + item vocab)
+    DIR/metrics.json    validation and test metrics per model, plus dataset statistics
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from asft.config import Config
+from asft.data.schema import InteractionData
+from asft.utils import atomic_dir, dir_sha256, write_json
+
+RAW, PROCESSED, BASE_MODEL = "raw", "processed", "models/base"
+
+
+def load_raw(cfg: Config) -> InteractionData:
+    if cfg.data.source == "simulator":
+        from asft.simulator import Simulator
+
+        return Simulator(cfg.simulator, cfg.seed).generate()
+    from asft.data.loaders import load_from_config
+
+    return load_from_config(cfg.data)
+
+
+def stage_load(cfg: Config, out_dir: str | Path) -> dict:
+    """Load (or simulate) the interaction log and write it in canonical form to ``out_dir``."""
+    t0 = time.perf_counter()
+    data = load_raw(cfg)
+    with atomic_dir(out_dir) as tmp:
+        data.interactions.to_parquet(tmp / "interactions.parquet", index=False)
+        if data.items is not None:
+            data.items.to_parquet(tmp / "catalog.parquet", index=False)
+        if cfg.data.source == "simulator":
+            from asft.simulator import Simulator
+
+            Simulator(cfg.simulator, cfg.seed).save(tmp / "simulator")
+        write_json(tmp / "source.json", {"source": cfg.data.source, "format": data.format,
+                                         "rows": len(data.interactions)})
+    return {"raw_dir": str(out_dir), "rows": int(len(data.interactions)), "format": data.format,
+            "has_catalog": data.items is not None, "sha256": dir_sha256(out_dir),
+            "seconds": time.perf_counter() - t0}
+
+
+def read_raw(raw_dir: str | Path) -> InteractionData:
+    raw_dir = Path(raw_dir)
+    src = json.loads((raw_dir / "source.json").read_text())
+    items = pd.read_parquet(raw_dir / "catalog.parquet") if (raw_dir / "catalog.parquet").is_file() else None
+    return InteractionData(pd.read_parquet(raw_dir / "interactions.parquet"), items, src["source"], src["format"])
+
+
+def stage_validate(raw_dir: str | Path, cfg: Config) -> dict:
+    """Schema validation of the raw table; raises DataValidationError (nothing downstream runs)."""
+    from asft.data.validation import validate_interactions
+
+    data = read_raw(raw_dir)
+    return validate_interactions(data.interactions, f"{data.source} ({Path(raw_dir) / 'interactions.parquet'})",
+                                 cfg.preprocess.min_user_events)
+
+
+def stage_preprocess(raw_dir: str | Path, cfg: Config, out_dir: str | Path) -> dict:
+    from asft.data.preprocess import preprocess
+
+    stats = preprocess(read_raw(raw_dir), cfg.preprocess, out_dir)
+    return {**stats, "processed_dir": str(out_dir), "sha256": dir_sha256(out_dir)}
+
+
+def stage_train_base(processed_dir: str | Path, cfg: Config, out_dir: str | Path,
+                     on_log: Callable[[dict, int], None] | None = None, progress: bool = True) -> dict:
+    from asft.training.sft import train_base
+
+    summary = train_base(processed_dir, cfg, out_dir, on_log=on_log, progress=progress)
+    summary["model_dir"] = str(Path(out_dir) / "best")
+    return summary
+
+
+def stage_evaluate(model_dir: str | Path, processed_dir: str | Path, cfg: Config) -> dict:
+    from asft.training.sft import evaluate_model
+
+    return evaluate_model(model_dir, processed_dir, cfg)

@@ -1,0 +1,287 @@
+"""A small, readable trainer shared by every fine-tuning stage.
+
+* AdamW (no weight decay on biases, LayerNorm and position tables), linear warmup then constant LR,
+  gradient clipping.
+* One optimizer step = one batch of ``batch_size`` examples per process, split into ``grad_accum``
+  micro-batches. The loss is normalised by the *global* count (tokens, or weight sum) of the whole
+  optimizer batch across micro-batches and processes, so 1x8 and 8x1 give the same update.
+* Data order is a pure function of (seed, epoch): a resumed run sees exactly the batches an
+  uninterrupted run would.
+* Early stopping on a validation metric; the best model is saved with ``save_pretrained``;
+  a resumable checkpoint (model, optimizer, scheduler, RNG states, position) is written atomically.
+* Runs on CPU, one GPU, or several processes through Accelerate (``accelerate launch``).
+
+The loss is injected as ``loss_fn(model, micro_batch, normalizer) -> (loss, stats)`` and
+``count_fn(batch) -> float`` gives a batch's contribution to the normaliser.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from asft.config import TrainConfig
+from asft.utils import atomic_dir, write_json
+
+LogFn = Callable[[dict[str, float], int], None]
+
+
+@dataclass
+class TrainResult:
+    best_metric: float
+    best_epoch: int
+    epochs_run: int
+    steps: int
+    stopped_early: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    tokens: int = 0
+    resumed_from_epoch: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "ln_" in name or "norm" in name or name.endswith("wpe.weight"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+    return f
+
+
+def _rng_state() -> dict:
+    st = np.random.get_state()
+    return {
+        "python": [st_ if not isinstance(st_, tuple) else list(st_) for st_ in random.getstate()],
+        "numpy": {"key": st[1].tolist(), "pos": int(st[2]), "has_gauss": int(st[3]), "gauss": float(st[4])},
+    }
+
+
+def _set_rng_state(d: dict, torch_state: torch.Tensor) -> None:
+    py = d["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = d["numpy"]
+    np.random.set_state(("MT19937", np.array(n["key"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(torch_state)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: TrainConfig,
+        out_dir: str | Path,
+        *,
+        collate_fn: Callable[[list], dict],
+        loss_fn: Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict]],
+        count_fn: Callable[[dict], float],
+        evaluate_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+        save_best_fn: Callable[[torch.nn.Module, Path], None] | None = None,
+        monitor: str | None = None,
+        seed: int = 0,
+        on_log: LogFn | None = None,
+        accelerator=None,
+        progress: bool = True,
+    ):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.collate_fn, self.loss_fn, self.count_fn = collate_fn, loss_fn, count_fn
+        self.evaluate_fn, self.save_best_fn = evaluate_fn, save_best_fn
+        self.monitor = monitor or cfg.monitor
+        self.seed = seed
+        self.on_log = on_log or (lambda metrics, step: None)
+        self.progress = progress
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        if accelerator is None:
+            dev = cfg.device
+            accelerator = Accelerator(cpu=(dev == "cpu" or (dev == "auto" and not torch.cuda.is_available())))
+        self.acc = accelerator
+        self.device = accelerator.device
+        self.world = accelerator.num_processes
+        self.rank = accelerator.process_index
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), fused=False
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_constant(cfg.warmup_steps))
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, self.optimizer, self.scheduler)
+
+    # ------------------------------------------------------------------ data
+    def epoch_batches(self, n: int, epoch: int) -> list[np.ndarray]:
+        """This process's batches for an epoch: a pure function of (seed, epoch, world, rank)."""
+        perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+        per_step = self.cfg.batch_size * self.world
+        out = []
+        for s in range(0, n, per_step):
+            chunk = perm[s : s + per_step]
+            mine = chunk[self.rank :: self.world]
+            if len(mine):
+                out.append(mine)
+        return out
+
+    # ------------------------------------------------------------------ checkpointing
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoint"
+
+    def save_checkpoint(self, state: dict) -> None:
+        if not self.acc.is_main_process:
+            return
+        with atomic_dir(self.ckpt_dir) as tmp:
+            model = self.acc.unwrap_model(self.model)
+            model.save_pretrained(tmp / "model", safe_serialization=True)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(torch.get_rng_state(), tmp / "torch_rng.pt")
+            write_json(tmp / "trainer_state.json", {**state, "rng": _rng_state()})
+
+    def load_checkpoint(self) -> dict | None:
+        if not (self.ckpt_dir / "trainer_state.json").is_file():
+            return None
+        from safetensors.torch import load_file
+
+        model = self.acc.unwrap_model(self.model)
+        weights = load_file(self.ckpt_dir / "model" / "model.safetensors", device=str(self.device))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or [m for m in missing if "lm_head" not in m]:
+            raise RuntimeError(f"{self.ckpt_dir}: checkpoint does not match the model ({missing}, {unexpected})")
+        model.tie_weights()
+        self.optimizer.load_state_dict(torch.load(self.ckpt_dir / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(self.ckpt_dir / "scheduler.pt", weights_only=True))
+        state = json.loads((self.ckpt_dir / "trainer_state.json").read_text())
+        _set_rng_state(state["rng"], torch.load(self.ckpt_dir / "torch_rng.pt", weights_only=True))
+        return state
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, examples: Sequence) -> dict[str, float]:
+        cfg = self.cfg
+        model = self.model
+        model.train()
+        n_micro = min(cfg.grad_accum, len(examples))
+        micro = [self.collate_fn([examples[i] for i in idx]) for idx in np.array_split(np.arange(len(examples)), n_micro)]
+        local = torch.tensor(float(sum(self.count_fn(mb) for mb in micro)), device=self.device)
+        total = self.acc.reduce(local, reduction="sum") if self.world > 1 else local
+        normalizer = float(total.item())
+        stats_sum: dict[str, float] = {}
+        loss_total = 0.0
+        for i, mb in enumerate(micro):
+            mb = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+            ctx = self.acc.no_sync(model) if (i < len(micro) - 1 and self.world > 1) else _null()
+            with ctx:
+                loss, stats = self.loss_fn(model, mb, normalizer)
+                # DDP averages gradients over processes; the loss is already globally normalised.
+                self.acc.backward(loss * self.world)
+            loss_total += float(loss.detach())
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
+        if cfg.grad_clip > 0:
+            grad_norm = float(self.acc.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        else:
+            grad_norm = float("nan")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.world > 1:
+            loss_total = float(self.acc.reduce(torch.tensor(loss_total, device=self.device), reduction="sum"))
+        return {"loss": loss_total, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
+                "count": normalizer, **stats_sum}
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, dataset: Sequence, resume: bool = True) -> TrainResult:
+        cfg = self.cfg
+        state = self.load_checkpoint() if resume else None
+        start_epoch = 0
+        best, best_epoch, bad, step, history = -math.inf, -1, 0, 0, []
+        tokens, train_s, eval_s = 0, 0.0, 0.0
+        if state:
+            start_epoch = state["epoch"]
+            best, best_epoch, bad, step = state["best"], state["best_epoch"], state["bad"], state["step"]
+            history, tokens, train_s, eval_s = state["history"], state["tokens"], state["train_s"], state["eval_s"]
+            self._log(f"resuming from epoch {start_epoch} (step {step})")
+        stopped = state.get("stopped", False) if state else False
+        epoch = start_epoch
+        while epoch < cfg.epochs and not stopped:
+            batches = self.epoch_batches(len(dataset), epoch)
+            t0 = time.perf_counter()
+            ep_loss, ep_count = 0.0, 0.0
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
+                       disable=not (self.progress and self.acc.is_main_process), mininterval=1.0)
+            for idx in bar:
+                out = self.train_step([dataset[int(i)] for i in idx])
+                step += 1
+                ep_loss += out["loss"] * out["count"]
+                ep_count += out["count"]
+                tokens += int(out["count"])
+                if step % 10 == 0:
+                    self.on_log({"train/loss": out["loss"], "train/grad_norm": out["grad_norm"], "train/lr": out["lr"]}, step)
+                bar.set_postfix(loss=f"{out['loss']:.4f}")
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            train_s += time.perf_counter() - t0
+            epoch += 1
+            row: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": ep_loss / max(ep_count, 1)}
+            if self.evaluate_fn is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+                t1 = time.perf_counter()
+                metrics = self.evaluate_fn(self.acc.unwrap_model(self.model))
+                eval_s += time.perf_counter() - t1
+                row.update({f"valid/{k}": v for k, v in metrics.items()})
+                value = metrics[self.monitor]
+                if value > best:
+                    best, best_epoch, bad = value, epoch, 0
+                    if self.save_best_fn is not None and self.acc.is_main_process:
+                        self.save_best_fn(self.acc.unwrap_model(self.model), self.out_dir / "best")
+                else:
+                    bad += 1
+                    stopped = bad >= cfg.patience
+                self._log(f"epoch {epoch}: loss {row['train_loss']:.4f} valid {self.monitor} {value:.4f}"
+                          f" (best {best:.4f} @ {best_epoch})")
+            history.append(row)
+            self.on_log({k: v for k, v in row.items() if k not in ("epoch", "step")}, epoch)
+            if epoch % cfg.checkpoint_every == 0 or stopped or epoch == cfg.epochs:
+                self.save_checkpoint({"epoch": epoch, "step": step, "best": best, "best_epoch": best_epoch, "bad": bad,
+                                      "history": history, "tokens": tokens, "train_s": train_s, "eval_s": eval_s,
+                                      "stopped": stopped})
+        if self.evaluate_fn is None and self.save_best_fn is not None and self.acc.is_main_process:
+            self.save_best_fn(self.acc.unwrap_model(self.model), self.out_dir / "best")
+            best_epoch = epoch
+        return TrainResult(best_metric=best, best_epoch=best_epoch, epochs_run=epoch, steps=step,
+                           stopped_early=stopped, history=history, train_seconds=train_s, eval_seconds=eval_s,
+                           tokens=tokens, resumed_from_epoch=start_epoch)
+
+    def _log(self, msg: str) -> None:
+        if self.acc.is_main_process and self.progress:
+            tqdm.write(msg, file=sys.stderr)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

@@ -1,0 +1,133 @@
+"""MLflow tracking for the orchestration layer (the core library never imports mlflow).
+
+Runs are created through ``MlflowClient`` with explicit run ids, never the thread-local fluent
+"active run", so stages behave the same whichever thread or worker Prefect runs them on.
+One parent run per retrain; one nested run per stage (tag ``mlflow.parentRunId``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from asft.config import Config
+
+
+def mlflow_key(key: str) -> str:
+    """MLflow metric names cannot contain '@': ndcg@10 -> ndcg_at_10."""
+    return key.replace("@", "_at_")
+
+
+def resolve_tracking_uri(cfg: Config) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.mlflow_uri
+    if not uri:
+        uri = f"sqlite:///{Path('mlflow.db').resolve()}"
+    return uri
+
+
+def default_artifact_root(cfg: Config, uri: str) -> str | None:
+    if cfg.tracking.artifact_root:
+        return cfg.tracking.artifact_root
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def setup_experiment(cfg: Config) -> tuple[str, str]:
+    """Point MLflow at the configured store; create the experiment if needed. -> (uri, experiment_id)."""
+    uri = resolve_tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=default_artifact_root(cfg, uri))
+        except mlflow.exceptions.MlflowException:  # created concurrently by another run
+            exp_id = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    else:
+        exp_id = exp.experiment_id
+    return uri, exp_id
+
+
+def git_info(cwd: str | Path = ".") -> dict[str, str]:
+    def run(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:
+            return ""
+
+    commit = run("rev-parse", "HEAD")
+    dirty = bool(run("status", "--porcelain", "--untracked-files=no")) if commit else False
+    return {"git_commit": commit or "unknown", "git_dirty": str(dirty).lower()}
+
+
+class TrackedRun:
+    """A thin handle on one MLflow run with explicit ids."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, prefix: str = "") -> None:
+        ts = int(time.time() * 1000)
+        items = [Metric(mlflow_key(prefix + k), float(v), ts, step or 0) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def log_nested_metrics(self, nested: dict[str, dict], step: int | None = None) -> None:
+        for split, vals in nested.items():
+            if isinstance(vals, dict):
+                self.log_metrics(vals, step, prefix=f"{split}/")
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        if p.is_dir():
+            self.client.log_artifacts(self.run_id, str(p), artifact_path)
+        elif p.is_file():
+            self.client.log_artifact(self.run_id, str(p), artifact_path)
+
+    def on_log(self, metrics: dict[str, float], step: int) -> None:
+        """Trainer callback: metrics with steps."""
+        self.log_metrics(metrics, step)
+
+
+def start_parent(cfg: Config, run_name: str, tags: dict[str, Any]) -> TrackedRun:
+    uri, exp_id = setup_experiment(cfg)
+    client = MlflowClient(uri)
+    run = client.create_run(exp_id, run_name=run_name, tags={"kind": "retrain", **git_info(), **tags})
+    return TrackedRun(client, run.info.run_id)
+
+
+@contextlib.contextmanager
+def stage_run(tracking_uri: str, parent_run_id: str, stage: str, tags: dict | None = None) -> Iterator[TrackedRun]:
+    """A nested MLflow run for one stage; FAILED if the stage raises."""
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    run = client.create_run(parent.info.experiment_id, run_name=stage,
+                            tags={"mlflow.parentRunId": parent_run_id, "stage": stage, **(tags or {})})
+    tr = TrackedRun(client, run.info.run_id)
+    try:
+        yield tr
+    except BaseException as e:
+        tr.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")

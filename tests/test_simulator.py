@@ -1,0 +1,277 @@
+"""Tests for the built-in simulator (asft/simulator.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from asft.config import SimulatorConfig
+from asft.data.schema import CATALOG_COLUMNS, INTERACTION_COLUMNS, InteractionData
+from asft.simulator import Simulator, simulate
+
+SMALL = SimulatorConfig(n_users=60, n_items=80, dim=4, min_len=5, max_len=15)
+
+
+@pytest.fixture(scope="module")
+def sim() -> Simulator:
+    return Simulator(SMALL, seed=7)
+
+
+@pytest.fixture(scope="module")
+def data(sim: Simulator) -> InteractionData:
+    return sim.generate()
+
+
+@pytest.fixture(scope="module")
+def default_world():
+    s = Simulator(SimulatorConfig(), seed=2026)
+    return s, s.generate()
+
+
+def _histories(df: pd.DataFrame) -> dict[str, list[str]]:
+    return {u: g["item_id"].tolist() for u, g in df.groupby("user_id", sort=False)}
+
+
+def _spearman(a, b) -> float:
+    return float(
+        pd.Series(np.asarray(a, dtype=float)).corr(pd.Series(np.asarray(b, dtype=float)), method="spearman")
+    )
+
+
+# ---------------------------------------------------------------- determinism
+def test_same_seed_is_byte_identical():
+    a = Simulator(SMALL, seed=3).generate()
+    b = Simulator(SMALL, seed=3).generate()
+    pd.testing.assert_frame_equal(a.interactions, b.interactions)
+    pd.testing.assert_frame_equal(a.items, b.items)
+    assert a.interactions.to_csv(index=False) == b.interactions.to_csv(index=False)
+    assert a.extra == b.extra
+
+
+def test_generate_is_repeatable_on_one_object(sim, data):
+    again = sim.generate()
+    pd.testing.assert_frame_equal(data.interactions, again.interactions)
+
+
+def test_different_seed_differs():
+    a = Simulator(SMALL, seed=3)
+    b = Simulator(SMALL, seed=4)
+    assert not np.allclose(a.theta, b.theta)
+    da, db = a.generate().interactions, b.generate().interactions
+    assert not (len(da) == len(db) and da.equals(db))
+
+
+def test_simulate_convenience_matches(sim, data):
+    other = simulate(SMALL, seed=7)
+    pd.testing.assert_frame_equal(other.interactions, data.interactions)
+
+
+# ---------------------------------------------------------------- schema
+def test_schema_and_dtypes(sim, data):
+    df = data.interactions
+    assert tuple(df.columns) == INTERACTION_COLUMNS
+    assert df["timestamp"].dtype == np.int64
+    assert df["rating"].dtype == np.float64
+    for col in ("user_id", "item_id"):
+        assert pd.api.types.is_string_dtype(df[col])
+        assert all(isinstance(v, str) for v in df[col])
+    assert set(df["rating"].unique()) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+    assert (df["rating"] == np.round(df["rating"])).all()
+    assert set(df["user_id"]) <= set(sim.user_ids)
+    assert set(df["item_id"]) <= set(sim.item_ids)
+    assert data.format == "simulator"
+    assert data.has_ratings
+    assert data.extra["seed"] == 7
+    assert SimulatorConfig.model_validate(data.extra["config"]) == SMALL
+
+
+def test_ids_and_catalog(sim, data):
+    assert sim.n_users == SMALL.n_users and sim.n_items == SMALL.n_items
+    assert sim.user_ids == [f"u{k}" for k in range(SMALL.n_users)]
+    assert sim.item_ids == [f"i{k}" for k in range(SMALL.n_items)]
+    cat = data.items
+    assert tuple(cat.columns) == CATALOG_COLUMNS
+    assert cat["item_id"].tolist() == sim.item_ids
+    assert cat["title"].tolist() == [f"Item {k}" for k in range(SMALL.n_items)]
+    genres = cat["genres"].str.split("|")
+    assert genres.map(len).between(1, 2).all()
+    names = {g for gs in genres for g in gs}
+    assert names <= {f"genre_{k}" for k in range(SMALL.dim)}
+    assert len(names) >= 2
+
+
+# ---------------------------------------------------------------- sequences and timestamps
+def test_no_repeated_item_within_user(data):
+    df = data.interactions
+    assert not df.duplicated(["user_id", "item_id"]).any()
+
+
+def test_lengths_in_range(data):
+    counts = data.interactions.groupby("user_id").size()
+    assert counts.between(SMALL.min_len, SMALL.max_len).all()
+    assert len(counts) == SMALL.n_users
+
+
+def test_timestamps(data):
+    df = data.interactions
+    assert df["timestamp"].min() == SMALL.start_timestamp
+    # Rows are in global event order, and within a user the timestamps never go back.
+    assert df["timestamp"].is_monotonic_increasing
+    diffs = df.groupby("user_id", sort=False)["timestamp"].diff().dropna()
+    assert (diffs >= 0).all()
+    assert (diffs == 0).sum() > 0, "expected a few exact timestamp ties within users"
+    assert (diffs == 0).mean() < 0.2
+    # Users are interleaved in time rather than one after another.
+    first, last = df.groupby("user_id")["timestamp"].min(), df.groupby("user_id")["timestamp"].max()
+    assert (first.sort_values().iloc[1:].to_numpy() < last.sort_values().iloc[:-1].to_numpy()).any()
+
+
+# ---------------------------------------------------------------- behaviour
+def test_event_utility_matches_prefix_states(sim, data):
+    df = data.interactions
+    eu = sim.event_utility(df)
+    assert eu.shape == (len(df),)
+    hist = _histories(df)
+    rng = np.random.default_rng(0)
+    for u in rng.choice(list(hist), size=5, replace=False):
+        items = hist[u]
+        rows = np.flatnonzero(df["user_id"].to_numpy() == u)
+        expected = sim.utility([u] * len(items), [items[:t] for t in range(len(items))], item_ids=None)
+        expected = expected[np.arange(len(items)), [sim.item_ids.index(i) for i in items]]
+        np.testing.assert_allclose(eu[rows], expected, rtol=1e-10, atol=1e-10)
+
+
+def test_ratings_correlate_with_true_utility(sim, data):
+    df = data.interactions
+    assert _spearman(df["rating"], sim.event_utility(df)) > 0.5
+    assert df["rating"].nunique() >= 4
+
+
+def test_logging_policy_prefers_popular_items():
+    cfg = SimulatorConfig(n_users=200, n_items=60, dim=4, min_len=5, max_len=10)
+    s = Simulator(cfg, seed=1)
+    counts = s.generate().interactions["item_id"].value_counts().reindex(s.item_ids, fill_value=0)
+    assert _spearman(counts.to_numpy(), s.pop) > 0.3
+    # ... and more so with a stronger exposure bias.
+    strong = Simulator(cfg.model_copy(update={"exposure_bias": 3.0}), seed=1)
+    counts_s = strong.generate().interactions["item_id"].value_counts().reindex(s.item_ids, fill_value=0)
+    assert _spearman(counts_s.to_numpy(), strong.pop) > _spearman(counts.to_numpy(), s.pop)
+
+
+def test_popularity_mildly_correlated_with_quality(default_world):
+    s, _ = default_world
+    assert s.pop.sum() == pytest.approx(1.0)
+    r = np.corrcoef(np.log(s.pop), s.bias)[0, 1]
+    assert 0.1 < r < 0.9
+
+
+# ---------------------------------------------------------------- state / utility / reward
+def test_state_empty_history_is_theta(sim):
+    np.testing.assert_array_equal(sim.state("u3", []), sim.theta[3])
+
+
+def test_state_dynamics_and_order(sim):
+    z0 = sim.theta[5]
+    z1 = sim.state("u5", ["i2"])
+    manual = (1 - SMALL.taste_drift) * z0 + SMALL.taste_drift * sim.phi[2]
+    manual *= np.linalg.norm(z0) / np.linalg.norm(manual)
+    np.testing.assert_allclose(z1, manual, rtol=1e-12)
+    assert not np.allclose(sim.state("u5", ["i1", "i9"]), sim.state("u5", ["i9", "i1"]))
+
+
+def test_utility_shapes_and_subset(sim):
+    users = ["u0", "u1", "u2"]
+    hists = [[], ["i1", "i2"], ["i5"]]
+    full = sim.utility(users, hists)
+    assert full.shape == (3, sim.n_items)
+    sub = sim.utility(users, hists, item_ids=["i7", "i3"])
+    assert sub.shape == (3, 2)
+    np.testing.assert_allclose(sub, full[:, [7, 3]])
+    np.testing.assert_allclose(full[0], sim.utility(["u0"], [[]])[0])
+    assert sim.utility([], []).shape == (0, sim.n_items)
+
+
+def test_expected_reward_is_mean_utility(sim):
+    users = ["u0", "u1", "u2"]
+    hists = [["i4"], [], ["i5", "i6"]]
+    recs = [["i1"], ["i2", "i3", "i10"], ["i0", "i79"]]
+    u = sim.utility(users, hists)
+    expected = [u[0, 1], u[1, [2, 3, 10]].mean(), u[2, [0, 79]].mean()]
+    np.testing.assert_allclose(sim.expected_reward(users, hists, recs), expected)
+
+
+def test_logging_probs(sim):
+    p = sim.logging_probs(["u0", "u1"], [["i0", "i1"], []])
+    np.testing.assert_allclose(p.sum(axis=1), 1.0)
+    assert p[0, 0] == 0 and p[0, 1] == 0 and (p[1] > 0).all()
+
+
+def test_unknown_ids_and_bad_configs(sim):
+    with pytest.raises(KeyError, match="unknown simulator item"):
+        sim.utility(["u0"], [["nope"]])
+    with pytest.raises(KeyError, match="unknown simulator user"):
+        sim.state("x", [])
+    with pytest.raises(ValueError, match="min_len"):
+        Simulator(SimulatorConfig(min_len=10, max_len=5), seed=0)
+    with pytest.raises(ValueError, match="n_items"):
+        Simulator(SimulatorConfig(n_items=20, min_len=5, max_len=30), seed=0)
+
+
+# ---------------------------------------------------------------- persistence
+def test_save_load_round_trip(sim, data, tmp_path):
+    sim.save(tmp_path / "sim")
+    with np.load(tmp_path / "sim" / "simulator.npz", allow_pickle=False) as z:
+        assert {"theta", "phi", "bias", "pop"} <= set(z.files)
+    loaded = Simulator.load(tmp_path / "sim")
+    assert loaded.cfg == sim.cfg and loaded.seed == sim.seed
+    users = ["u0", "u7", "u59"]
+    hists = [["i1", "i2"], [], ["i79", "i0", "i3"]]
+    np.testing.assert_array_equal(loaded.utility(users, hists), sim.utility(users, hists))
+    pd.testing.assert_frame_equal(loaded.generate().interactions, data.interactions)
+    with pytest.raises(FileNotFoundError):
+        Simulator.load(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------- defaults: speed and headroom
+def test_default_config_speed_and_headroom(default_world):
+    s, d = default_world
+    t0 = time.perf_counter()
+    Simulator(SimulatorConfig(), seed=2026).generate()
+    assert time.perf_counter() - t0 < 10.0
+    df = d.interactions
+    assert 3.2 < df["rating"].mean() < 3.8
+    hist = _histories(df)
+    users = list(hist)
+    hists = [hist[u] for u in users]
+    ctx_u = (users * 2)[:1000]
+    ctx_h = (hists + [h[: len(h) // 2] for h in hists])[:1000]
+    t0 = time.perf_counter()
+    u = s.utility(ctx_u, ctx_h)
+    assert time.perf_counter() - t0 < 1.0
+    assert u.shape == (1000, s.n_items)
+    # The logging policy beats random but leaves room for improvement (top-10, next-step context).
+    logits = s.logging_logits(users, hists)
+    util = s.utility(users, hists)
+    seen = ~np.isfinite(logits)
+    rand = np.where(seen, np.nan, util)
+    p = s.logging_probs(users, hists)
+    behaviour = (p * np.where(seen, 0, util)).sum(axis=1).mean()
+    assert behaviour > np.nanmean(rand) + 0.5
+    top_bc = np.argsort(-logits, axis=1)[:, :10]
+    top_best = np.argsort(-np.where(seen, -np.inf, util), axis=1)[:, :10]
+    recs_bc = [[s.item_ids[j] for j in row] for row in top_bc]
+    recs_best = [[s.item_ids[j] for j in row] for row in top_best]
+    r_bc = s.expected_reward(users, hists, recs_bc).mean()
+    r_best = s.expected_reward(users, hists, recs_best).mean()
+    assert r_bc > 0 and r_best > 1.1 * r_bc
+
+
+def test_no_heavy_imports():
+    code = "import sys, asft.simulator; print(any(m.split('.')[0] in ('prefect', 'mlflow') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
