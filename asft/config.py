@@ -93,6 +93,13 @@ class PreprocessConfig(_Section):
         description="'all' cuts long training sequences into consecutive windows of max_len+1 tokens so every"
         " training event is a target exactly once; 'last' keeps only the most recent max_len+1 events.",
     )
+    window_stride: int = Field(
+        25,
+        ge=0,
+        description="Stride between consecutive training windows (0 = max_len, no overlap). With a smaller"
+        " stride windows overlap and only the targets a window adds are scored, so each target is still"
+        " counted once but sees at least max_len - stride items of context (as at evaluation).",
+    )
 
 
 class ModelConfig(_Section):

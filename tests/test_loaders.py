@@ -439,3 +439,31 @@ def test_movies_dat_bad_line(mldat: Path):
 def test_unknown_format_name(tmp_path: Path):
     with pytest.raises(DataFormatError, match="unknown format"):
         load_dataset(tmp_path, "excel")
+
+
+def test_line_numbers_count_multiline_quoted_fields(tmp_path: Path):
+    write(tmp_path / "interactions.csv", "user_id,item_id,timestamp\nu,a,1\nu,b,2\n")
+    write(tmp_path / "items.csv", 'item_id,title,genres\na,"Two\nlines",x\n,Nameless,y\n')
+    e = raises(tmp_path)
+    assert "items.csv" in str(e) and "'item_id'" in str(e) and e.line == 4
+
+
+def test_parquet_catalog_with_list_genres(tmp_path: Path):
+    pq.write_table(pa.table({"user_id": ["u", "u"], "item_id": [10, 20], "timestamp": [2, 1]}),
+                   tmp_path / "interactions.parquet")
+    pq.write_table(pa.table({"item_id": [10, 20], "title": ["A", None], "genres": [["x", "y"], []]}),
+                   tmp_path / "items.parquet")
+    data = load_dataset(tmp_path)
+    assert data.interactions["item_id"].tolist() == ["10", "20"]
+    assert data.interactions["timestamp"].tolist() == [2, 1]
+    items = data.items
+    assert items["item_id"].tolist() == ["10", "20"]
+    assert items["genres"].iloc[0] == "x|y" and pd.isna(items["genres"].iloc[1]) and pd.isna(items["title"].iloc[1])
+
+
+def test_recbole_without_timestamp_uses_order_column(tmp_path: Path):
+    write(tmp_path / "d.inter", "user_id:token\titem_id:token\tpos:float\nu\ta\t0\nu\tb\t1\n")
+    e = raises(tmp_path)
+    assert "d.inter" in str(e) and "order_column" in str(e)
+    data = load_dataset(tmp_path, order_column="pos")
+    assert data.interactions["timestamp"].tolist() == [0, 1] and "rating" not in data.interactions

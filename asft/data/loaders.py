@@ -211,7 +211,6 @@ class _TextSource(_Source):
             column_names=None if self.header else self.columns,
             encoding=encoding,
             use_threads=True,
-            block_size=1 << 24,
         )
         parse = pacsv.ParseOptions(
             delimiter=self.sep,
@@ -252,7 +251,7 @@ class _TextSource(_Source):
             raise DataFormatError(
                 self.path, "no data rows (only a header)" if self.header else "no data rows (only blank lines)"
             )
-        self._data = {c: table.column(c).combine_chunks() for c in cols}
+        self._data = {c: table.column(c) for c in cols}  # ChunkedArray: compute kernels take it as is
 
     # -- locating lines (error path only) ------------------------------------------------------
     def _iter_records(self):
@@ -369,7 +368,7 @@ def _np_mask(arr: pa.Array) -> np.ndarray:
 def _null_or_blank(arr: pa.Array) -> np.ndarray:
     mask = _np_mask(arr.is_null())
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
-        mask |= _np_mask(pc.equal(pc.utf8_trim_whitespace(arr), ""))
+        mask |= _np_mask(pc.equal(arr, "")) | _np_mask(pc.utf8_is_space(arr))
     return mask
 
 
@@ -563,17 +562,17 @@ def _listlike_genre(value: Any) -> str | None:
     s = str(value).strip()
     if not s:
         return None
-    if s[0] not in "[('\"":
+    if s[0] not in "['\"":
         return s
     # A CSV-quoted Python repr ("'A', ""B's"", 'C'") arrives wrapped in quotes with doubled quotes.
     if len(s) > 1 and s[0] == s[-1] == '"' and ("'" in s[1:-1] or '""' in s[1:-1]):
         s = s[1:-1].replace('""', '"').strip()
-    inner = s[1:-1] if (s[0], s[-1]) in (("[", "]"), ("(", ")")) else s
+    inner = s[1:-1] if (s[0], s[-1]) == ("[", "]") else s
     try:
         parsed = ast.literal_eval("[" + inner + "]")
         toks = _genre_tokens(parsed)
     except (ValueError, SyntaxError, MemoryError, RecursionError):
-        toks = [a or b for a, b in re.findall(r"'([^']*)'|\"([^\"]*)\"", s)] or s.strip("[]()").split(",")
+        toks = [a or b for a, b in re.findall(r"'([^']*)'|\"([^\"]*)\"", s)] or s.strip("[]").split(",")
         toks = [t.strip().strip("'\"").strip() for t in toks]
         toks = [t for t in toks if t]
     return "|".join(toks) if toks else None
@@ -617,10 +616,7 @@ def _catalog(src: _Source, item: str, title: str | None, genres: str | None, gen
     ids = _ids(src, item, ITEM, integer=integer_ids).reset_index(drop=True)
     n = len(ids)
     if title is not None:
-        arr = src.col(title)
-        if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
-            arr = pc.cast(arr, pa.string())
-        t = arr.to_pandas().reset_index(drop=True)
+        t = src.col(title).to_pandas().reset_index(drop=True)
     else:
         t = pd.Series([None] * n, dtype=object)
     if genres is not None:

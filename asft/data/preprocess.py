@@ -36,7 +36,8 @@ NUM_SPECIAL = len(SPECIAL_TOKENS)
 
 OUTPUT_FILES = {
     "sequences.parquet": "one row per user: user_id, user_idx, items (full token sequence), ratings, timestamps",
-    "train.parquet": "training windows: user_idx, tokens (<= max_len+1 tokens; inputs tokens[:-1], labels tokens[1:])",
+    "train.parquet": "training windows: user_idx, tokens (<= max_len+1 tokens; inputs tokens[:-1], labels"
+    " tokens[1:]), first_label (labels before it belong to an earlier overlapping window)",
     "valid.parquet": "user_idx, input (last max_len tokens before the target), target, target_rating, history",
     "test.parquet": "same as valid.parquet for the last event; history includes the validation item",
     "vocab.json": "special tokens and raw item ids in token order",
@@ -120,20 +121,29 @@ def order_events(df: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values([USER, TS, "_row"], kind="mergesort").reset_index(drop=True)
 
 
-def _windows(seq: np.ndarray, max_len: int, mode: str) -> list[np.ndarray]:
-    """Cut a training sequence into windows of at most max_len+1 tokens covering each target once."""
+def _windows(seq: np.ndarray, max_len: int, mode: str, stride: int = 0) -> list[tuple[np.ndarray, int]]:
+    """Cut a training sequence into windows of at most max_len+1 tokens.
+
+    Returns (tokens, first_label) pairs: labels ``tokens[1:]`` before index ``first_label`` were
+    already scored by an earlier window and are ignored, so every target counts exactly once.
+    With ``stride < max_len`` windows overlap and each scored target has >= max_len - stride items
+    of context.
+    """
     w = max_len + 1
-    if len(seq) <= w:
-        return [seq]
+    n = len(seq)
+    if n <= w:
+        return [(seq, 0)]
     if mode == "last":
-        return [seq[-w:]]
-    out = []
-    end = len(seq)
-    while end > 1:
-        start = max(0, end - w)
-        out.append(seq[start:end])
-        end = start + 1  # next window ends where this one's first input is, so each target appears once
-    return out[::-1]
+        return [(seq[-w:], 0)]
+    stride = max_len if stride <= 0 else min(stride, max_len)
+    out = [(seq[:w], 0)]
+    end = w
+    while end < n:
+        new_end = min(n, end + stride)
+        start = new_end - w
+        out.append((seq[start:new_end], end - start - 1))
+        end = new_end
+    return out
 
 
 def preprocess(data: InteractionData, cfg: PreprocessConfig, out_dir: str | Path) -> dict:
@@ -183,9 +193,9 @@ def preprocess(data: InteractionData, cfg: PreprocessConfig, out_dir: str | Path
             }
         )
         train_seq = seq[:-2]
-        for win in _windows(train_seq, L, cfg.train_windows):
+        for win, first in _windows(train_seq, L, cfg.train_windows, cfg.window_stride):
             if len(win) >= 2:
-                train_rows.append({"user_idx": uidx, "tokens": win.astype(np.int32)})
+                train_rows.append({"user_idx": uidx, "tokens": win.astype(np.int32), "first_label": first})
         for rows, t in ((valid_rows, len(seq) - 2), (test_rows, len(seq) - 1)):
             hist = seq[:t]
             rows.append(
@@ -241,7 +251,7 @@ def preprocess(data: InteractionData, cfg: PreprocessConfig, out_dir: str | Path
             ("history", pa.list_(pa.int32())),
         ]
     )
-    train_schema = pa.schema([("user_idx", pa.int32()), ("tokens", pa.list_(pa.int32()))])
+    train_schema = pa.schema([("user_idx", pa.int32()), ("tokens", pa.list_(pa.int32())), ("first_label", pa.int32())])
     with atomic_dir(out_dir) as tmp:
         pq.write_table(pa.Table.from_pylist(seq_rows, schema=seq_schema), tmp / "sequences.parquet")
         pq.write_table(pa.Table.from_pylist(train_rows, schema=train_schema), tmp / "train.parquet")
@@ -275,9 +285,10 @@ class ProcessedData:
     def table(self, name: str) -> pd.DataFrame:
         return pd.read_parquet(self.root / f"{name}.parquet")
 
-    def train_windows(self) -> list[np.ndarray]:
-        t = pq.read_table(self.root / "train.parquet", columns=["tokens"])
-        return [np.asarray(x, dtype=np.int64) for x in t.column("tokens").to_pylist()]
+    def train_windows(self) -> list[tuple[np.ndarray, int]]:
+        t = pq.read_table(self.root / "train.parquet", columns=["tokens", "first_label"])
+        return [(np.asarray(x, dtype=np.int64), int(f))
+                for x, f in zip(t.column("tokens").to_pylist(), t.column("first_label").to_pylist())]
 
     def item_popularity(self) -> np.ndarray:
         """Training-event count per token (special tokens 0)."""

@@ -36,6 +36,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, max_len: int, seed: int | Non
         n_layer=cfg.n_layer,
         n_head=cfg.n_head,
         n_inner=4 * cfg.n_embd,
+        activation_function="gelu",
         resid_pdrop=cfg.dropout,
         embd_pdrop=cfg.dropout,
         attn_pdrop=cfg.dropout,

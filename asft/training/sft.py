@@ -26,11 +26,14 @@ from asft.utils import seed_everything, write_json
 IGNORE = -100
 
 
-def collate_windows(windows: list[np.ndarray]) -> dict:
-    """Windows of tokens -> inputs tokens[:-1], labels tokens[1:] (right-padded)."""
-    ids, am = pad_right([w[:-1] for w in windows])
-    labels, lm = pad_right([w[1:] for w in windows])
+def collate_windows(windows: list[tuple[np.ndarray, int]]) -> dict:
+    """(tokens, first_label) windows -> inputs tokens[:-1], labels tokens[1:] (right-padded); labels
+    before ``first_label`` (already scored by an overlapping window) and padding are ignored."""
+    ids, am = pad_right([w[:-1] for w, _ in windows])
+    labels, lm = pad_right([w[1:] for w, _ in windows])
     labels[lm == 0] = IGNORE
+    for i, (_, first) in enumerate(windows):
+        labels[i, :first] = IGNORE
     return {"input_ids": ids, "attention_mask": am, "labels": labels}
 
 
@@ -41,8 +44,9 @@ def count_targets(batch: dict) -> float:
 def sft_batch_loss(model, batch: dict, normalizer: float):
     am = batch["attention_mask"]
     logits = position_logits(model, batch["input_ids"], am)
-    targets = batch["labels"][am.bool()]
-    loss = sft_loss(logits, targets, normalizer=normalizer)
+    labels = batch["labels"][am.bool()]
+    keep = labels != IGNORE
+    loss = sft_loss(logits[keep], labels[keep], normalizer=normalizer)
     return loss, {}
 
 
