@@ -158,8 +158,8 @@ class TrackingConfig(_Section):
 
     mlflow_uri: str | None = Field(
         None,
-        description="MLflow tracking URI. None: a local SQLite store `mlflow.db` in the project root"
-        " (env MLFLOW_TRACKING_URI wins when set).",
+        description="MLflow tracking URI. None: env MLFLOW_TRACKING_URI if set, else a local SQLite store"
+        " `mlflow.db` in the working directory.",
     )
     artifact_root: str | None = Field(
         None, description="Artifact location for a new experiment (None: `mlartifacts/` next to the SQLite store)."

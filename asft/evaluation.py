@@ -66,7 +66,7 @@ def evaluate_table(
     model.eval()
     inputs = [np.asarray(x, dtype=np.int64) for x in table["input"]]
     histories = [np.asarray(x, dtype=np.int64) for x in table["history"]]
-    targets = torch.as_tensor(table["target"].to_numpy(dtype=np.int64))
+    targets = torch.from_numpy(np.array(table["target"], dtype=np.int64))
     ranks = []
     for s in range(0, len(inputs), batch_size):
         ids, am = pad_right(inputs[s : s + batch_size])

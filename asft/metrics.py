@@ -14,7 +14,9 @@ import torch
 def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """scores [B, V] (masked entries -inf), targets [B] -> 0-based ranks [B] (int64)."""
     target_scores = scores.gather(1, targets.view(-1, 1))
-    return (scores > target_scores).sum(dim=1)
+    ranks = (scores > target_scores).sum(dim=1)
+    # A NaN score must never look like a hit: a NaN target ranks last.
+    return torch.where(torch.isnan(target_scores.squeeze(1)), torch.full_like(ranks, scores.size(1)), ranks)
 
 
 def ranking_metrics(ranks: np.ndarray | torch.Tensor, ks: list[int] | tuple[int, ...] = (10, 50)) -> dict[str, float]:

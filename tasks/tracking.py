@@ -28,7 +28,7 @@ def mlflow_key(key: str) -> str:
 
 
 def resolve_tracking_uri(cfg: Config) -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.mlflow_uri
+    uri = cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         uri = f"sqlite:///{Path('mlflow.db').resolve()}"
     return uri
@@ -46,7 +46,6 @@ def default_artifact_root(cfg: Config, uri: str) -> str | None:
 def setup_experiment(cfg: Config) -> tuple[str, str]:
     """Point MLflow at the configured store; create the experiment if needed. -> (uri, experiment_id)."""
     uri = resolve_tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:

@@ -200,6 +200,8 @@ class Trainer:
             loss_total += float(loss.detach())
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
+        if not math.isfinite(loss_total):
+            raise FloatingPointError(f"non-finite training loss ({loss_total}); lower train.lr or check the data")
         if cfg.grad_clip > 0:
             grad_norm = float(self.acc.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         else:

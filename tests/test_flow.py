@@ -1,0 +1,88 @@
+"""One real retrain flow run through Prefect, then check what MLflow recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def _runs(client: MlflowClient, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=100)
+
+
+def test_retrain_flow_records_everything(prefect_server, tmp_path, tiny_overrides):
+    from flows.retrain import retrain
+    from prefect.client.orchestration import get_client  # noqa: F401  (server must be reachable)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "run"
+    result = retrain(data="simulator", output=str(out), config=str(REPO / "params.yaml"),
+                     overrides=[*tiny_overrides, f"tracking.mlflow_uri={uri}", "tracking.experiment=flow-test"])
+
+    # metrics.json: per model, validation and test metrics under lower-case keys, plus dataset stats
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(result, default=str))
+    base = metrics["models"]["base"]
+    for split in ("valid", "test", "test_unmasked"):
+        for key in ("ndcg@10", "hr@10", "ndcg@50", "hr@50", "mrr"):
+            assert 0.0 <= base[split][key] <= 1.0
+    assert metrics["dataset"]["users"] == 60 and metrics["dataset"]["items"] <= 40
+    assert (out / "models/base/best/model.safetensors").is_file()
+
+    client = MlflowClient(uri)
+    runs = _runs(client, "flow-test")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_id == metrics["mlflow"]["parent_run_id"]
+    assert parent.data.params["train.epochs"] == "2"
+    assert len(parent.data.tags["git_commit"]) > 0
+    assert parent.data.tags["processed_sha256"] == metrics["dataset"]["sha256"]
+    assert abs(parent.data.metrics["base/test/ndcg_at_10"] - base["test"]["ndcg@10"]) < 1e-12
+
+    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"load", "validate-schema", "preprocess", "train-base", "evaluate-base"}
+    assert all(r.info.status == "FINISHED" for r in children.values())
+
+    train = children["train-base"]
+    # metrics with steps: one validation point per epoch
+    hist = client.get_metric_history(train.info.run_id, "valid/ndcg_at_10")
+    assert sorted(m.step for m in hist) == [1, 2]
+    assert train.data.params["model.n_embd"] == "16"
+    arts = {a.path for a in client.list_artifacts(train.info.run_id)}
+    assert {"plots", "model", "train_summary.json"} <= arts
+    model_files = {Path(a.path).name for a in client.list_artifacts(train.info.run_id, "model")}
+    assert {"model.safetensors", "item_vocab.json", "config.json"} <= model_files
+
+    ev = children["evaluate-base"]
+    assert abs(ev.data.metrics["test/hr_at_10"] - base["test"]["hr@10"]) < 1e-12
+
+
+def test_retrain_flow_stops_at_validation(prefect_server, tmp_path, tiny_overrides):
+    """A malformed log stops the flow at load/validation: nothing trained, parent run FAILED."""
+    from flows.retrain import retrain
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "interactions.csv").write_text("user_id,item_id,timestamp\nu1,i1,10\n,i2,11\nu1,i3,12\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "run"
+    with pytest.raises(Exception) as ei:
+        retrain(data=str(bad), output=str(out), config=None,
+                overrides=[*tiny_overrides, f"tracking.mlflow_uri={uri}", "tracking.experiment=flow-bad"])
+    assert "user_id" in str(ei.value)
+    assert not (out / "models").exists()
+    client = MlflowClient(uri)
+    runs = _runs(client, "flow-bad")
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][0]
+    assert parent.info.status == "FAILED"
+    assert not any(r.data.tags.get("stage") == "train-base" for r in runs)
