@@ -233,7 +233,8 @@ class Trainer:
             t0 = time.perf_counter()
             ep_loss, ep_count = 0.0, 0.0
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
-                       disable=not (self.progress and self.acc.is_main_process), mininterval=1.0)
+                       disable=not (self.progress and self.acc.is_main_process and sys.stderr.isatty()),
+                       mininterval=1.0)
             for idx in bar:
                 out = self.train_step([dataset[int(i)] for i in idx])
                 step += 1
@@ -262,7 +263,7 @@ class Trainer:
                     bad += 1
                     stopped = bad >= cfg.patience
                 self._log(f"epoch {epoch}: loss {row['train_loss']:.4f} valid {self.monitor} {value:.4f}"
-                          f" (best {best:.4f} @ {best_epoch})")
+                          f" (best {best:.4f} @ {best_epoch}) [{train_s:.0f}s]")
             history.append(row)
             self.on_log({k: v for k, v in row.items() if k not in ("epoch", "step")}, epoch)
             if epoch % cfg.checkpoint_every == 0 or stopped or epoch == cfg.epochs:
