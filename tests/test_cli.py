@@ -1,0 +1,43 @@
+"""CLI stage commands (the ones DVC stages call) and their error handling."""
+
+from __future__ import annotations
+
+import json
+
+from asft.cli import main
+
+
+def test_stage_commands_end_to_end(tmp_path, tiny_overrides, capsys):
+    raw, proc, base = tmp_path / "raw", tmp_path / "processed", tmp_path / "base"
+    cfg = ["--config", str(tmp_path / "none.yaml")]
+    (tmp_path / "none.yaml").write_text("seed: 7\n")
+    assert main(["load", "--output", str(raw), *cfg, *tiny_overrides]) == 0
+    assert main(["validate", "--raw", str(raw), *cfg, *tiny_overrides]) == 0
+    assert main(["preprocess", "--raw", str(raw), "--output", str(proc), *cfg, *tiny_overrides]) == 0
+    stats = json.loads((proc / "stats.json").read_text())
+    assert stats["users"] == 60
+    assert main(["train-base", "--processed", str(proc), "--output", str(base), *cfg, *tiny_overrides]) == 0
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--model", str(base / "best"), "--processed", str(proc), "--output", str(out),
+                 *cfg, *tiny_overrides]) == 0
+    m = json.loads(out.read_text())
+    assert set(m) >= {"valid", "test", "test_unmasked"} and "ndcg@10" in m["test"]
+    # a second train-base resumes from the finished checkpoint and does no more epochs
+    capsys.readouterr()
+    assert main(["train-base", "--processed", str(proc), "--output", str(base), *cfg, *tiny_overrides]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["resumed_from_epoch"] == 2 and summary["epochs_run"] == 2
+
+
+def test_bad_override_and_bad_data_exit_2(tmp_path, capsys):
+    assert main(["config", "train.lr=-1"]) == 2
+    assert "train.lr" in capsys.readouterr().err
+    assert main(["config", "nonsense.key=1"]) == 2
+    assert main(["load", "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "raw")]) == 2
+    err = capsys.readouterr().err
+    assert "missing" in err and not (tmp_path / "raw").exists()
+
+
+def test_config_prints_resolved_yaml(capsys):
+    assert main(["config", "train.epochs=3"]) == 0
+    assert "epochs: 3" in capsys.readouterr().out
