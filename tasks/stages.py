@@ -8,6 +8,7 @@ and marks the run FAILED if the stage raises.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -23,12 +24,19 @@ def _cfg(config_path: str):
     return load_config(config_path)
 
 
+def _timed(fn, *args, **kwargs):
+    """Run a core stage; return (result, seconds spent in the core, excluding tracking)."""
+    t0 = time.perf_counter()
+    res = fn(*args, **kwargs)
+    return res, time.perf_counter() - t0
+
+
 @task(name="load", cache_policy=NO_CACHE)
 def load_task(config_path: str, out_dir: str, tracking_uri: str, parent_run_id: str) -> dict:
     cfg = _cfg(config_path)
     with stage_run(tracking_uri, parent_run_id, "load") as run:
         run.log_params({"data.source": cfg.data.source, "data.format": cfg.data.format})
-        res = stages.stage_load(cfg, out_dir)
+        res, res["core_seconds"] = _timed(stages.stage_load, cfg, out_dir)
         run.log_metrics({"rows": res["rows"], "seconds": res["seconds"]})
         run.set_tags({"raw_sha256": res["sha256"]})
     get_run_logger().info("loaded %s rows (%s) into %s", res["rows"], res["format"], out_dir)
@@ -40,7 +48,7 @@ def validate_task(raw_dir: str, config_path: str, tracking_uri: str, parent_run_
     cfg = _cfg(config_path)
     with stage_run(tracking_uri, parent_run_id, "validate-schema") as run:
         try:
-            report = stages.stage_validate(raw_dir, cfg)
+            report, secs = _timed(stages.stage_validate, raw_dir, cfg)
         except Exception as e:
             from asft.data.validation import DataValidationError
 
@@ -51,7 +59,7 @@ def validate_task(raw_dir: str, config_path: str, tracking_uri: str, parent_run_
                 run.log_artifact(path, "validation")
             raise
         run.log_metrics(report)
-    return report
+    return {**report, "core_seconds": secs}
 
 
 @task(name="preprocess", cache_policy=NO_CACHE)
@@ -59,12 +67,12 @@ def preprocess_task(raw_dir: str, config_path: str, out_dir: str, tracking_uri: 
     cfg = _cfg(config_path)
     with stage_run(tracking_uri, parent_run_id, "preprocess") as run:
         run.log_params({f"preprocess.{k}": v for k, v in cfg.preprocess.model_dump().items()})
-        stats = stages.stage_preprocess(raw_dir, cfg, out_dir)
+        stats, secs = _timed(stages.stage_preprocess, raw_dir, cfg, out_dir)
         run.log_metrics({k: v for k, v in stats.items() if isinstance(v, (int, float))})
         run.set_tags({"processed_sha256": stats["sha256"]})
         run.log_artifact(Path(out_dir) / "stats.json")
     get_run_logger().info("preprocessed: %s users, %s items, %s events", stats["users"], stats["items"], stats["events"])
-    return stats
+    return {**stats, "core_seconds": secs}
 
 
 @task(name="train-base", cache_policy=NO_CACHE)
@@ -72,7 +80,8 @@ def train_base_task(processed_dir: str, config_path: str, out_dir: str, tracking
     cfg = _cfg(config_path)
     with stage_run(tracking_uri, parent_run_id, "train-base") as run:
         run.log_params({k: v for k, v in cfg.flat().items() if k.split(".")[0] in ("model", "train", "seed")})
-        summary = stages.stage_train_base(processed_dir, cfg, out_dir, on_log=run.on_log)
+        summary, summary["core_seconds"] = _timed(stages.stage_train_base, processed_dir, cfg, out_dir,
+                                                  on_log=run.on_log)
         run.log_metrics({k: summary[k] for k in ("best_metric", "best_epoch", "epochs_run", "steps", "tokens_per_s",
                                                  "train_seconds", "eval_seconds", "n_params")})
         hist = json.loads((Path(out_dir) / "train_summary.json").read_text())["history"]
@@ -90,9 +99,10 @@ def evaluate_task(model_dir: str, processed_dir: str, config_path: str, model_na
                   parent_run_id: str) -> dict:
     cfg = _cfg(config_path)
     with stage_run(tracking_uri, parent_run_id, f"evaluate-{model_name}") as run:
-        metrics = stages.stage_evaluate(model_dir, processed_dir, cfg)
+        metrics, secs = _timed(stages.stage_evaluate, model_dir, processed_dir, cfg)
         run.log_nested_metrics(metrics)
+        run.log_metrics({"core_seconds": secs})
         keys = [f"{m}@{k}" for k in cfg.eval.ks for m in ("hr", "ndcg")] + ["mrr"]
         png = Path(model_dir).parent / f"metrics_{model_name}.png"
         run.log_artifact(metric_bars(metrics, keys, png, f"{model_name}: full-ranking metrics"), "plots")
-    return metrics
+    return {**metrics, "core_seconds": secs}
