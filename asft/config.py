@@ -121,16 +121,16 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """Next-item SFT (behaviour cloning) of the base model."""
 
-    epochs: int = Field(60, ge=1, description="Maximum epochs.")
-    batch_size: int = Field(128, ge=1, description="Sequences per optimizer step (per process).")
+    epochs: int = Field(30, ge=1, description="Maximum epochs.")
+    batch_size: int = Field(64, ge=1, description="Sequences per optimizer step (per process).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     lr: float = Field(2e-3, gt=0, description="AdamW peak learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases/LayerNorm).")
     betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas.")
-    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps, then constant.")
+    warmup_steps: int = Field(50, ge=0, description="Linear warmup steps, then constant.")
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0 = off).")
     eval_every: int = Field(1, ge=1, description="Evaluate on validation every N epochs.")
-    patience: int = Field(8, ge=1, description="Early stopping: evaluations without validation improvement.")
+    patience: int = Field(5, ge=1, description="Early stopping: evaluations without validation improvement.")
     monitor: str = Field("ndcg@10", description="Validation metric for early stopping and checkpoint choice.")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'. Multi-GPU: see README.")
     num_threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch default).")
