@@ -83,7 +83,7 @@ def _print_metrics(title: str, metrics: dict) -> None:
     from rich.table import Table
 
     splits = [k for k, v in metrics.items() if isinstance(v, dict)]
-    keys = [k for k in next(iter(metrics[s] for s in splits)).keys() if k != "n_users"] if splits else []
+    keys = [k for k in next(iter(metrics[s] for s in splits)) if k != "n_users"] if splits else []
     t = Table(title=title)
     t.add_column("split")
     for k in keys:

@@ -112,7 +112,7 @@ class ModelConfig(_Section):
     n_positions: int | None = Field(None, description="Position table size; defaults to preprocess.max_len.")
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "ModelConfig":
+    def _heads_divide(self) -> ModelConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         return self

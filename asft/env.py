@@ -33,5 +33,5 @@ def configure_environment(project_root: str | Path | None = None) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    except Exception:  # pragma: no cover - transformers always present, keep env setup robust
-        pass
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        return

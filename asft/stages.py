@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
@@ -51,7 +51,7 @@ def stage_load(cfg: Config, out_dir: str | Path) -> dict:
             Simulator(cfg.simulator, cfg.seed).save(tmp / "simulator")
         write_json(tmp / "source.json", {"source": cfg.data.source, "format": data.format,
                                          "rows": len(data.interactions)})
-    return {"raw_dir": str(out_dir), "rows": int(len(data.interactions)), "format": data.format,
+    return {"raw_dir": str(out_dir), "rows": len(data.interactions), "format": data.format,
             "has_catalog": data.items is not None, "sha256": dir_sha256(out_dir),
             "seconds": time.perf_counter() - t0}
 

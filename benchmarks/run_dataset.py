@@ -15,18 +15,18 @@ import os
 import platform
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from asft.env import configure_environment  # noqa: E402
+from asft.env import configure_environment
 
 configure_environment()
 
-from asft import stages  # noqa: E402
-from asft.config import load_config  # noqa: E402
-from asft.utils import write_json  # noqa: E402
+from asft import stages
+from asft.config import load_config
+from asft.utils import write_json
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
 
     out = {
         "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__},
         "overrides": a.overrides,

@@ -19,18 +19,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from asft.env import configure_environment  # noqa: E402
+from asft.env import configure_environment
 
 configure_environment()
 
-import torch  # noqa: E402
+import torch
 
-from asft import stages  # noqa: E402
-from asft.config import load_config  # noqa: E402
-from asft.data.preprocess import ProcessedData  # noqa: E402
-from asft.models.recommender import build_model  # noqa: E402
-from asft.training.sft import collate_windows, count_targets, make_trainer, sft_batch_loss  # noqa: E402
-from asft.training.trainer import param_groups, warmup_constant  # noqa: E402
+from asft import stages
+from asft.config import load_config
+from asft.data.preprocess import ProcessedData
+from asft.models.recommender import build_model
+from asft.training.sft import collate_windows, count_targets, make_trainer, sft_batch_loss
+from asft.training.trainer import param_groups, warmup_constant
 
 
 def bare_loop(model, windows, cfg, batches_per_epoch) -> tuple[float, int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -38,7 +38,7 @@ def retrain(
     cfg_path = str(out / "params.resolved.yaml")
     dump_config(cfg, cfg_path)
 
-    run_name = f"retrain-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    run_name = f"retrain-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     parent = start_parent(cfg, run_name, {"data_source": cfg.data.source, "output_dir": str(out)})
     uri, pid = parent.client.tracking_uri, parent.run_id
     parent.log_params(cfg.flat())

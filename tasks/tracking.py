@@ -12,8 +12,9 @@ import math
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
@@ -61,8 +62,9 @@ def setup_experiment(cfg: Config) -> tuple[str, str]:
 def git_info(cwd: str | Path = ".") -> dict[str, str]:
     def run(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception:
+            return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
+                                  check=False).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
             return ""
 
     commit = run("rev-parse", "HEAD")

@@ -15,7 +15,7 @@ if not os.environ["PREFECT_API_URL"]:
     del os.environ["PREFECT_API_URL"]
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-from asft.env import configure_environment  # noqa: E402
+from asft.env import configure_environment
 
 configure_environment(_PREFECT_HOME)
 

@@ -19,8 +19,9 @@ def _runs(client: MlflowClient, experiment: str):
 
 
 def test_retrain_flow_records_everything(prefect_server, tmp_path, tiny_overrides):
-    from flows.retrain import retrain
     from prefect.client.orchestration import get_client  # noqa: F401  (server must be reachable)
+
+    from flows.retrain import retrain
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "run"
@@ -83,6 +84,6 @@ def test_retrain_flow_stops_at_validation(prefect_server, tmp_path, tiny_overrid
     assert not (out / "models").exists()
     client = MlflowClient(uri)
     runs = _runs(client, "flow-bad")
-    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][0]
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert parent.info.status == "FAILED"
     assert not any(r.data.tags.get("stage") == "train-base" for r in runs)

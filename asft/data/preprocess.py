@@ -85,7 +85,7 @@ class ItemVocab:
         Path(path).write_text(json.dumps(self.to_json()))
 
     @classmethod
-    def load(cls, path: str | Path) -> "ItemVocab":
+    def load(cls, path: str | Path) -> ItemVocab:
         path = Path(path)
         if path.is_dir():
             path = path / "vocab.json"
@@ -216,8 +216,8 @@ def preprocess(data: InteractionData, cfg: PreprocessConfig, out_dir: str | Path
         "raw_events": int(n_raw),
         "raw_users": int(users_raw),
         "raw_items": int(items_raw),
-        "events": int(len(df)),
-        "users": int(len(starts)),
+        "events": len(df),
+        "users": len(starts),
         "items": int(vocab.n_items),
         "vocab_size": int(vocab.size),
         "dropped_short_users": short_users,
@@ -274,7 +274,7 @@ class ProcessedData:
     stats: dict
 
     @classmethod
-    def open(cls, root: str | Path) -> "ProcessedData":
+    def open(cls, root: str | Path) -> ProcessedData:
         root = Path(root)
         missing = [f for f in OUTPUT_FILES if not (root / f).is_file()]
         if missing:

@@ -73,7 +73,7 @@ def check_interactions(df: pd.DataFrame, min_user_events: int = 3) -> list[Failu
     if not fails:
         counts = df.groupby(USER).size()
         if int((counts >= min_user_events).sum()) == 0:
-            fails.append(Failure("expect_some_user_history_at_least", USER, int(len(counts)),
+            fails.append(Failure("expect_some_user_history_at_least", USER, len(counts),
                                  detail=f"no user has {min_user_events} events"))
     return fails
 
@@ -82,5 +82,5 @@ def validate_interactions(df: pd.DataFrame, dataset: str, min_user_events: int =
     fails = check_interactions(df, min_user_events)
     if fails:
         raise DataValidationError(dataset, fails)
-    return {"rows": int(len(df)), "users": int(df[USER].nunique()), "items": int(df[ITEM].nunique()),
+    return {"rows": len(df), "users": int(df[USER].nunique()), "items": int(df[ITEM].nunique()),
             "expectations_failed": 0}

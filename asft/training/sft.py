@@ -8,12 +8,11 @@ batch.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-import torch
 
 from asft.config import Config
 from asft.data.preprocess import ProcessedData
