@@ -4,7 +4,7 @@
 #   bash benchmarks/main_job.sh [OUT_JSON]
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-OUT=${1:-$REPO/benchmarks/work/main_job.json}
+OUT=$(realpath -m "${1:-$REPO/benchmarks/work/main_job.json}")
 DIR=$(mktemp -d /tmp/asft-fresh-XXXX)
 git clone -q "$REPO" "$DIR/repo"
 cd "$DIR/repo"
