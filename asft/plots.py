@@ -10,6 +10,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def training_curves(history: list[dict], path: str | Path, title: str = "training") -> Path:
     """Train loss and every validation metric per epoch."""
     epochs = [h["epoch"] for h in history]
@@ -24,12 +33,7 @@ def training_curves(history: list[dict], path: str | Path, title: str = "trainin
     axes[1].set(xlabel="epoch", ylabel="validation", title=f"{title}: validation")
     if valid_keys:
         axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def metric_bars(metrics: dict[str, dict[str, float]], keys: list[str], path: str | Path, title: str) -> Path:
@@ -45,9 +49,4 @@ def metric_bars(metrics: dict[str, dict[str, float]], keys: list[str], path: str
     ax.set_xticks(x + width * (len(names) - 1) / 2, keys)
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
