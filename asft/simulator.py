@@ -140,25 +140,20 @@ class Simulator:
             out.append("|".join(names))
         return out
 
-    def _uidx(self, user_ids: Sequence[str]) -> np.ndarray:
+    @staticmethod
+    def _lookup(index: dict, ids: Sequence[str], kind: str, prefix: str, n: int) -> np.ndarray:
         try:
-            return np.fromiter(
-                (self._user_index[str(u)] for u in user_ids), dtype=np.int64, count=len(user_ids)
-            )
+            return np.fromiter((index[str(x)] for x in ids), dtype=np.int64, count=len(ids))
         except KeyError as e:
             raise KeyError(
-                f"unknown simulator user id {e.args[0]!r} (expected 'u0'..'u{self.n_users - 1}')"
+                f"unknown simulator {kind} id {e.args[0]!r} (expected '{prefix}0'..'{prefix}{n - 1}')"
             ) from None
 
+    def _uidx(self, user_ids: Sequence[str]) -> np.ndarray:
+        return self._lookup(self._user_index, user_ids, "user", "u", self.n_users)
+
     def _iidx(self, item_ids: Sequence[str]) -> np.ndarray:
-        try:
-            return np.fromiter(
-                (self._item_index[str(i)] for i in item_ids), dtype=np.int64, count=len(item_ids)
-            )
-        except KeyError as e:
-            raise KeyError(
-                f"unknown simulator item id {e.args[0]!r} (expected 'i0'..'i{self.n_items - 1}')"
-            ) from None
+        return self._lookup(self._item_index, item_ids, "item", "i", self.n_items)
 
     # ------------------------------------------------------------------ dynamics and utility
     def _step_states(self, z: np.ndarray, items: np.ndarray, norms: np.ndarray, active: np.ndarray) -> None:
