@@ -153,6 +153,92 @@ class EvalConfig(_Section):
         return sorted(set(v))
 
 
+class ValidationConfig(_Section):
+    """Great Expectations data checks (raw interactions, processed sequences, preference pairs)."""
+
+    rating_min: float = Field(1.0, description="Lowest valid rating (explicit feedback).")
+    rating_max: float = Field(5.0, description="Highest valid rating.")
+    min_history_mostly: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of raw events that must belong to users with >= preprocess.min_user_events events.",
+    )
+    allow_duplicate_events: bool = Field(
+        False, description="Accept exact duplicate (user_id, item_id, timestamp) rows in the raw log."
+    )
+    min_source_share: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Preference pairs: every enabled source must supply at least this share of the pairs.",
+    )
+    sample_rows: int = Field(10, ge=1, description="Failing rows quoted per expectation in a failure summary.")
+    data_docs: bool = Field(True, description="Build the GX data docs (HTML) next to each validated dataset.")
+
+
+class JudgeConfig(_Section):
+    """Simulated judges (simulator only): true utility plus configurable annotation noise (METHODS.md 3)."""
+
+    n_judges: int = Field(20, ge=1, description="Number of simulated annotators.")
+    noise: float = Field(0.3, ge=0, description="Std of Gaussian noise added to the true utility per judgment.")
+    flip_prob: float = Field(0.05, ge=0, le=0.5, description="Probability that a pairwise label is flipped.")
+    position_bias: float = Field(
+        0.1, ge=0, le=1, description="Probability that a judge picks the first-presented option regardless."
+    )
+    lazy_share: float = Field(0.1, ge=0, le=1, description="Share of judges who answer at random (lazy).")
+    honeypot_rate: float = Field(
+        0.1, ge=0, le=1, description="Share of each judge's tasks that are honeypots with a known answer."
+    )
+    honeypot_min_accuracy: float = Field(
+        0.8, ge=0, le=1, description="Judges below this honeypot accuracy are dropped with all their pairs."
+    )
+
+
+class PreferenceConfig(_Section):
+    """Building (context, chosen, rejected) preference pairs from the training part of the logs."""
+
+    sources: list[Literal["explicit", "implicit", "ranking", "best_of_n", "pairwise"]] | Literal["auto"] = Field(
+        "auto",
+        description="Pair sources. 'auto': explicit (if ratings) + implicit, plus the judge sources"
+        " ranking, best_of_n and pairwise on the simulator.",
+    )
+    contexts_per_user: int = Field(8, ge=1, description="Context prefixes sampled per user.")
+    min_context: int = Field(2, ge=1, description="Shortest context (items of history).")
+    horizon: int = Field(5, ge=2, description="Explicit pairs: the user's next items compared within the context.")
+    implicit_negatives: int = Field(2, ge=1, description="Implicit pairs: negatives per consumed item.")
+    popularity_bins: int = Field(10, ge=1, description="Implicit negatives come from the positive's popularity bin.")
+    ranking_size: int = Field(4, ge=2, description="Judge ranking tasks: items ranked (all N(N-1)/2 pairs).")
+    best_of_n: int = Field(4, ge=2, description="Judge best-of-N tasks: items shown (N-1 pairs).")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    valid_share: float = Field(0.1, ge=0, lt=0.5, description="Share of users whose pairs form the valid split.")
+    test_share: float = Field(0.1, ge=0, lt=0.5, description="Share of users whose pairs form the test split.")
+
+
+def _reward_train_defaults() -> TrainConfig:
+    return TrainConfig(epochs=15, batch_size=256, lr=1e-3, warmup_steps=20, patience=3, monitor="neg_bt_loss")
+
+
+class RewardConfig(_Section):
+    """Bradley-Terry reward model ensemble (METHODS.md section 4)."""
+
+    members: int = Field(3, ge=1, description="Ensemble size K.")
+    bootstrap: bool = Field(True, description="Each member trains on a bootstrap resample of the train contexts.")
+    head_init_scale: float = Field(
+        0.0,
+        ge=0,
+        description="Initial reward head = scale * identity projection: 0 starts at zero reward, 1 at the base"
+        " model's logits.",
+    )
+    rating_head: bool = Field(True, description="Add a pointwise head regressing explicit ratings (MSE).")
+    rating_weight: float = Field(0.1, ge=0, description="Weight of the rating MSE next to the Bradley-Terry loss.")
+    kappa: float = Field(1.0, ge=0, description="Pessimistic reward = mean - kappa * std over members.")
+    centring_contexts: int = Field(
+        512, ge=1, description="Training contexts scored over the whole catalog to compute centring statistics."
+    )
+    train: TrainConfig = Field(default_factory=_reward_train_defaults, description="Optimisation of each member.")
+
+
 class TrackingConfig(_Section):
     """MLflow tracking and Prefect settings."""
 
@@ -178,6 +264,9 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    preferences: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
