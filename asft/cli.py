@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     _common(p)
 
+    p = sub.add_parser("ingest", help="load (or simulate) and validate raw interactions; nothing is written on failure")
+    p.add_argument("--data", default=None)
+    p.add_argument("--output", required=True)
+    _common(p)
+
     p = sub.add_parser("validate", help="validate the canonical raw table")
     p.add_argument("--raw", required=True)
     _common(p)
@@ -130,6 +135,10 @@ def _dispatch(args) -> int:
     if cmd == "load":
         cfg = _load_cfg(args, [f"data.source={args.data}"] if args.data else [])
         print(json.dumps(stages.stage_load(cfg, args.output), indent=2))
+        return 0
+    if cmd == "ingest":
+        cfg = _load_cfg(args, [f"data.source={args.data}"] if args.data else [])
+        print(json.dumps(stages.stage_ingest(cfg, args.output), indent=2))
         return 0
     cfg = _load_cfg(args)
     if cmd == "validate":

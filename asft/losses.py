@@ -44,3 +44,28 @@ def weighted_nll(
 def sft_loss(logits: torch.Tensor, targets: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
     """Next-item SFT: mean negative log-likelihood over target tokens (full softmax over the catalog)."""
     return weighted_nll(target_log_probs(logits, targets), None, normalizer)
+
+
+def _normalise(total: torch.Tensor, normalizer: float | torch.Tensor | None, count: int) -> torch.Tensor:
+    denom = count if normalizer is None else normalizer
+    if isinstance(denom, torch.Tensor):
+        return total / denom.clamp_min(1e-12)
+    if denom <= 0:
+        raise ValueError("normalizer must be positive")
+    return total / denom
+
+
+def bradley_terry_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, normalizer: float | torch.Tensor | None = None
+) -> torch.Tensor:
+    """``-sum(log sigmoid(r_w - r_l)) / normalizer`` (METHODS.md section 4); default: mean over pairs."""
+    delta = chosen.float() - rejected.float()
+    return _normalise(-F.logsigmoid(delta).sum(), normalizer, delta.numel())
+
+
+def squared_error_loss(
+    pred: torch.Tensor, target: torch.Tensor, normalizer: float | torch.Tensor | None = None
+) -> torch.Tensor:
+    """``sum((pred - target)^2) / normalizer`` (pointwise rating head); default: mean."""
+    err = pred.float() - target.float()
+    return _normalise((err * err).sum(), normalizer, err.numel())

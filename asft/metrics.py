@@ -32,3 +32,73 @@ def ranking_metrics(ranks: np.ndarray | torch.Tensor, ks: list[int] | tuple[int,
         out[f"mrr@{k}"] = float(np.where(hit, 1.0 / (r + 1.0), 0.0).mean())
     out["mrr"] = float((1.0 / (r + 1.0)).mean())
     return out
+
+
+# ---------------------------------------------------------------------------- preference metrics
+# ``delta`` is score(chosen) - score(rejected) per held-out pair. A pair counts as correct when
+# delta > 0 and half when delta == 0 (a predictor that cannot tell two items apart scores 0.5).
+
+
+def pairwise_accuracy(delta: np.ndarray) -> float:
+    d = np.asarray(delta, dtype=np.float64)
+    if d.size == 0:
+        raise ValueError("no pairs")
+    return float(((d > 0) + 0.5 * (d == 0)).mean())
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties averaged (as scipy.stats.rankdata)."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    starts = np.r_[0, np.flatnonzero(xs[1:] != xs[:-1]) + 1]
+    ends = np.r_[starts[1:], len(xs)]
+    avg = (starts + ends + 1) / 2.0  # mean of 1-based positions starts+1 .. ends
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def pairwise_auc(delta: np.ndarray) -> float:
+    """ROC AUC of the pair presented in both orders: positives score ``delta``, negatives ``-delta``.
+
+    Equals P(delta_i > -delta_j) over pairs i, j (ties half); 0.5 for an uninformative predictor.
+    """
+    d = np.asarray(delta, dtype=np.float64)
+    n = d.size
+    if n == 0:
+        raise ValueError("no pairs")
+    ranks = _average_ranks(np.concatenate([d, -d]))
+    return float((ranks[:n].sum() - n * (n + 1) / 2) / (n * n))
+
+
+def calibration_bins(delta: np.ndarray, n_bins: int = 10) -> dict[str, np.ndarray | float]:
+    """Reliability of ``sigmoid(delta)`` as P(chosen > rejected), both orders of every pair.
+
+    Returns per-bin mean predicted probability, observed frequency and count, plus the expected
+    calibration error (count-weighted |observed - predicted|).
+    """
+    d = np.asarray(delta, dtype=np.float64)
+    p = 1.0 / (1.0 + np.exp(-np.concatenate([d, -d])))
+    y = np.concatenate([np.ones(d.size), np.zeros(d.size)])
+    idx = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pred = np.bincount(idx, weights=p, minlength=n_bins) / count
+        obs = np.bincount(idx, weights=y, minlength=n_bins) / count
+    ok = count > 0
+    ece = float((count[ok] * np.abs(obs[ok] - pred[ok])).sum() / count.sum()) if count.sum() else float("nan")
+    return {"predicted": pred, "observed": obs, "count": count, "ece": ece}
+
+
+def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation between matching rows of two [N, M] arrays (NaN for a constant row)."""
+    a, b = np.atleast_2d(np.asarray(a, dtype=np.float64)), np.atleast_2d(np.asarray(b, dtype=np.float64))
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch {a.shape} vs {b.shape}")
+    out = np.empty(a.shape[0])
+    for i in range(a.shape[0]):
+        ra, rb = _average_ranks(a[i]), _average_ranks(b[i])
+        ra, rb = ra - ra.mean(), rb - rb.mean()
+        den = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+        out[i] = (ra * rb).sum() / den if den > 0 else np.nan
+    return out

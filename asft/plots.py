@@ -50,3 +50,30 @@ def metric_bars(metrics: dict[str, dict[str, float]], keys: list[str], path: str
     ax.set_title(title)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def reliability(cal: dict, path: str | Path, title: str) -> Path:
+    """Reliability diagram: observed frequency against mean predicted probability per bin."""
+    import numpy as np
+
+    pred, obs, count = np.asarray(cal["predicted"]), np.asarray(cal["observed"]), np.asarray(cal["count"])
+    ok = count > 0
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    axes[0].plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
+    axes[0].plot(pred[ok], obs[ok], marker="o", label=f"model (ECE {cal['ece']:.3f})")
+    axes[0].set(xlabel="predicted P(chosen > rejected)", ylabel="observed frequency", title=title)
+    axes[0].legend(fontsize=8)
+    edges = np.linspace(0, 1, len(count) + 1)
+    axes[1].bar(edges[:-1], count, width=edges[1] - edges[0], align="edge")
+    axes[1].set(xlabel="predicted probability", ylabel="pairs (both orders)", title="bin counts")
+    return _save(fig, path)
+
+
+def histogram(values, path: str | Path, title: str, xlabel: str, bins: int = 40) -> Path:
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    v = np.asarray(values, dtype=float)
+    ax.hist(v[np.isfinite(v)], bins=bins)
+    ax.set(xlabel=xlabel, ylabel="count", title=title)
+    return _save(fig, path)

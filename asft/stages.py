@@ -37,23 +37,46 @@ def load_raw(cfg: Config) -> InteractionData:
     return load_from_config(cfg.data)
 
 
+def _write_raw(data: InteractionData, cfg: Config, tmp: Path) -> None:
+    data.interactions.to_parquet(tmp / "interactions.parquet", index=False)
+    if data.items is not None:
+        data.items.to_parquet(tmp / "catalog.parquet", index=False)
+    if cfg.data.source == "simulator":
+        from asft.simulator import Simulator
+
+        Simulator(cfg.simulator, cfg.seed).save(tmp / "simulator")
+    write_json(tmp / "source.json", {"source": cfg.data.source, "format": data.format,
+                                     "rows": len(data.interactions)})
+
+
 def stage_load(cfg: Config, out_dir: str | Path) -> dict:
     """Load (or simulate) the interaction log and write it in canonical form to ``out_dir``."""
     t0 = time.perf_counter()
     data = load_raw(cfg)
     with atomic_dir(out_dir) as tmp:
-        data.interactions.to_parquet(tmp / "interactions.parquet", index=False)
-        if data.items is not None:
-            data.items.to_parquet(tmp / "catalog.parquet", index=False)
-        if cfg.data.source == "simulator":
-            from asft.simulator import Simulator
-
-            Simulator(cfg.simulator, cfg.seed).save(tmp / "simulator")
-        write_json(tmp / "source.json", {"source": cfg.data.source, "format": data.format,
-                                         "rows": len(data.interactions)})
+        _write_raw(data, cfg, tmp)
     return {"raw_dir": str(out_dir), "rows": len(data.interactions), "format": data.format,
             "has_catalog": data.items is not None, "sha256": dir_sha256(out_dir),
             "seconds": time.perf_counter() - t0}
+
+
+def stage_ingest(cfg: Config, out_dir: str | Path, docs_dir: str | Path | None = None) -> dict:
+    """Load and validate the raw log; the canonical table is published only if validation passes."""
+    t0 = time.perf_counter()
+    data = load_raw(cfg)
+    report = _validate_raw_data(data, cfg, docs_dir)
+    with atomic_dir(out_dir) as tmp:
+        _write_raw(data, cfg, tmp)
+        write_json(tmp / "validation.json", report)
+    return {"raw_dir": str(out_dir), "rows": len(data.interactions), "format": data.format,
+            "has_catalog": data.items is not None, "sha256": dir_sha256(out_dir), "validation": report,
+            "seconds": time.perf_counter() - t0}
+
+
+def _validate_raw_data(data: InteractionData, cfg: Config, docs_dir: str | Path | None) -> dict:
+    from asft.data.validation import validate_interactions
+
+    return validate_interactions(data.interactions, data.source or "interactions", cfg.preprocess.min_user_events)
 
 
 def read_raw(raw_dir: str | Path) -> InteractionData:

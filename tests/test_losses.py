@@ -109,3 +109,40 @@ def test_non_positive_normalizer_raises():
         weighted_nll(torch.tensor([-1.0]), None, normalizer=0)
     with pytest.raises(ValueError):
         weighted_nll(torch.tensor([-1.0]), torch.ones(1), normalizer=-2.0)
+
+
+def test_bradley_terry_hand_computed():
+    from asft.losses import bradley_terry_loss
+
+    c, r = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([1.0, 0.0, 1.0])
+    # deltas 1, 0, -2: -log sigmoid(d) = log(1 + e^-d)
+    expected = [math.log(1 + math.exp(-1)), math.log(2), math.log(1 + math.exp(2))]
+    assert bradley_terry_loss(c, r).item() == pytest.approx(sum(expected) / 3, rel=1e-6)
+    assert bradley_terry_loss(c, r, normalizer=6).item() == pytest.approx(sum(expected) / 6, rel=1e-6)
+    # a shift common to both items changes nothing (only differences are identified)
+    assert bradley_terry_loss(c + 5, r + 5).item() == pytest.approx(bradley_terry_loss(c, r).item(), rel=1e-6)
+    # gradient wrt chosen is -(1 - sigmoid(delta)) / n
+    cc = c.clone().requires_grad_(True)
+    bradley_terry_loss(cc, r).backward()
+    d = torch.tensor([1.0, 0.0, -2.0])
+    torch.testing.assert_close(cc.grad, -(1 - torch.sigmoid(d)) / 3)
+    with pytest.raises(ValueError):
+        bradley_terry_loss(c, r, normalizer=0)
+
+
+def test_bradley_terry_global_normaliser_accumulates():
+    from asft.losses import bradley_terry_loss
+
+    g = torch.Generator().manual_seed(3)
+    c, r = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    whole = bradley_terry_loss(c, r)
+    parts = sum(bradley_terry_loss(c[i : i + 1], r[i : i + 1], normalizer=8) for i in range(8))
+    torch.testing.assert_close(parts, whole)
+
+
+def test_squared_error_hand_computed():
+    from asft.losses import squared_error_loss
+
+    p, y = torch.tensor([1.0, 3.0]), torch.tensor([2.0, 5.0])
+    assert squared_error_loss(p, y).item() == pytest.approx((1 + 4) / 2)
+    assert squared_error_loss(p, y, normalizer=10).item() == pytest.approx(0.5)

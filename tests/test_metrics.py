@@ -283,3 +283,41 @@ def test_nan_target_score_is_a_miss():
     s = mask_special(torch.full((3, 10), float("nan")))
     m = ranking_metrics(ranks_from_scores(s, torch.tensor([4, 5, 6])), [10])
     assert m["hr@10"] == 0.0 and m["ndcg@10"] == 0.0 and m["mrr"] < 0.2
+
+
+def test_pairwise_accuracy_and_auc_hand_computed():
+    from asft.metrics import pairwise_accuracy, pairwise_auc
+
+    assert pairwise_accuracy(np.array([1.0, -1.0, 0.0, 2.0])) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    # perfectly separated: every delta_i > -delta_j
+    assert pairwise_auc(np.array([1.0, 2.0, 3.0])) == pytest.approx(1.0)
+    assert pairwise_auc(np.array([-1.0, -2.0])) == pytest.approx(0.0)
+    assert pairwise_auc(np.zeros(5)) == pytest.approx(0.5)
+    # deltas (2, -1): positives {2, -1}, negatives {-2, 1}; wins: 2>-2, 2>1, -1>-2 ; -1<1 -> 3/4
+    assert pairwise_auc(np.array([2.0, -1.0])) == pytest.approx(0.75)
+    with pytest.raises(ValueError):
+        pairwise_auc(np.array([]))
+
+
+def test_calibration_bins_hand_computed():
+    from asft.metrics import calibration_bins
+
+    cal = calibration_bins(np.array([0.0, 0.0]), n_bins=2)
+    # sigmoid(0) = 0.5 in both orders -> all four in the upper bin, observed 2/4
+    assert cal["count"].tolist() == [0.0, 4.0]
+    assert cal["observed"][1] == pytest.approx(0.5)
+    assert cal["ece"] == pytest.approx(0.0)
+    cal = calibration_bins(np.array([10.0, 10.0]), n_bins=10)
+    assert cal["ece"] == pytest.approx(1 - 1 / (1 + np.exp(-10)), abs=1e-9)
+
+
+def test_spearman_rows_matches_definition():
+    from asft.metrics import spearman_rows
+
+    a = np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0]])
+    b = np.array([[10.0, 20.0, 30.0, 40.0], [4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
+    out = spearman_rows(a, b)
+    assert out[0] == pytest.approx(1.0) and out[1] == pytest.approx(-1.0) and np.isnan(out[2])
+    # with ties: ranks (1.5, 1.5, 3) vs (1, 2, 3): pearson of centred (-.5,-.5,1) and (-1,0,1)
+    r = spearman_rows(np.array([[5.0, 5.0, 7.0]]), np.array([[1.0, 2.0, 3.0]]))[0]
+    assert r == pytest.approx(1.5 / np.sqrt(1.5 * 2), rel=1e-9)

@@ -1,0 +1,207 @@
+"""Bradley-Terry reward models on the generative backbone, and their ensemble (METHODS.md section 4).
+
+A member is the base recommender's GPT-2 backbone with the LM head replaced by a *shallow reward
+head*: for a context ``x`` with last hidden state ``h(x)`` and item ``a`` with embedding ``e_a``
+(the backbone's item embedding table),
+
+    r(x, a) = (W h(x)) . e_a + b_a
+
+so one forward pass scores every catalog item for a batch of contexts. ``W`` starts at
+``head_init_scale * I`` (0: every reward starts at 0; 1: the reward starts as the base model's
+logit). An optional pointwise head ``rating(x, a) = (W_r h(x)) . e_a + c_a + mu`` regresses explicit
+ratings.
+
+BT rewards are identified only up to a per-context shift, so each member's rewards are centred over
+the catalog per context (``r - mean_a r``) before members are combined: the ensemble gives mean,
+std and a pessimistic score ``mean - kappa * std``. Centring statistics (mean and std of the
+ensemble mean over training contexts x catalog) are saved with the ensemble so rewards can be
+standardised comparably across versions.
+
+Saved layout (``save_pretrained``, safetensors only)::
+
+    DIR/ensemble.json           members, kappa, centring statistics
+    DIR/member_K/best/          model.safetensors, config.json, item_vocab.json
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2Model, GPT2PreTrainedModel
+
+from asft.data.preprocess import NUM_SPECIAL, ItemVocab
+from asft.evaluation import pad_right
+from asft.models.recommender import VOCAB_FILE, last_hidden
+
+ENSEMBLE_FILE = "ensemble.json"
+
+
+class RewardModel(GPT2PreTrainedModel):
+    """GPT-2 backbone + shallow reward head (+ optional rating head). Loadable with ``from_pretrained``."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__(config)
+        h = config.n_embd
+        self.transformer = GPT2Model(config)
+        self.reward_proj = nn.Linear(h, h, bias=False)
+        self.reward_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.has_rating_head = bool(getattr(config, "reward_rating_head", False))
+        if self.has_rating_head:
+            self.rating_proj = nn.Linear(h, h, bias=False)
+            self.rating_bias = nn.Parameter(torch.zeros(config.vocab_size))
+            self.rating_offset = nn.Parameter(torch.tensor(float(getattr(config, "reward_rating_mean", 0.0))))
+        self.post_init()
+
+    @classmethod
+    def from_base(cls, base: nn.Module, head_init_scale: float = 0.0, rating_head: bool = False,
+                  rating_mean: float = 0.0) -> RewardModel:
+        """A reward model whose backbone is a copy of ``base``'s (a GPT-2 LM-head recommender)."""
+        cfg = GPT2Config.from_dict(base.config.to_dict())
+        cfg.reward_rating_head = bool(rating_head)
+        cfg.reward_rating_mean = float(rating_mean)
+        cfg.architectures = [cls.__name__]
+        model = cls(cfg)
+        model.transformer.load_state_dict(base.transformer.state_dict())
+        with torch.no_grad():
+            model.reward_proj.weight.copy_(torch.eye(cfg.n_embd) * head_init_scale)
+            model.reward_bias.zero_()
+            if rating_head:
+                model.rating_proj.weight.zero_()
+                model.rating_bias.zero_()
+                model.rating_offset.fill_(float(rating_mean))
+        return model
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return last_hidden(self, input_ids, attention_mask)
+
+    def rewards(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Reward of every vocabulary token for each context: [B, V] (special tokens are meaningless)."""
+        return self.reward_proj(hidden) @ self.transformer.wte.weight.T + self.reward_bias
+
+    def ratings(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.has_rating_head:
+            raise ValueError("this reward model has no rating head")
+        return self.rating_proj(hidden) @ self.transformer.wte.weight.T + self.rating_bias + self.rating_offset
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.rewards(self.hidden(input_ids, attention_mask))
+
+
+def save_reward_model(model: RewardModel, vocab: ItemVocab, out_dir: str | Path, meta: dict | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    getattr(model, "module", model).save_pretrained(out, safe_serialization=True)
+    vocab.save(out / VOCAB_FILE)
+    (out / "reward_model.json").write_text(json.dumps({"kind": "bt-reward-model", **(meta or {})}, indent=2,
+                                                      sort_keys=True))
+    return out
+
+
+def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> RewardModel:
+    path = Path(path)
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path}: no model.safetensors (refusing to load any other weight format)")
+    model = RewardModel.from_pretrained(path, use_safetensors=True).to(device)
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def score_contexts(models: list[RewardModel], contexts: list[np.ndarray], batch_size: int = 512,
+                   device: str | torch.device = "cpu", head: str = "reward") -> np.ndarray:
+    """Scores of every item for each context: [K, N, n_items] (column j is token NUM_SPECIAL + j).
+
+    ``head="reward"``: per-context-centred rewards; ``head="rating"``: predicted ratings.
+    """
+    out = []
+    for m in models:
+        rows = []
+        for s in range(0, len(contexts), batch_size):
+            ids, am = pad_right(contexts[s : s + batch_size])
+            h = m.hidden(ids.to(device), am.to(device))
+            if head == "rating":
+                rows.append(m.ratings(h)[:, NUM_SPECIAL:].float().cpu())
+            else:
+                r = m.rewards(h)[:, NUM_SPECIAL:].float()
+                rows.append((r - r.mean(dim=1, keepdim=True)).cpu())
+        out.append(torch.cat(rows).numpy() if rows else np.zeros((0, m.config.vocab_size - NUM_SPECIAL)))
+    return np.stack(out)
+
+
+@dataclass
+class EnsembleScores:
+    """Ensemble rewards of every vocabulary token ([N, V]; special tokens -inf in mean/pessimistic, 0 in std)."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    pessimistic: np.ndarray
+    members: np.ndarray  # [K, N, V]
+
+    def at(self, items: np.ndarray) -> dict[str, np.ndarray]:
+        """Scores of one item per context (``items`` [N] tokens)."""
+        rows = np.arange(len(items))
+        return {"mean": self.mean[rows, items], "std": self.std[rows, items],
+                "pessimistic": self.pessimistic[rows, items], "members": self.members[:, rows, items]}
+
+
+class RewardEnsemble:
+    """K Bradley-Terry members scoring (history, item); mean, std and pessimistic rewards."""
+
+    def __init__(self, members: list[RewardModel], vocab: ItemVocab, kappa: float = 1.0,
+                 centring: dict | None = None, meta: dict | None = None):
+        if not members:
+            raise ValueError("a reward ensemble needs at least one member")
+        self.members, self.vocab, self.kappa = members, vocab, kappa
+        self.centring = centring or {"mean": 0.0, "std": 1.0}
+        self.meta = meta or {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.members[0].parameters()).device
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> RewardEnsemble:
+        path = Path(path)
+        info_path = path / ENSEMBLE_FILE
+        if not info_path.is_file():
+            raise FileNotFoundError(f"{path}: not a reward ensemble (no {ENSEMBLE_FILE})")
+        info = json.loads(info_path.read_text())
+        members = [load_reward_model(path / m, device) for m in info["member_dirs"]]
+        vocab = ItemVocab.load(path / info["member_dirs"][0] / VOCAB_FILE)
+        return cls(members, vocab, info.get("kappa", 1.0), info.get("centring"), info)
+
+    def score_all(self, contexts: list[np.ndarray], standardize: bool = False, batch_size: int = 512) -> EnsembleScores:
+        """Score every catalog item for each context in one forward pass per member."""
+        per = score_contexts(self.members, contexts, batch_size, self.device)  # [K, N, I]
+        if standardize:
+            per = (per - self.centring["mean"]) / self.centring["std"]
+        k, n, _ = per.shape
+        mean, std = per.mean(axis=0), per.std(axis=0)
+        full = np.full((k, n, self.vocab.size), -np.inf, dtype=np.float32)
+        full[:, :, NUM_SPECIAL:] = per
+
+        def widen(x: np.ndarray, fill: float) -> np.ndarray:
+            out = np.full((n, self.vocab.size), fill, dtype=np.float32)
+            out[:, NUM_SPECIAL:] = x
+            return out
+
+        return EnsembleScores(mean=widen(mean, -np.inf), std=widen(std, 0.0),
+                              pessimistic=widen(mean - self.kappa * std, -np.inf), members=full)
+
+    def score_pairs(self, contexts: list[np.ndarray], ctx_index: np.ndarray, chosen: np.ndarray,
+                    rejected: np.ndarray, batch_size: int = 512) -> dict[str, np.ndarray]:
+        """Reward differences r(chosen) - r(rejected) per pair: ``members`` [K, P] and ``mean`` [P].
+
+        ``contexts`` are the distinct contexts; pair p uses ``contexts[ctx_index[p]]`` (each context
+        is scored once, whatever its number of pairs).
+        """
+        per = score_contexts(self.members, contexts, batch_size, self.device)  # [K, N, I]
+        c, r = np.asarray(chosen) - NUM_SPECIAL, np.asarray(rejected) - NUM_SPECIAL
+        d = per[:, ctx_index, c] - per[:, ctx_index, r]
+        return {"members": d, "mean": d.mean(axis=0), "std": per[:, ctx_index, c].std(axis=0) / 2
+                + per[:, ctx_index, r].std(axis=0) / 2}
