@@ -1,9 +1,15 @@
 """Command line: ``retrain`` (the Prefect flow) and one command per stage (used by DVC).
 
     asft retrain --data simulator --output runs/sim [--config params.yaml] [key=value ...]
+    asft ingest --output DIR/raw [--data PATH] [--docs DIR]      load + validate (GX) the raw log
     asft load --output DIR/raw            asft validate --raw DIR/raw
-    asft preprocess --raw DIR/raw --output DIR/processed
+    asft preprocess --raw DIR/raw --output DIR/processed [--docs DIR]
+    asft preferences --raw DIR/raw --processed DIR/processed --output DIR/preferences [--docs DIR]
     asft train-base --processed DIR/processed --output DIR/models/base
+    asft train-reward --processed DIR/processed --preferences DIR/preferences --base DIR/models/base
+                      --output DIR/models/reward
+    asft reward-report --reward DIR/models/reward --preferences DIR/preferences --processed DIR/processed
+                       --raw DIR/raw [--base DIR/models/base] --output DIR/reports/reward
     asft evaluate --model DIR/models/base/best --processed DIR/processed [--output metrics.json]
     asft config [--config params.yaml] [key=value ...]      print the resolved configuration
 
@@ -44,14 +50,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="load (or simulate) and validate raw interactions; nothing is written on failure")
     p.add_argument("--data", default=None)
     p.add_argument("--output", required=True)
+    p.add_argument("--docs", default=None, help="write the GX data docs here")
     _common(p)
 
     p = sub.add_parser("validate", help="validate the canonical raw table")
     p.add_argument("--raw", required=True)
     _common(p)
 
-    p = sub.add_parser("preprocess", help="k-core, ordering, vocabulary, leave-one-out split")
+    p = sub.add_parser("preprocess", help="k-core, ordering, vocabulary, leave-one-out split (validated)")
     p.add_argument("--raw", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--docs", default=None, help="write the GX data docs here")
+    _common(p)
+
+    p = sub.add_parser("preferences", help="build and validate the preference-pair dataset")
+    p.add_argument("--raw", required=True, help="raw dir (its simulator/ enables the judge sources)")
+    p.add_argument("--processed", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--docs", default=None, help="write the GX data docs here")
+    _common(p)
+
+    p = sub.add_parser("train-reward", help="train the Bradley-Terry reward ensemble")
+    p.add_argument("--processed", required=True)
+    p.add_argument("--preferences", required=True)
+    p.add_argument("--base", required=True, help="base model dir (DIR/models/base or its best/)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    _common(p)
+
+    p = sub.add_parser("reward-report", help="held-out accuracy, AUC, calibration, naive predictors")
+    p.add_argument("--reward", required=True)
+    p.add_argument("--preferences", required=True)
+    p.add_argument("--processed", required=True)
+    p.add_argument("--raw", required=True)
+    p.add_argument("--base", default=None)
     p.add_argument("--output", required=True)
     _common(p)
 
@@ -103,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from asft.config import ConfigError
     from asft.data.schema import DataFormatError
+    from asft.data.preferences import PreferenceConfigError
     from asft.data.validation import DataValidationError
 
     try:
         return _dispatch(args)
-    except (ConfigError, DataFormatError, DataValidationError) as e:
+    except (ConfigError, DataFormatError, DataValidationError, PreferenceConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -138,13 +171,23 @@ def _dispatch(args) -> int:
         return 0
     if cmd == "ingest":
         cfg = _load_cfg(args, [f"data.source={args.data}"] if args.data else [])
-        print(json.dumps(stages.stage_ingest(cfg, args.output), indent=2))
+        print(json.dumps(stages.stage_ingest(cfg, args.output, args.docs), indent=2))
         return 0
     cfg = _load_cfg(args)
     if cmd == "validate":
         print(json.dumps(stages.stage_validate(args.raw, cfg), indent=2))
     elif cmd == "preprocess":
-        print(json.dumps(stages.stage_preprocess(args.raw, cfg, args.output), indent=2))
+        print(json.dumps(stages.stage_preprocess(args.raw, cfg, args.output, args.docs), indent=2))
+    elif cmd == "preferences":
+        print(json.dumps(stages.stage_preferences(args.raw, args.processed, cfg, args.output, args.docs), indent=2))
+    elif cmd == "train-reward":
+        summary = stages.stage_train_reward(args.processed, args.preferences, _best(args.base), cfg, args.output,
+                                            resume=not args.no_resume)
+        print(json.dumps(summary, indent=2))
+    elif cmd == "reward-report":
+        rep = stages.stage_reward_report(args.reward, args.preferences, args.processed, args.raw,
+                                         _best(args.base) if args.base else None, cfg, args.output)
+        print(json.dumps(rep, indent=2))
     elif cmd == "train-base":
         from asft.training.sft import train_base
 
@@ -160,6 +203,12 @@ def _dispatch(args) -> int:
         else:
             print(json.dumps(metrics, indent=2))
     return 0
+
+
+def _best(model_dir: str) -> str:
+    """Accept a training output dir (DIR/models/base) or its best/ model."""
+    p = Path(model_dir)
+    return str(p / "best") if (p / "best").is_dir() else str(p)
 
 
 def retrain_main() -> int:

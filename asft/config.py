@@ -211,12 +211,31 @@ class PreferenceConfig(_Section):
     ranking_size: int = Field(4, ge=2, description="Judge ranking tasks: items ranked (all N(N-1)/2 pairs).")
     best_of_n: int = Field(4, ge=2, description="Judge best-of-N tasks: items shown (N-1 pairs).")
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    extra_pairs_file: str | None = Field(
+        None,
+        description="Optional CSV/Parquet of externally collected judgments (e.g. human assessors), merged as"
+        " source 'human' (or the file's `source` column) and validated like every other pair. Columns: user_id,"
+        " context_end (the context is the user's first context_end events), chosen_item, rejected_item"
+        " (raw item ids), optional source and margin.",
+    )
     valid_share: float = Field(0.1, ge=0, lt=0.5, description="Share of users whose pairs form the valid split.")
     test_share: float = Field(0.1, ge=0, lt=0.5, description="Share of users whose pairs form the test split.")
 
 
-def _reward_train_defaults() -> TrainConfig:
-    return TrainConfig(epochs=15, batch_size=256, lr=1e-3, warmup_steps=20, patience=3, monitor="neg_bt_loss")
+class RewardTrainConfig(TrainConfig):
+    """Optimisation of each reward-model member: the base trainer's fields with reward defaults.
+
+    ``batch_size`` counts contexts (each with all its pairs); ``monitor`` is a validation pair metric:
+    ``neg_bt_loss``, ``pair_acc`` or ``auc``."""
+
+    epochs: int = Field(15, ge=1, description="Maximum epochs over the training contexts.")
+    batch_size: int = Field(256, ge=1, description="Contexts (with all their pairs) per optimizer step.")
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps, then constant.")
+    patience: int = Field(3, ge=1, description="Early stopping: evaluations without validation improvement.")
+    monitor: Literal["neg_bt_loss", "pair_acc", "auc"] = Field(
+        "neg_bt_loss", description="Validation pair metric for early stopping (higher is better)."
+    )
 
 
 class RewardConfig(_Section):
@@ -236,7 +255,7 @@ class RewardConfig(_Section):
     centring_contexts: int = Field(
         512, ge=1, description="Training contexts scored over the whole catalog to compute centring statistics."
     )
-    train: TrainConfig = Field(default_factory=_reward_train_defaults, description="Optimisation of each member.")
+    train: RewardTrainConfig = Field(default_factory=RewardTrainConfig, description="Optimisation of each member.")
 
 
 class TrackingConfig(_Section):

@@ -5,10 +5,16 @@ commands (and so the DVC stages) call them directly. Every stage writes its outp
 
 Run directory layout::
 
-    DIR/raw/            canonical interactions.parquet (+ catalog.parquet, simulator/)
+    DIR/raw/            canonical interactions.parquet (+ catalog.parquet, simulator/), validation.json
     DIR/processed/      sequences/train/valid/test parquet, vocab.json, stats.json
+    DIR/preferences/    pairs.parquet, stats.json (+ judges.json on the simulator)
     DIR/models/base/    checkpoint/ (resumable), best/ (save_pretrained + item vocab)
+    DIR/models/reward/  member_K/{checkpoint,best}/, ensemble.json, train_summary.json
+    DIR/reports/        gx/<suite>/ data docs, reward/ report and plots, validation_failure.json
     DIR/metrics.json    validation and test metrics per model, plus dataset statistics
+
+Every dataset is validated (Great Expectations suites in :mod:`asft.data.expectations`) before it is
+published; a failure raises :class:`asft.data.validation.DataValidationError` and nothing is written.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from asft.config import Config
 from asft.data.schema import InteractionData
 from asft.utils import atomic_dir, dir_sha256, write_json
 
-RAW, PROCESSED, BASE_MODEL = "raw", "processed", "models/base"
+RAW, PROCESSED, PREFERENCES = "raw", "processed", "preferences"
+BASE_MODEL, REWARD_MODEL, REPORTS = "models/base", "models/reward", "reports"
 
 
 def load_raw(cfg: Config) -> InteractionData:
@@ -67,16 +74,22 @@ def stage_ingest(cfg: Config, out_dir: str | Path, docs_dir: str | Path | None =
     report = _validate_raw_data(data, cfg, docs_dir)
     with atomic_dir(out_dir) as tmp:
         _write_raw(data, cfg, tmp)
-        write_json(tmp / "validation.json", report)
+        write_json(tmp / "validation.json", persisted_report(report))
     return {"raw_dir": str(out_dir), "rows": len(data.interactions), "format": data.format,
             "has_catalog": data.items is not None, "sha256": dir_sha256(out_dir), "validation": report,
             "seconds": time.perf_counter() - t0}
 
 
-def _validate_raw_data(data: InteractionData, cfg: Config, docs_dir: str | Path | None) -> dict:
-    from asft.data.validation import validate_interactions
+def persisted_report(report: dict) -> dict:
+    """A validation report as stored inside a dataset: no timings or local paths, so DVC hashes are
+    reproducible."""
+    return {k: v for k, v in report.items() if k not in ("seconds", "docs")}
 
-    return validate_interactions(data.interactions, data.source or "interactions", cfg.preprocess.min_user_events)
+
+def _validate_raw_data(data: InteractionData, cfg: Config, docs_dir: str | Path | None) -> dict:
+    from asft.data.expectations import validate_raw
+
+    return validate_raw(data.interactions, data.items, cfg, data.source or "interactions", docs_dir)
 
 
 def read_raw(raw_dir: str | Path) -> InteractionData:
@@ -95,11 +108,67 @@ def stage_validate(raw_dir: str | Path, cfg: Config) -> dict:
                                  cfg.preprocess.min_user_events)
 
 
-def stage_preprocess(raw_dir: str | Path, cfg: Config, out_dir: str | Path) -> dict:
+def stage_preprocess(raw_dir: str | Path, cfg: Config, out_dir: str | Path, docs_dir: str | Path | None = None) -> dict:
+    from asft.data.expectations import validate_processed
     from asft.data.preprocess import preprocess
 
-    stats = preprocess(read_raw(raw_dir), cfg.preprocess, out_dir)
-    return {**stats, "processed_dir": str(out_dir), "sha256": dir_sha256(out_dir)}
+    report: dict = {}
+
+    def check(tmp: Path) -> None:
+        report.update(validate_processed(tmp, cfg, docs_dir))
+        write_json(tmp / "validation.json", persisted_report(report))
+
+    stats = preprocess(read_raw(raw_dir), cfg.preprocess, out_dir, validate_fn=check)
+    return {**stats, "processed_dir": str(out_dir), "sha256": dir_sha256(out_dir), "validation": report}
+
+
+def load_simulator(raw_dir: str | Path):
+    """The simulator saved with a simulated raw dataset (None for logged data)."""
+    sim_dir = Path(raw_dir) / "simulator"
+    if not sim_dir.is_dir():
+        return None
+    from asft.simulator import Simulator
+
+    return Simulator.load(sim_dir)
+
+
+def stage_preferences(raw_dir: str | Path, processed_dir: str | Path, cfg: Config, out_dir: str | Path,
+                      docs_dir: str | Path | None = None) -> dict:
+    """Build and validate the preference dataset (judge sources need the simulator in ``raw_dir``)."""
+    from asft.data.expectations import validate_preferences
+    from asft.data.preferences import build_preferences
+
+    t0 = time.perf_counter()
+
+    report: dict = {}
+
+    def check(pairs: pd.DataFrame, tmp: Path) -> dict:
+        report.update(validate_preferences(pairs, processed_dir, cfg,
+                                           f"preference pairs ({Path(out_dir) / 'pairs.parquet'})", docs_dir))
+        return persisted_report(report)
+
+    stats = build_preferences(processed_dir, cfg, out_dir, simulator=load_simulator(raw_dir), validate_fn=check)
+    stats["validation"] = report
+    return {**stats, "preferences_dir": str(out_dir), "sha256": dir_sha256(out_dir),
+            "seconds": time.perf_counter() - t0}
+
+
+def stage_train_reward(processed_dir: str | Path, pref_dir: str | Path, base_model_dir: str | Path, cfg: Config,
+                       out_dir: str | Path, on_log: Callable[[dict, int], None] | None = None,
+                       progress: bool = True, resume: bool = True) -> dict:
+    from asft.training.reward import train_reward_ensemble
+
+    return train_reward_ensemble(processed_dir, pref_dir, base_model_dir, cfg, out_dir, on_log=on_log,
+                                 progress=progress, resume=resume)
+
+
+def stage_reward_report(reward_dir: str | Path, pref_dir: str | Path, processed_dir: str | Path,
+                        raw_dir: str | Path, base_model_dir: str | Path | None, cfg: Config,
+                        out_dir: str | Path) -> dict:
+    from asft.reward_report import reward_report
+
+    return reward_report(reward_dir, pref_dir, processed_dir, cfg, out_dir, simulator=load_simulator(raw_dir),
+                         base_model_dir=base_model_dir)
 
 
 def stage_train_base(processed_dir: str | Path, cfg: Config, out_dir: str | Path,

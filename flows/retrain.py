@@ -1,7 +1,12 @@
-"""The ``retrain`` flow: load -> validate schema -> preprocess -> train base -> evaluate.
+"""The ``retrain`` flow.
 
-One MLflow parent run per retrain, one nested run per stage. Writes ``OUTPUT/metrics.json``.
-Later stages (preferences, reward model, sampling, A-SFT) join this same flow.
+validate-raw (load + GX suite) -> preprocess (+ GX suite) -> preferences (+ GX suite) -> train-base ->
+evaluate -> train-reward (BT ensemble) -> reward-report.
+
+Every dataset is validated before it is published; a validation failure stops the flow there with a
+summary (``OUTPUT/reports/validation_failure.json``, GX data docs, both in MLflow) and nothing
+downstream runs. One MLflow parent run per retrain, one nested run per stage; every run carries the
+git commit and the DVC hash of each dataset produced so far. Writes ``OUTPUT/metrics.json``.
 """
 
 from __future__ import annotations
@@ -16,7 +21,15 @@ from prefect import flow, get_run_logger
 from asft import stages
 from asft.config import dump_config, load_config
 from asft.utils import write_json
-from tasks.stages import evaluate_task, load_task, preprocess_task, train_base_task, validate_task
+from tasks.stages import (
+    evaluate_task,
+    ingest_task,
+    preferences_task,
+    preprocess_task,
+    reward_report_task,
+    train_base_task,
+    train_reward_task,
+)
 from tasks.tracking import start_parent
 
 
@@ -54,15 +67,25 @@ def retrain(
             core[name] = res.pop("core_seconds")
         return res
 
+    reports = str(out / stages.REPORTS)
     try:
-        raw = timed("load", load_task, cfg_path, str(out / stages.RAW), uri, pid)
-        timed("validate", validate_task, raw["raw_dir"], cfg_path, uri, pid)
-        stats = timed("preprocess", preprocess_task, raw["raw_dir"], cfg_path, str(out / stages.PROCESSED), uri, pid)
-        parent.set_tags({"raw_sha256": raw["sha256"], "processed_sha256": stats["sha256"]})
+        raw = timed("validate_raw", ingest_task, cfg_path, str(out / stages.RAW), reports, uri, pid)
+        parent.set_tags({"raw_sha256": raw["sha256"], "dvc.raw.md5": raw["dvc_md5"]})
+        stats = timed("preprocess", preprocess_task, raw["raw_dir"], cfg_path, str(out / stages.PROCESSED), reports,
+                      uri, pid)
+        parent.set_tags({"processed_sha256": stats["sha256"], "dvc.processed.md5": stats["dvc_md5"]})
+        prefs = timed("preferences", preferences_task, raw["raw_dir"], stats["processed_dir"], cfg_path,
+                      str(out / stages.PREFERENCES), reports, uri, pid)
+        parent.set_tags({"preferences_sha256": prefs["sha256"], "dvc.preferences.md5": prefs["dvc_md5"]})
         base = timed("train_base", train_base_task, stats["processed_dir"], cfg_path, str(out / stages.BASE_MODEL),
                      uri, pid)
         base_metrics = timed("evaluate", evaluate_task, base["model_dir"], stats["processed_dir"], cfg_path, "base",
                              uri, pid)
+        reward = timed("train_reward", train_reward_task, stats["processed_dir"], prefs["preferences_dir"],
+                       base["model_dir"], cfg_path, str(out / stages.REWARD_MODEL), uri, pid)
+        report = timed("reward_report", reward_report_task, reward["ensemble_dir"], prefs["preferences_dir"],
+                       stats["processed_dir"], raw["raw_dir"], base["model_dir"], cfg_path,
+                       str(out / stages.REPORTS / "reward"), uri, pid)
     except BaseException as e:
         parent.set_tags({"failed_stage_error": f"{type(e).__name__}: {e}"[:5000]})
         parent.client.set_terminated(pid, "FAILED")
@@ -72,14 +95,20 @@ def retrain(
     timings["flow_total"] = time.perf_counter() - t_start
     result = {
         "dataset": {k: v for k, v in stats.items() if k not in ("processed_dir",)},
+        "preferences": {k: v for k, v in prefs.items() if k not in ("preferences_dir", "validation")},
         "models": {"base": {**base_metrics, "train": {k: base[k] for k in ("best_epoch", "epochs_run",
                                                                             "tokens_per_s", "train_seconds")}}},
+        "reward": {"report": {k: v for k, v in report.items() if k != "plots"},
+                   "train": {"members": reward["members"], "train_seconds": reward["train_seconds"],
+                             "centring": reward["centring"]}},
+        "datasets": {"raw": raw["dvc_md5"], "processed": stats["dvc_md5"], "preferences": prefs["dvc_md5"]},
         "timings_s": timings,
         "core_seconds": core,
         "mlflow": {"tracking_uri": uri, "parent_run_id": pid, "experiment": cfg.tracking.experiment},
     }
     write_json(out / "metrics.json", result)
     parent.log_nested_metrics({f"base/{k}": v for k, v in base_metrics.items()})
+    parent.log_metrics({f"reward/{k}": v for k, v in report["ensemble"].items()})
     parent.log_metrics({f"timing/{k}": v for k, v in timings.items()})
     parent.log_artifact(out / "metrics.json")
     parent.client.set_terminated(pid, "FINISHED")

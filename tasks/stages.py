@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from asft import stages
 from asft.config import load_config
 from asft.plots import metric_bars, training_curves
+from asft.utils import dvc_md5
 from tasks.tracking import stage_run
 
 
@@ -31,45 +32,75 @@ def _timed(fn, *args, **kwargs):
     return res, time.perf_counter() - t0
 
 
-@task(name="load", cache_policy=NO_CACHE)
-def load_task(config_path: str, out_dir: str, tracking_uri: str, parent_run_id: str) -> dict:
+class _ValidationGuard:
+    """On a data error (validation or malformed input) write a failure summary, log it and the GX data
+    docs to the stage's MLflow run, and re-raise: nothing downstream runs."""
+
+    def __init__(self, run, reports_dir: str | Path, stage: str):
+        self.run, self.reports_dir, self.stage = run, Path(reports_dir), stage
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, e, tb):
+        from asft.data.schema import DataFormatError
+        from asft.data.validation import DataValidationError
+
+        if e is None or not isinstance(e, (DataValidationError, DataFormatError)):
+            return False
+        if isinstance(e, DataValidationError):
+            summary = {"stage": self.stage, **e.to_dict(), "message": str(e)}
+        else:
+            summary = {"stage": self.stage, "dataset": e.path, "message": str(e), "docs_dir": None,
+                       "failures": [{"expectation": "readable_input_file", "column": e.column, "count": len(e.rows or [])
+                                     or 1, "sample_rows": list(e.rows or [])[:10], "detail": e.problem}]}
+        path = self.reports_dir / "validation_failure.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=2, default=str))
+        self.run.log_artifact(path, "validation")
+        if summary.get("docs_dir"):
+            self.run.log_artifact(summary["docs_dir"], "validation/data_docs")
+        self.run.set_tags({"validation_failed": "true", "validation_summary": str(e)[:4000]})
+        get_run_logger().error("%s: data validation failed\n%s", self.stage, e)
+        return False
+
+
+def _log_validation(run, report: dict | None, prefix: str = "validation/") -> None:
+    if not report:
+        return
+    run.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))}, prefix=prefix)
+    if report.get("docs"):
+        run.log_artifact(report["docs"], "data_docs")
+
+
+@task(name="validate-raw", cache_policy=NO_CACHE)
+def ingest_task(config_path: str, out_dir: str, reports_dir: str, tracking_uri: str, parent_run_id: str) -> dict:
+    """The first stage: load (or simulate) the raw log and validate it with the raw GX suite."""
     cfg = _cfg(config_path)
-    with stage_run(tracking_uri, parent_run_id, "load") as run:
+    with stage_run(tracking_uri, parent_run_id, "validate-raw") as run:
         run.log_params({"data.source": cfg.data.source, "data.format": cfg.data.format})
-        res, res["core_seconds"] = _timed(stages.stage_load, cfg, out_dir)
+        with _ValidationGuard(run, reports_dir, "validate-raw"):
+            res, res["core_seconds"] = _timed(stages.stage_ingest, cfg, out_dir, Path(reports_dir) / "gx" / "raw")
         run.log_metrics({"rows": res["rows"], "seconds": res["seconds"]})
-        run.set_tags({"raw_sha256": res["sha256"]})
-    get_run_logger().info("loaded %s rows (%s) into %s", res["rows"], res["format"], out_dir)
+        _log_validation(run, res.get("validation"))
+        res["dvc_md5"] = dvc_md5(out_dir)
+        run.set_tags({"raw_sha256": res["sha256"], "dvc.raw.md5": res["dvc_md5"]})
+    get_run_logger().info("validated %s rows (%s) into %s", res["rows"], res["format"], out_dir)
     return res
 
 
-@task(name="validate-schema", cache_policy=NO_CACHE)
-def validate_task(raw_dir: str, config_path: str, tracking_uri: str, parent_run_id: str) -> dict:
-    cfg = _cfg(config_path)
-    with stage_run(tracking_uri, parent_run_id, "validate-schema") as run:
-        try:
-            report, secs = _timed(stages.stage_validate, raw_dir, cfg)
-        except Exception as e:
-            from asft.data.validation import DataValidationError
-
-            if isinstance(e, DataValidationError):
-                path = Path(raw_dir).parent / "reports" / "validation_failure.json"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(e.to_dict(), indent=2))
-                run.log_artifact(path, "validation")
-            raise
-        run.log_metrics(report)
-    return {**report, "core_seconds": secs}
-
-
 @task(name="preprocess", cache_policy=NO_CACHE)
-def preprocess_task(raw_dir: str, config_path: str, out_dir: str, tracking_uri: str, parent_run_id: str) -> dict:
+def preprocess_task(raw_dir: str, config_path: str, out_dir: str, reports_dir: str, tracking_uri: str,
+                    parent_run_id: str) -> dict:
     cfg = _cfg(config_path)
     with stage_run(tracking_uri, parent_run_id, "preprocess") as run:
         run.log_params({f"preprocess.{k}": v for k, v in cfg.preprocess.model_dump().items()})
-        stats, secs = _timed(stages.stage_preprocess, raw_dir, cfg, out_dir)
+        with _ValidationGuard(run, reports_dir, "preprocess"):
+            stats, secs = _timed(stages.stage_preprocess, raw_dir, cfg, out_dir, Path(reports_dir) / "gx" / "processed")
         run.log_metrics({k: v for k, v in stats.items() if isinstance(v, (int, float))})
-        run.set_tags({"processed_sha256": stats["sha256"]})
+        _log_validation(run, stats.get("validation"))
+        stats["dvc_md5"] = dvc_md5(out_dir)
+        run.set_tags({"processed_sha256": stats["sha256"], "dvc.processed.md5": stats["dvc_md5"]})
         run.log_artifact(Path(out_dir) / "stats.json")
     get_run_logger().info("preprocessed: %s users, %s items, %s events", stats["users"], stats["items"], stats["events"])
     return {**stats, "core_seconds": secs}
@@ -106,3 +137,85 @@ def evaluate_task(model_dir: str, processed_dir: str, config_path: str, model_na
         png = Path(model_dir).parent / f"metrics_{model_name}.png"
         run.log_artifact(metric_bars(metrics, keys, png, f"{model_name}: full-ranking metrics"), "plots")
     return {**metrics, "core_seconds": secs}
+
+
+@task(name="preferences", cache_policy=NO_CACHE)
+def preferences_task(raw_dir: str, processed_dir: str, config_path: str, out_dir: str, reports_dir: str,
+                     tracking_uri: str, parent_run_id: str) -> dict:
+    cfg = _cfg(config_path)
+    with stage_run(tracking_uri, parent_run_id, "preferences") as run:
+        run.log_params({k: v for k, v in cfg.flat().items() if k.startswith("preferences.")})
+        with _ValidationGuard(run, reports_dir, "preferences"):
+            stats, secs = _timed(stages.stage_preferences, raw_dir, processed_dir, cfg, out_dir,
+                                 Path(reports_dir) / "gx" / "preferences")
+        run.log_metrics({"pairs": stats["pairs"], "contexts": stats["contexts"], "users": stats["users"],
+                         "mean_pairs_per_context": stats["mean_pairs_per_context"]})
+        run.log_metrics(stats["pairs_by_source"], prefix="pairs_by_source/")
+        run.log_metrics(stats["pairs_by_split"], prefix="pairs_by_split/")
+        if "judges" in stats:
+            run.log_metrics({k: v for k, v in stats["judges"].items() if isinstance(v, int)}, prefix="judges/")
+        _log_validation(run, stats.get("validation"))
+        stats["dvc_md5"] = dvc_md5(out_dir)
+        run.set_tags({"preferences_sha256": stats["sha256"], "dvc.preferences.md5": stats["dvc_md5"]})
+        for f in ("stats.json", "judges.json", "SCHEMA.md"):
+            run.log_artifact(Path(out_dir) / f)
+    get_run_logger().info("preferences: %s pairs over %s contexts (%s)", stats["pairs"], stats["contexts"],
+                          ", ".join(f"{k} {v}" for k, v in stats["pairs_by_source"].items()))
+    return {**stats, "core_seconds": secs}
+
+
+@task(name="train-reward", cache_policy=NO_CACHE)
+def train_reward_task(processed_dir: str, pref_dir: str, base_model_dir: str, config_path: str, out_dir: str,
+                      tracking_uri: str, parent_run_id: str) -> dict:
+    cfg = _cfg(config_path)
+    with stage_run(tracking_uri, parent_run_id, "train-reward") as run:
+        run.log_params({k: v for k, v in cfg.flat().items() if k.startswith("reward.") or k == "seed"})
+        summary, secs = _timed(stages.stage_train_reward, processed_dir, pref_dir, base_model_dir, cfg, out_dir,
+                               on_log=run.on_log)
+        for m in summary["members"]:
+            run.log_metrics({"best_metric": m["best_metric"], "best_epoch": m["best_epoch"],
+                             "epochs_run": m["epochs_run"]}, prefix=f"member_{m['member']}/")
+        run.log_metrics({"train_seconds": summary["train_seconds"]})
+        run.log_metrics(summary["centring"], prefix="centring/")
+        hist = json.loads((Path(out_dir) / "train_summary.json").read_text())["histories"]
+        for k, h in enumerate(hist):
+            png = Path(out_dir) / f"training_curves_member_{k}.png"
+            run.log_artifact(training_curves(h, png, f"reward member {k}"), "plots")
+        run.log_artifact(Path(out_dir) / "train_summary.json")
+        run.log_artifact(Path(out_dir) / "ensemble.json", "model")
+        for d in summary["member_dirs"]:
+            run.log_artifact(Path(out_dir) / d, f"model/{d}")
+        run.set_tags({"model_dir": str(out_dir)})
+    return {**summary, "core_seconds": secs}
+
+
+@task(name="reward-report", cache_policy=NO_CACHE)
+def reward_report_task(reward_dir: str, pref_dir: str, processed_dir: str, raw_dir: str, base_model_dir: str,
+                       config_path: str, out_dir: str, tracking_uri: str, parent_run_id: str) -> dict:
+    cfg = _cfg(config_path)
+    with stage_run(tracking_uri, parent_run_id, "reward-report") as run:
+        rep, secs = _timed(stages.stage_reward_report, reward_dir, pref_dir, processed_dir, raw_dir,
+                           base_model_dir, cfg, out_dir)
+        run.log_metrics(flat_report(rep))
+        for png in rep["plots"]:
+            run.log_artifact(png, "plots")
+        run.log_artifact(Path(out_dir) / "reward_report.json")
+    e = rep["ensemble"]
+    get_run_logger().info("reward ensemble on held-out pairs: accuracy %.4f, AUC %.4f (item-mean %.4f)",
+                          e["pair_acc"], e["auc"], rep["naive"].get("item_mean_rating", {}).get("pair_acc", float("nan")))
+    return {**rep, "core_seconds": secs}
+
+
+def flat_report(rep: dict, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested report as slash-separated metric names."""
+    out: dict[str, float] = {}
+    for k, v in rep.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_report(v, key + "/"))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                out.update(flat_report(x, f"{key}/{i}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = float(v)
+    return out

@@ -23,6 +23,9 @@ from mlflow.tracking import MlflowClient
 from asft.config import Config
 
 
+LINEAGE_TAG_PREFIXES = ("git_", "dvc.")
+
+
 def mlflow_key(key: str) -> str:
     """MLflow metric names cannot contain '@': ndcg@10 -> ndcg_at_10."""
     return key.replace("@", "_at_")
@@ -122,8 +125,10 @@ def stage_run(tracking_uri: str, parent_run_id: str, stage: str, tags: dict | No
     """A nested MLflow run for one stage; FAILED if the stage raises."""
     client = MlflowClient(tracking_uri)
     parent = client.get_run(parent_run_id)
+    # Lineage on every run: the git commit and the DVC hashes of the datasets produced so far.
+    lineage = {k: v for k, v in parent.data.tags.items() if k.startswith(LINEAGE_TAG_PREFIXES)}
     run = client.create_run(parent.info.experiment_id, run_name=stage,
-                            tags={"mlflow.parentRunId": parent_run_id, "stage": stage, **(tags or {})})
+                            tags={**lineage, "mlflow.parentRunId": parent_run_id, "stage": stage, **(tags or {})})
     tr = TrackedRun(client, run.info.run_id)
     try:
         yield tr

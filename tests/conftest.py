@@ -37,6 +37,12 @@ TINY = [
     "train.warmup_steps=2",
     "train.device=cpu",
     "eval.batch_size=64",
+    "preferences.judge.n_judges=4",
+    "reward.members=2",
+    "reward.train.epochs=2",
+    "reward.train.batch_size=32",
+    "reward.train.warmup_steps=2",
+    "reward.train.device=cpu",
 ]
 
 

@@ -51,8 +51,44 @@ def test_retrain_flow_records_everything(prefect_server, tmp_path, tiny_override
     assert abs(parent.data.metrics["base/test/ndcg_at_10"] - base["test"]["ndcg@10"]) < 1e-12
 
     children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"load", "validate-schema", "preprocess", "train-base", "evaluate-base"}
+    assert set(children) == {"validate-raw", "preprocess", "preferences", "train-base", "evaluate-base",
+                             "train-reward", "reward-report"}
     assert all(r.info.status == "FINISHED" for r in children.values())
+
+    # lineage: every run carries the git commit; DVC hashes of the datasets match the files on disk
+    from asft.utils import dvc_md5
+
+    hashes = {name: dvc_md5(out / d) for name, d in (("raw", "raw"), ("processed", "processed"),
+                                                      ("preferences", "preferences"))}
+    assert metrics["datasets"] == hashes
+    for name, h in hashes.items():
+        assert parent.data.tags[f"dvc.{name}.md5"] == h
+    for r in children.values():
+        assert r.data.tags["git_commit"] == parent.data.tags["git_commit"]
+    assert children["train-reward"].data.tags["dvc.preferences.md5"] == hashes["preferences"]
+    assert children["train-base"].data.tags["dvc.processed.md5"] == hashes["processed"]
+
+    # validation ran on every dataset, with GX data docs logged
+    for stage in ("validate-raw", "preprocess", "preferences"):
+        run = children[stage]
+        assert run.data.metrics["validation/failed"] == 0
+        assert run.data.metrics["validation/expectations"] > 5
+        assert "data_docs" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    # preference dataset and reward report
+    prefs = metrics["preferences"]
+    assert set(prefs["pairs_by_source"]) == {"explicit", "implicit", "ranking", "best_of_n", "pairwise"}
+    rep = metrics["reward"]["report"]
+    rr = children["reward-report"]
+    assert abs(rr.data.metrics["ensemble/pair_acc"] - rep["ensemble"]["pair_acc"]) < 1e-12
+    assert "naive/item_mean_rating/pair_acc" in rr.data.metrics
+    assert "simulator/spearman_true_utility/ensemble" in rr.data.metrics
+    plots = {Path(a.path).name for a in client.list_artifacts(rr.info.run_id, "plots")}
+    assert {"reward_calibration.png", "reward_spread.png", "reward_accuracy.png"} <= plots
+    ens = json.loads((out / "models/reward/ensemble.json").read_text())
+    assert len(ens["member_dirs"]) == 2 and ens["centring"]["std"] > 0
+    hist = client.get_metric_history(children["train-reward"].info.run_id, "member_1/valid/neg_bt_loss")
+    assert sorted(m.step for m in hist) == [1, 2]
 
     train = children["train-base"]
     # metrics with steps: one validation point per epoch

@@ -8,6 +8,8 @@ training part (``context_end <= len(items) - 2``). For each sampled context, pai
   pair with different ratings (ties skipped), ``margin`` = rating difference.
 * ``implicit``: the consumed next item against ``implicit_negatives`` items the user never
   consumed, drawn from the same popularity bin (popularity-matched negatives), ``margin`` = 1.
+* ``human`` (``preferences.extra_pairs_file``): externally collected judgments, validated like
+  the rest.
 * ``ranking`` / ``best_of_n`` / ``pairwise`` (simulator only): a simulated judge sees
   ``ranking_size`` / ``best_of_n`` / 2 candidate items in a presented order and ranks them (all
   N(N-1)/2 pairs), picks the best (N-1 pairs), or picks one of two. Judges see the true utility
@@ -42,7 +44,8 @@ from asft.config import Config, PreferenceConfig
 from asft.data.preprocess import NUM_SPECIAL, ProcessedData
 from asft.utils import atomic_dir, write_json
 
-SOURCES = ("explicit", "implicit", "ranking", "best_of_n", "pairwise")
+SOURCES = ("explicit", "implicit", "ranking", "best_of_n", "pairwise", "human")
+EXTRA_COLUMNS = ("user_id", "context_end", "chosen_item", "rejected_item")
 JUDGE_SOURCES = ("ranking", "best_of_n", "pairwise")
 SPLITS = ("train", "valid", "test")
 PAIRS_FILE = "pairs.parquet"
@@ -283,6 +286,10 @@ def build_preferences(
                            rng)
 
     pairs = buf.frame()
+    if pc.extra_pairs_file:
+        extra = read_extra_pairs(pc.extra_pairs_file, data, seqs, first_context_id=len(ctx_user_a))
+        pairs = pd.concat([pairs, extra], ignore_index=True)
+        sources = sources + sorted(set(extra["source"]) - set(sources))
     judge_audit = None
     if judges is not None:
         judge_audit = judges.audit()
@@ -291,11 +298,14 @@ def build_preferences(
     if pairs.empty:
         raise PreferenceConfigError(f"{processed_dir}: no preference pairs could be built with sources {sources}")
     pairs = pairs.reset_index(drop=True)
+    pairs["context_id"] = pairs.groupby(["user_idx", "context_end"], sort=True).ngroup().astype(np.int64)
     pairs.insert(0, "pair_id", np.arange(len(pairs), dtype=np.int64))
-    pairs["context"] = [items_of[u][max(0, t - max_len) : t].astype(np.int32)
-                        for u, t in zip(pairs["user_idx"], pairs["context_end"])]
-    pairs["split"] = np.asarray(SPLITS, dtype=object)[split[pairs["user_idx"].to_numpy()]]
-    pairs["fold"] = fold[pairs["user_idx"].to_numpy()]
+    pairs["context"] = [items_of[u][max(0, t - max_len) : t].astype(np.int32) if 0 <= u < n_users
+                        else np.zeros(0, dtype=np.int32) for u, t in zip(pairs["user_idx"], pairs["context_end"])]
+    uidx = pairs["user_idx"].to_numpy()
+    known = (uidx >= 0) & (uidx < n_users)
+    pairs["split"] = np.where(known, np.asarray(SPLITS, dtype=object)[split[np.where(known, uidx, 0)]], "train")
+    pairs["fold"] = np.where(known, fold[np.where(known, uidx, 0)], 0).astype(np.int8)
     pairs = pairs[list(PAIR_SCHEMA.names)]
     table = pa.Table.from_pandas(pairs, schema=PAIR_SCHEMA, preserve_index=False)
 
@@ -391,6 +401,47 @@ def _judge_context(buf: _PairBuffer, judges: SimulatedJudges, pc: PreferenceConf
         flip = judges.flip(len(ch))
         ch[flip], rj[flip] = rj[flip], ch[flip].copy()
         buf.add(u, c, t, ch, rj, src, margin, judge=j)
+
+
+def read_extra_pairs(path: str | Path, data: ProcessedData, seqs: pd.DataFrame, first_context_id: int) -> pd.DataFrame:
+    """Externally collected judgments -> pair rows (tokens). Unknown users/items become -1 so that the
+    preference suite reports them (file, column, rows) instead of silently dropping them."""
+    from asft.data.schema import DataFormatError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(path, "preferences.extra_pairs_file does not exist")
+    try:
+        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype=str)
+    except Exception as e:  # noqa: BLE001 - any reader failure is a malformed file
+        raise DataFormatError(path, f"cannot read judgments file: {type(e).__name__}: {e}") from None
+    for col in EXTRA_COLUMNS:
+        if col not in df.columns:
+            raise DataFormatError(path, f"missing column (have {list(df.columns)})", column=col)
+    if df.empty:
+        raise DataFormatError(path, "judgments file has no rows")
+    ends = pd.to_numeric(df["context_end"], errors="coerce")
+    bad = ends.isna() | (ends != ends.round())
+    if bad.any():
+        raise DataFormatError(path, "context_end must be an integer", column="context_end",
+                              rows=np.flatnonzero(bad.to_numpy()).tolist())
+    user_of = {str(u): i for u, i in zip(seqs["user_id"], seqs["user_idx"])}
+    index = data.vocab._index
+
+    def tok(col: str) -> list[int]:
+        return [index.get(str(x), -1) for x in df[col]]
+
+    n = len(df)
+    margin = pd.to_numeric(df["margin"], errors="coerce").fillna(1.0) if "margin" in df.columns else np.ones(n)
+    end = ends.astype(np.int64).to_numpy()
+    users = np.array([user_of.get(str(u), -1) for u in df["user_id"]], dtype=np.int64)
+    return pd.DataFrame({
+        "user_idx": users, "context_id": first_context_id + pd.factorize(pd.Series(list(zip(users, end))))[0],
+        "context_end": end, "chosen": tok("chosen_item"), "rejected": tok("rejected_item"),
+        "source": df["source"].astype(str).to_numpy() if "source" in df.columns else "human",
+        "margin": np.asarray(margin, dtype=np.float64), "chosen_rating": np.nan, "rejected_rating": np.nan,
+        "judge": -1,
+    })
 
 
 def read_pairs(pref_dir: str | Path, split: str | None = None) -> pd.DataFrame:

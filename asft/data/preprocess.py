@@ -18,6 +18,7 @@ Training windows contain only training events, so no validation or test item rea
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,8 +147,13 @@ def _windows(seq: np.ndarray, max_len: int, mode: str, stride: int = 0) -> list[
     return out
 
 
-def preprocess(data: InteractionData, cfg: PreprocessConfig, out_dir: str | Path) -> dict:
-    """Run the whole preprocessing and write :data:`OUTPUT_FILES` atomically into ``out_dir``."""
+def preprocess(data: InteractionData, cfg: PreprocessConfig, out_dir: str | Path,
+               validate_fn: Callable[[Path], None] | None = None) -> dict:
+    """Run the whole preprocessing and write :data:`OUTPUT_FILES` atomically into ``out_dir``.
+
+    ``validate_fn(tmp_dir)`` runs on the complete output before it is published; if it raises,
+    nothing is written.
+    """
     df = data.interactions
     n_raw = len(df)
     users_raw = df[USER].nunique()
@@ -262,6 +268,8 @@ def preprocess(data: InteractionData, cfg: PreprocessConfig, out_dir: str | Path
         if data.items is not None:
             cat = data.items[data.items[ITEM].isin(set(vocab.items))]
             cat.to_parquet(tmp / "catalog.parquet", index=False)
+        if validate_fn is not None:
+            validate_fn(tmp)
     return stats
 
 

@@ -31,14 +31,18 @@ class Failure:
 
 
 class DataValidationError(ValueError):
-    def __init__(self, dataset: str, failures: list[Failure]):
+    """Validation failed. ``docs_dir``: the GX data docs site built for that validation, if any."""
+
+    def __init__(self, dataset: str, failures: list[Failure], docs_dir: str | None = None):
         self.dataset = dataset
         self.failures = failures
+        self.docs_dir = docs_dir
         lines = "\n".join("  - " + f.line() for f in failures)
-        super().__init__(f"{dataset}: validation failed ({len(failures)} expectation(s))\n{lines}")
+        docs = f"\n  data docs: {docs_dir}" if docs_dir else ""
+        super().__init__(f"{dataset}: validation failed ({len(failures)} expectation(s))\n{lines}{docs}")
 
     def to_dict(self) -> dict:
-        return {"dataset": self.dataset, "failures": [asdict(f) for f in self.failures]}
+        return {"dataset": self.dataset, "failures": [asdict(f) for f in self.failures], "docs_dir": self.docs_dir}
 
 
 def _rows(mask: np.ndarray | pd.Series, limit: int = 10) -> list[int]:
