@@ -115,6 +115,13 @@ def reward_report(
         rep["naive"]["item_mean_rating"] = _ranking_only(naive["item_mean"][chosen] - naive["item_mean"][rejected])
         # The user's mean rating is the same for both items of a pair: it cannot order them (delta 0).
         rep["naive"]["user_mean_rating"] = _ranking_only(np.zeros(len(held)))
+    src = held["source"].to_numpy()
+    naive_deltas = {"popularity": naive["popularity"][chosen] - naive["popularity"][rejected]}
+    if "item_mean" in naive:
+        naive_deltas["item_mean_rating"] = naive["item_mean"][chosen] - naive["item_mean"][rejected]
+    for s_name in rep["by_source"]:
+        m = src == s_name
+        rep["by_source"][s_name]["naive"] = {k: _ranking_only(v[m]) for k, v in naive_deltas.items()}
     rep["beats_naive"] = all(rep["ensemble"]["pair_acc"] > v["pair_acc"] for v in rep["naive"].values())
 
     if ens.members[0].has_rating_head and "item_mean" in naive:
