@@ -141,6 +141,16 @@ def _m(detail: str, values: str | None = None) -> dict:
     return {"meta": meta, "notes": detail}
 
 
+
+def _all_true(E, column: str, detail: str, values: str | None = None):
+    """A derived boolean column that must be True on every row."""
+    return E.ExpectColumnValuesToBeInSet(column=column, value_set=[True], **_m(detail, values))
+
+
+def _all_false(E, column: str, detail: str, values: str | None = None):
+    """A derived boolean column that must be False on every row."""
+    return E.ExpectColumnValuesToBeInSet(column=column, value_set=[False], **_m(detail, values))
+
 def _context(gx, docs_dir: Path | None):
     from great_expectations.data_context.types.base import (
         DataContextConfig,
@@ -929,19 +939,11 @@ def validate_processed(processed_dir: str | Path, cfg: Config, docs_dir: str | P
                 min_value=k,
                 **_m(f"sequence shorter than {k} (preprocess.min_user_events)"),
             ),
-            E.ExpectColumnValuesToBeInSet(
-                column="items_in_vocab",
-                value_set=[True],
-                **_m(f"items token outside [{lo}, {V})", "user_idx"),
-            ),
+            _all_true(E, "items_in_vocab", f"items token outside [{lo}, {V})", "user_idx"),
             E.ExpectColumnPairValuesToBeEqual(
                 column_A="timestamps_len", column_B="items_len", **_m("timestamps and items differ in length")
             ),
-            E.ExpectColumnValuesToBeInSet(
-                column="timestamps_sorted",
-                value_set=[True],
-                **_m("timestamps decrease within the sequence", "user_idx"),
-            ),
+            _all_true(E, "timestamps_sorted", "timestamps decrease within the sequence", "user_idx"),
         ]
 
     # train windows
@@ -986,14 +988,10 @@ def validate_processed(processed_dir: str | Path, cfg: Config, docs_dir: str | P
                 or_equal=True,
                 **_m("first_label beyond the window's last label"),
             ),
-            E.ExpectColumnValuesToBeInSet(
-                column="window_in_train_part",
-                value_set=[True],
-                **_m(
+            _all_true(E, "window_in_train_part", 
                     "window is not a slice of the user's training items (items[:-2]): leakage or corruption",
                     "user_idx",
                 ),
-            ),
         ]
 
     def eval_frame(name: str, offset: int) -> tuple[pd.DataFrame, Callable]:
@@ -1048,26 +1046,10 @@ def validate_processed(processed_dir: str | Path, cfg: Config, docs_dir: str | P
                     max_value=L,
                     **_m(f"input length outside [1, max_len={L}]"),
                 ),
-                E.ExpectColumnValuesToBeInSet(
-                    column="input_in_vocab",
-                    value_set=[True],
-                    **_m(f"input token outside [{lo}, {V})", "user_idx"),
-                ),
-                E.ExpectColumnValuesToBeInSet(
-                    column="input_is_history_tail",
-                    value_set=[True],
-                    **_m(f"input != history[-{L}:]", "user_idx"),
-                ),
-                E.ExpectColumnValuesToBeInSet(
-                    column="history_in_vocab",
-                    value_set=[True],
-                    **_m(f"history token outside [{lo}, {V})", "user_idx"),
-                ),
-                E.ExpectColumnValuesToBeInSet(
-                    column="history_matches_sequence",
-                    value_set=[True],
-                    **_m(f"history != items[:-{offset}] of the user's sequence", "user_idx"),
-                ),
+                _all_true(E, "input_in_vocab", f"input token outside [{lo}, {V})", "user_idx"),
+                _all_true(E, "input_is_history_tail", f"input != history[-{L}:]", "user_idx"),
+                _all_true(E, "history_in_vocab", f"history token outside [{lo}, {V})", "user_idx"),
+                _all_true(E, "history_matches_sequence", f"history != items[:-{offset}] of the user's sequence", "user_idx"),
                 E.ExpectColumnValuesToNotBeNull(column="target"),
                 E.ExpectColumnValuesToBeInSet(
                     column="target_in_vocab", value_set=[True], **_m(f"target outside [{lo}, {V})", "target")
@@ -1336,11 +1318,7 @@ def validate_preferences(
                 max_value=vcfg.rating_max,
                 **_m(f"rating outside [{vcfg.rating_min}, {vcfg.rating_max}]"),
             ),
-            E.ExpectColumnValuesToBeInSet(
-                column="user_in_sequences",
-                value_set=[True],
-                **_m("user_idx not in sequences.parquet", "user_idx"),
-            ),
+            _all_true(E, "user_in_sequences", "user_idx not in sequences.parquet", "user_idx"),
             E.ExpectColumnValuesToBeBetween(
                 column="user_split_count",
                 min_value=1,
@@ -1353,11 +1331,7 @@ def validate_preferences(
                 max_value=1,
                 **_m("user's pairs are in more than one fold", "user_idx"),
             ),
-            E.ExpectColumnValuesToBeInSet(
-                column="context_id_consistent",
-                value_set=[True],
-                **_m("context_id is not one-to-one with (user_idx, context_end)", "context_id"),
-            ),
+            _all_true(E, "context_id_consistent", "context_id is not one-to-one with (user_idx, context_end)", "context_id"),
             E.ExpectColumnValuesToBeBetween(column="context_end", min_value=1, **_m("context_end < 1")),
             E.ExpectColumnPairValuesAToBeGreaterThanB(
                 column_A="train_part_len",
@@ -1376,21 +1350,9 @@ def validate_preferences(
                 column_B="expected_context_len",
                 **_m("context length != min(context_end, max_len)"),
             ),
-            E.ExpectColumnValuesToBeInSet(
-                column="context_matches_sequence",
-                value_set=[True],
-                **_m(f"context != items[:context_end][-{L}:] of the user's sequence", "user_idx"),
-            ),
-            E.ExpectColumnValuesToBeInSet(
-                column="chosen_leaks",
-                value_set=[False],
-                **_m("chosen is the user's validation or test target (leakage)", "chosen"),
-            ),
-            E.ExpectColumnValuesToBeInSet(
-                column="rejected_leaks",
-                value_set=[False],
-                **_m("rejected is the user's validation or test target (leakage)", "rejected"),
-            ),
+            _all_true(E, "context_matches_sequence", f"context != items[:context_end][-{L}:] of the user's sequence", "user_idx"),
+            _all_false(E, "chosen_leaks", "chosen is the user's validation or test target (leakage)", "chosen"),
+            _all_false(E, "rejected_leaks", "rejected is the user's validation or test target (leakage)", "rejected"),
             E.ExpectColumnValuesToBeBetween(
                 column="source_share",
                 min_value=float(vcfg.min_source_share),
