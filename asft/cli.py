@@ -11,6 +11,16 @@
     asft reward-report --reward DIR/models/reward --preferences DIR/preferences --processed DIR/processed
                        --raw DIR/raw [--base DIR/models/base] --output DIR/reports/reward
     asft evaluate --model DIR/models/base/best --processed DIR/processed [--output metrics.json]
+    asft train-judge --processed DIR/processed --preferences DIR/preferences --base DIR/models/base
+                     --output DIR/models/judge          (held-out judge: other fold, other seeds)
+    asft sample --processed DIR/processed --base DIR/models/base --output DIR/candidates/sampled
+    asft score --candidates DIR/candidates/sampled --processed DIR/processed --base DIR/models/base
+               --reward DIR/models/reward --output DIR/candidates/scored
+    asft advantages --scored DIR/candidates/scored --output DIR/advantages
+    asft posttrain --method asft --processed DIR/processed --base DIR/models/base --reward DIR/models/reward
+                   --scored DIR/candidates/scored [--advantages DIR/advantages] --output DIR/models/posttrain/asft
+    asft evaluate-policy --model DIR/models/posttrain/asft --base DIR/models/base --processed DIR/processed
+                         [--reward DIR/models/reward] [--judge DIR/models/judge] [--raw DIR/raw] [--output F]
     asft config [--config params.yaml] [key=value ...]      print the resolved configuration
 
 Overrides are dotted ``key=value`` pairs read as YAML values, e.g. ``train.epochs=5``.
@@ -97,6 +107,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--processed", required=True)
     p.add_argument("--output", default=None, help="write metrics JSON here")
+    _common(p)
+
+    p = sub.add_parser("train-judge", help="train the held-out judge ensemble (other fold, other seeds)")
+    p.add_argument("--processed", required=True)
+    p.add_argument("--preferences", required=True)
+    p.add_argument("--base", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    _common(p)
+
+    p = sub.add_parser("sample", help="sample N candidates per training context from pi_ref")
+    p.add_argument("--processed", required=True)
+    p.add_argument("--base", required=True, help="pi_ref (base model dir or its best/)")
+    p.add_argument("--output", required=True)
+    _common(p)
+
+    p = sub.add_parser("score", help="score sampled candidates with the reward ensemble")
+    p.add_argument("--candidates", required=True)
+    p.add_argument("--processed", required=True)
+    p.add_argument("--base", required=True)
+    p.add_argument("--reward", required=True)
+    p.add_argument("--output", required=True)
+    _common(p)
+
+    p = sub.add_parser("advantages", help="A-SFT advantages and weights of the scored candidates")
+    p.add_argument("--scored", required=True)
+    p.add_argument("--output", required=True)
+    _common(p)
+
+    p = sub.add_parser("posttrain", help="post-train pi_ref with one method (A-SFT or a baseline)")
+    p.add_argument("--method", required=True)
+    p.add_argument("--processed", required=True)
+    p.add_argument("--base", required=True)
+    p.add_argument("--reward", default=None)
+    p.add_argument("--scored", default=None)
+    p.add_argument("--advantages", default=None)
+    p.add_argument("--output", required=True)
+    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    _common(p)
+
+    p = sub.add_parser("evaluate-policy", help="section-7 report of a post-trained policy")
+    p.add_argument("--model", required=True)
+    p.add_argument("--base", required=True)
+    p.add_argument("--processed", required=True)
+    p.add_argument("--reward", default=None)
+    p.add_argument("--judge", default=None)
+    p.add_argument("--raw", default=None, help="raw dir (its simulator/ adds the true reward)")
+    p.add_argument("--output", default=None)
     _common(p)
 
     p = sub.add_parser("config", help="print the resolved configuration")
@@ -193,6 +251,27 @@ def _dispatch(args) -> int:
 
         summary = train_base(args.processed, cfg, args.output, resume=not args.no_resume)
         print(json.dumps(summary, indent=2))
+    elif cmd == "train-judge":
+        summary = stages.stage_train_judge(args.processed, args.preferences, _best(args.base), cfg, args.output,
+                                           resume=not args.no_resume)
+        print(json.dumps(summary, indent=2))
+    elif cmd == "sample":
+        print(json.dumps(stages.stage_sample(args.processed, _best(args.base), cfg, args.output), indent=2))
+    elif cmd == "score":
+        print(json.dumps(stages.stage_score(args.candidates, args.processed, _best(args.base), args.reward, cfg,
+                                            args.output), indent=2))
+    elif cmd == "advantages":
+        print(json.dumps(stages.stage_advantages(args.scored, cfg, args.output), indent=2))
+    elif cmd == "posttrain":
+        summary = stages.stage_posttrain(args.method, args.processed, _best(args.base), args.reward, args.scored,
+                                         args.advantages, cfg, args.output, resume=not args.no_resume)
+        print(json.dumps({k: v for k, v in summary.items() if k != "rounds"}, indent=2, default=str))
+    elif cmd == "evaluate-policy":
+        rep = stages.stage_evaluate_policy(_best(args.model), _best(args.base), args.processed, args.reward,
+                                           args.judge, args.raw, cfg, args.output)
+        _print_metrics(str(args.model), rep)
+        if not args.output:
+            print(json.dumps(rep, indent=2))
     elif cmd == "evaluate":
         metrics = stages.stage_evaluate(args.model, args.processed, cfg)
         _print_metrics(str(args.model), metrics)

@@ -255,7 +255,136 @@ class RewardConfig(_Section):
     centring_contexts: int = Field(
         512, ge=1, description="Training contexts scored over the whole catalog to compute centring statistics."
     )
+    fold: int = Field(0, ge=-1, le=1, description="Preference fold (users) the training ensemble learns from;"
+                      " -1 = both. The other fold trains the held-out judge (see `judge`).")
     train: RewardTrainConfig = Field(default_factory=RewardTrainConfig, description="Optimisation of each member.")
+
+
+class JudgeEnsembleConfig(_Section):
+    """The held-out reward ensemble that judges post-trained policies (METHODS.md section 7).
+
+    Trained like the training ensemble but on the other data half (``fold``) with other seeds, and
+    never used for training, early stopping or selection."""
+
+    members: int = Field(2, ge=1, description="Members of the judge ensemble.")
+    fold: int = Field(1, ge=0, le=1, description="Preference fold the judge trains on (the training ensemble"
+                      " uses reward.fold; the two must differ).")
+    seed_offset: int = Field(7919, ge=1, description="Added to the global seed for the judge's member seeds.")
+
+
+class SamplingConfig(_Section):
+    """Candidate sampling from pi_ref (METHODS.md section 5, data option b)."""
+
+    n_candidates: int = Field(8, ge=1, description="N: distinct candidates per context, drawn without replacement.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature applied to pi_ref's logits.")
+    top_k: int = Field(0, ge=0, description="Keep only the k most likely items before sampling (0 = off; must"
+                       " be >= n_candidates).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus: keep the smallest set with this much mass"
+                         " (always at least n_candidates items).")
+    mask_history: bool = Field(True, description="Never sample an item the user already consumed.")
+    batch_size: int = Field(64, ge=1, description="Training windows per forward pass.")
+    slates_per_user: int = Field(0, ge=0, description="Also write this many autoregressive slates per user"
+                                 " (validation context, KV cache) to slates.parquet (0 = off).")
+    slate_size: int = Field(10, ge=1, description="K: items per slate.")
+
+
+class AdvantageConfig(_Section):
+    """Advantages and weights for A-SFT (estimators and transforms are registered by name in
+    :mod:`asft.advantages`)."""
+
+    reward: Literal["mean", "pessimistic"] = Field(
+        "pessimistic", description="Ensemble score used as r(s,a): mean, or mean - reward.kappa * std.")
+    baseline: str = Field("mean", description="b(s): 'mean' of the N candidates, 'loo' (leave-one-out mean),"
+                          " 'expectation' (exact E_pi_ref[r]) or 'none'.")
+    transform: str = Field("exp", description="Weight transform: 'exp' (global exp(A/lambda), clipped and"
+                           " normalised), 'softmax' (per context over the candidates), 'linear', 'top_q', 'ones'.")
+    lam: float = Field(1.0, gt=0, description="lambda, the KL temperature: w = exp(A/lambda).")
+    standardize: bool = Field(True, description="Divide A by its global std first, so lambda is in units of"
+                              " advantage std and comparable across reward models.")
+    w_max: float = Field(20.0, gt=0, description="Clip global weights at w_max (before normalisation to mean 1).")
+    top_q: float = Field(0.25, gt=0, le=1, description="'top_q': keep the top q share of candidates by reward.")
+
+
+class DPOConfig(_Section):
+    """DPO / IPO on pairs of sampled candidates ranked by the reward ensemble."""
+
+    beta: float = Field(0.1, gt=0, description="beta of DPO (and 1/(2 beta) target margin of IPO).")
+    z: float = Field(1.0, ge=0, description="Pairs are kept only where [mean -/+ z*std] intervals do not overlap.")
+    pairs_per_context: int = Field(2, ge=1, description="Pairs taken per context (best vs worst first).")
+
+
+class PolicyGradientConfig(_Section):
+    """RLOO / GRPO (and Rec-R1) with the KL term added to the loss."""
+
+    group_size: int = Field(8, ge=2, description="G: actions sampled from the current policy per context.")
+    clip: float = Field(0.2, gt=0, description="PPO ratio clip.")
+    kl_coef: float = Field(0.05, ge=0, description="beta: weight of the k3 KL estimate to pi_ref, added to the loss.")
+    entropy_coef: float = Field(0.01, ge=0, description="Entropy bonus (subtracted from the loss).")
+    std_eps: float = Field(1e-6, gt=0, description="GRPO: advantage = (R - mean) / (std + eps).")
+
+
+class RecR1Config(_Section):
+    """Rec-R1-style GRPO: reward = NDCG@K of a sampled slate against the user's real next items."""
+
+    slate_size: int = Field(10, ge=1, description="K: slate length (Plackett-Luce sample of the next-item policy).")
+    horizon: int = Field(5, ge=1, description="The user's next training items that count as relevant.")
+
+
+class RFTConfig(_Section):
+    """Rejection-sampling fine-tuning (best-of-N), iterated with a rising threshold."""
+
+    keep_fracs: list[float] = Field(
+        default_factory=lambda: [0.5, 0.25],
+        description="Top share of each context's candidates kept in each round; one round per entry, each"
+        " re-sampling from the current policy (round 1 uses the pi_ref candidates).",
+    )
+
+
+class PostTrainTrainConfig(TrainConfig):
+    """Optimisation shared by every post-training method (same compute budget for all)."""
+
+    epochs: int = Field(4, ge=1, description="Maximum epochs over the training contexts.")
+    lr: float = Field(5e-4, gt=0, description="AdamW peak learning rate.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps, then constant.")
+    patience: int = Field(2, ge=1, description="Early stopping: evaluations without validation improvement.")
+    monitor: str = Field(
+        "selection",
+        description="Validation metric for early stopping: 'selection' is the training ensemble's pessimistic"
+        " reward of the top-10, counted only while valid NDCG@10 >= (1 - ndcg_tolerance) x the base's.",
+    )
+
+
+POSTTRAIN_METHODS = ("sft", "rwr", "asft", "asft_logged", "asft_mix", "rft", "rft_asft", "dpo", "ipo", "rloo",
+                     "grpo", "rec_r1")
+
+
+class PostTrainConfig(_Section):
+    """Post-training of pi_ref: A-SFT and the baselines, on the same contexts and budget (METHODS.md 5-6)."""
+
+    methods: list[str] = Field(
+        default_factory=lambda: ["asft", "sft", "dpo", "grpo"],
+        description="Methods run by `retrain`, each a nested MLflow run: " + ", ".join(POSTTRAIN_METHODS) + ".",
+    )
+    anchor_weight: float = Field(0.0, ge=0, description="Weighted methods: plain-SFT anchor on the logged next"
+                                 " item, with this weight per context (0 = off).")
+    ndcg_tolerance: float = Field(0.03, ge=0, le=1, description="Selection guard: valid NDCG@10 may drop at most"
+                                  " this share below the base model's.")
+    champion_method: str = Field("asft", description="The method whose model `retrain` reports as its result.")
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    pg: PolicyGradientConfig = Field(default_factory=PolicyGradientConfig)
+    rec_r1: RecR1Config = Field(default_factory=RecR1Config)
+    rft: RFTConfig = Field(default_factory=RFTConfig)
+    train: PostTrainTrainConfig = Field(default_factory=PostTrainTrainConfig)
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if m not in POSTTRAIN_METHODS]
+        if bad:
+            raise ValueError(f"unknown post-training method(s) {bad}; choose from {list(POSTTRAIN_METHODS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("posttrain.methods lists a method twice")
+        return v
 
 
 class TrackingConfig(_Section):
@@ -286,7 +415,24 @@ class Config(_Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     preferences: PreferenceConfig = Field(default_factory=PreferenceConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    judge: JudgeEnsembleConfig = Field(default_factory=JudgeEnsembleConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
+    posttrain: PostTrainConfig = Field(default_factory=PostTrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.reward.fold >= 0 and self.judge.fold == self.reward.fold:
+            raise ValueError(f"judge.fold ({self.judge.fold}) must differ from reward.fold: the judge is trained on"
+                             " the other half of the preference data")
+        if self.sampling.top_k and self.sampling.top_k < self.sampling.n_candidates:
+            raise ValueError(f"sampling.top_k ({self.sampling.top_k}) < sampling.n_candidates"
+                             f" ({self.sampling.n_candidates}): cannot draw that many distinct items")
+        pt = self.posttrain
+        if pt.methods and pt.champion_method not in pt.methods:
+            raise ValueError(f"posttrain.champion_method '{pt.champion_method}' is not in posttrain.methods {pt.methods}")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -69,3 +69,77 @@ def squared_error_loss(
     """``sum((pred - target)^2) / normalizer`` (pointwise rating head); default: mean."""
     err = pred.float() - target.float()
     return _normalise((err * err).sum(), normalizer, err.numel())
+
+
+# ---------------------------------------------------------------------------- preference optimisation
+def dpo_margin(pi_w: torch.Tensor, pi_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor) -> torch.Tensor:
+    """``h = (log pi(w) - log pi_ref(w)) - (log pi(l) - log pi_ref(l))`` per pair."""
+    return (pi_w.float() - ref_w.float()) - (pi_l.float() - ref_l.float())
+
+
+def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta: float, normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """DPO: ``-sum(log sigma(beta * h)) / normalizer`` (METHODS.md section 6); default: mean over pairs."""
+    h = dpo_margin(pi_w, pi_l, ref_w, ref_l)
+    return _normalise(-F.logsigmoid(beta * h).sum(), normalizer, h.numel())
+
+
+def ipo_loss(pi_w, pi_l, ref_w, ref_l, beta: float, normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """IPO: ``sum((h - 1/(2 beta))^2) / normalizer``; default: mean over pairs."""
+    h = dpo_margin(pi_w, pi_l, ref_w, ref_l)
+    return _normalise(((h - 1.0 / (2.0 * beta)) ** 2).sum(), normalizer, h.numel())
+
+
+# ---------------------------------------------------------------------------- policy gradient
+def group_advantages(rewards: torch.Tensor, kind: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
+    """Advantages within each group of G samples (rows of ``rewards`` [C, G]).
+
+    ``grpo``: ``(R - mean) / (std + eps)`` (population std); ``rloo``: ``R_i - mean_{j != i} R_j``.
+    """
+    r = rewards.float()
+    g = r.shape[-1]
+    if g < 2:
+        raise ValueError("group advantages need at least 2 samples per group")
+    mean = r.mean(dim=-1, keepdim=True)
+    if kind == "grpo":
+        return (r - mean) / (r.std(dim=-1, unbiased=False, keepdim=True) + eps)
+    if kind == "rloo":
+        return r - (r.sum(dim=-1, keepdim=True) - r) / (g - 1)
+    raise ValueError(f"unknown group advantage '{kind}' (grpo, rloo)")
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-sample k3 estimate of KL(pi || pi_ref) at actions drawn from pi: ``exp(q) - q - 1``,
+    ``q = log pi_ref - log pi`` (non-negative, unbiased)."""
+    q = ref_logp.float() - logp.float()
+    return torch.exp(q) - q - 1.0
+
+
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip: float) -> torch.Tensor:
+    """Per-sample PPO surrogate ``-min(rho * A, clip(rho, 1-c, 1+c) * A)``, ``rho = exp(logp - old_logp)``."""
+    ratio = torch.exp(logp.float() - old_logp.float())
+    return -torch.minimum(ratio * adv, ratio.clamp(1.0 - clip, 1.0 + clip) * adv)
+
+
+def policy_gradient_loss(logp, old_logp, ref_logp, adv, clip: float, kl_coef: float,
+                         normalizer: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum(PPO surrogate + kl_coef * k3) / normalizer`` over samples; the KL term is *added* (a penalty).
+    Returns (loss, per-sample k3)."""
+    k3 = kl_k3(logp, ref_logp)
+    total = (clipped_policy_loss(logp, old_logp, adv, clip) + kl_coef * k3).sum()
+    return _normalise(total, normalizer, logp.numel()), k3
+
+
+# ---------------------------------------------------------------------------- distributions
+def entropy_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per row (``-inf`` logits have zero mass)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(dim=-1)
+
+
+def kl_rows(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Exact KL(softmax(logits) || softmax(ref_logits)) per row."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ref = torch.log_softmax(ref_logits.float(), dim=-1)
+    p = logp.exp()
+    return (p * torch.where(p > 0, logp - ref, torch.zeros_like(logp))).sum(dim=-1)

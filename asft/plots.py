@@ -77,3 +77,36 @@ def histogram(values, path: str | Path, title: str, xlabel: str, bins: int = 40)
     ax.hist(v[np.isfinite(v)], bins=bins)
     ax.set(xlabel=xlabel, ylabel="count", title=title)
     return _save(fig, path)
+
+
+def metric_panels(metrics: dict[str, dict[str, float]], keys: list[str], path: str | Path, title: str) -> Path:
+    """One small bar panel per metric (scales differ), one bar per method/model."""
+    names = list(metrics)
+    cols = min(4, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, k in zip(axes.ravel(), keys):
+        vals = [metrics[n].get(k, float("nan")) for n in names]
+        ax.bar(range(len(names)), vals, color=[f"C{i % 10}" for i in range(len(names))])
+        ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
+        ax.set_title(k, fontsize=9)
+    for ax in axes.ravel()[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def frontier(points: dict[str, list[tuple[float, float, str]]], path: str | Path, title: str, xlabel: str,
+             ylabel: str) -> Path:
+    """Curves of (x, y, label) points, one per series (e.g. judged reward against KL over lambda)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for i, (name, pts) in enumerate(points.items()):
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(xs, ys, "o-", color=f"C{i % 10}", label=name)
+        for x, y, lab in pts:
+            ax.annotate(lab, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

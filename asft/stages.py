@@ -10,7 +10,12 @@ Run directory layout::
     DIR/preferences/    pairs.parquet, stats.json (+ judges.json on the simulator)
     DIR/models/base/    checkpoint/ (resumable), best/ (save_pretrained + item vocab)
     DIR/models/reward/  member_K/{checkpoint,best}/, ensemble.json, train_summary.json
-    DIR/reports/        gx/<suite>/ data docs, reward/ report and plots, validation_failure.json
+    DIR/models/judge/   the held-out judge ensemble (other preference fold, other seeds)
+    DIR/candidates/     sampled/ candidates from pi_ref; scored/ with ensemble rewards
+    DIR/advantages/     advantages.parquet, weights.json, histograms (A-SFT weights)
+    DIR/models/posttrain/<method>/  best/ (save_pretrained), checkpoint/, train_summary.json
+    DIR/reports/        gx/<suite>/ data docs, reward/ report and plots, policies/<method>.json,
+                        validation_failure.json
     DIR/metrics.json    validation and test metrics per model, plus dataset statistics
 
 Every dataset is validated (Great Expectations suites in :mod:`asft.data.expectations`) before it is
@@ -32,6 +37,8 @@ from asft.utils import atomic_dir, dir_sha256, write_json
 
 RAW, PROCESSED, PREFERENCES = "raw", "processed", "preferences"
 BASE_MODEL, REWARD_MODEL, REPORTS = "models/base", "models/reward", "reports"
+JUDGE_MODEL, CANDIDATES, SCORED, ADVANTAGES = "models/judge", "candidates/sampled", "candidates/scored", "advantages"
+POSTTRAIN = "models/posttrain"
 
 
 def load_raw(cfg: Config) -> InteractionData:
@@ -184,3 +191,92 @@ def stage_evaluate(model_dir: str | Path, processed_dir: str | Path, cfg: Config
     from asft.training.sft import evaluate_model
 
     return evaluate_model(model_dir, processed_dir, cfg)
+
+
+def stage_train_judge(processed_dir: str | Path, pref_dir: str | Path, base_model_dir: str | Path, cfg: Config,
+                      out_dir: str | Path, on_log: Callable[[dict, int], None] | None = None,
+                      progress: bool = True, resume: bool = True) -> dict:
+    """The held-out judge: a reward ensemble on the other preference fold with other seeds."""
+    from asft.training.reward import train_reward_ensemble
+
+    return train_reward_ensemble(processed_dir, pref_dir, base_model_dir, cfg, out_dir, on_log=on_log,
+                                 progress=progress, resume=resume, fold=cfg.judge.fold, members=cfg.judge.members,
+                                 seed=cfg.seed + cfg.judge.seed_offset, kind="bt-judge-ensemble")
+
+
+def stage_sample(processed_dir: str | Path, ref_dir: str | Path, cfg: Config, out_dir: str | Path,
+                 progress: bool = True) -> dict:
+    """N candidates per training context from pi_ref (plus optional KV-cache slates)."""
+    from asft.data.preprocess import ProcessedData
+    from asft.posttrain import load_policy
+    from asft.sampling import (TrainContexts, sample_candidates, sampling_summary, save_sampling_meta,
+                               write_candidates, write_slates)
+
+    data = ProcessedData.open(processed_dir)
+    tc = TrainContexts.from_processed(data)
+    policy, _, _ = load_policy(ref_dir)
+    t0 = time.perf_counter()
+    frame = sample_candidates(policy, tc, cfg.sampling, cfg.seed, progress=progress)
+    summary = sampling_summary(frame, time.perf_counter() - t0, cfg.sampling.n_candidates)
+    with atomic_dir(out_dir) as tmp:
+        write_candidates(frame, tmp)
+        if cfg.sampling.slates_per_user:
+            summary["slates"] = write_slates(policy, data, cfg.sampling, cfg.seed, tmp)
+        save_sampling_meta(tmp, summary, cfg)
+    return {**summary, "candidates_dir": str(out_dir)}
+
+
+def stage_score(cand_dir: str | Path, processed_dir: str | Path, ref_dir: str | Path, reward_dir: str | Path,
+                cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
+    """Score the sampled candidates (and logged items) with the reward ensemble."""
+    from asft.data.preprocess import ProcessedData
+    from asft.models.reward import RewardEnsemble
+    from asft.posttrain import load_policy
+    from asft.sampling import (TrainContexts, read_candidates, sampling_summary, save_sampling_meta,
+                               score_candidates, write_candidates)
+
+    data = ProcessedData.open(processed_dir)
+    tc = TrainContexts.from_processed(data)
+    policy, _, _ = load_policy(ref_dir)
+    ens = RewardEnsemble.load(reward_dir)
+    frame = read_candidates(cand_dir)
+    t0 = time.perf_counter()
+    scored = score_candidates(frame, policy, ens.members, tc, cfg.sampling, cfg.reward.kappa, progress=progress)
+    secs = time.perf_counter() - t0
+    summary = sampling_summary(scored, secs, cfg.sampling.n_candidates)
+    summary["candidates_scored_per_s"] = summary.pop("candidates_per_s")
+    with atomic_dir(out_dir) as tmp:
+        write_candidates(scored, tmp)
+        save_sampling_meta(tmp, summary, cfg)
+    return {**summary, "scored_dir": str(out_dir)}
+
+
+def stage_advantages(scored_dir: str | Path, cfg: Config, out_dir: str | Path) -> dict:
+    """A-SFT advantages and weights (``advantage`` section) with their statistics and histograms."""
+    from asft.posttrain import write_advantages
+
+    return write_advantages(scored_dir, cfg, out_dir)
+
+
+def stage_posttrain(method: str, processed_dir: str | Path, ref_dir: str | Path, reward_dir: str | Path | None,
+                    scored_dir: str | Path | None, adv_dir: str | Path | None, cfg: Config, out_dir: str | Path,
+                    on_log: Callable[[dict, int], None] | None = None, progress: bool = True,
+                    resume: bool = True) -> dict:
+    from asft.posttrain import PostTrainInputs, run_method
+
+    inputs = PostTrainInputs(Path(processed_dir), Path(ref_dir), Path(reward_dir) if reward_dir else None,
+                             Path(scored_dir) if scored_dir else None, Path(adv_dir) if adv_dir else None)
+    return run_method(method, cfg, inputs, out_dir, on_log=on_log, progress=progress, resume=resume)
+
+
+def stage_evaluate_policy(model_dir: str | Path, ref_dir: str | Path, processed_dir: str | Path,
+                          reward_dir: str | Path | None, judge_dir: str | Path | None, raw_dir: str | Path | None,
+                          cfg: Config, out_path: str | Path | None = None) -> dict:
+    """Section-7 report of one policy on valid and test contexts (see :mod:`asft.policy_eval`)."""
+    from asft.posttrain import evaluate_policies
+
+    rep = evaluate_policies({"policy": model_dir}, ref_dir, processed_dir, reward_dir, judge_dir,
+                            load_simulator(raw_dir) if raw_dir else None, cfg)["policy"]
+    if out_path is not None:
+        write_json(out_path, rep)
+    return rep

@@ -1,7 +1,9 @@
 """The ``retrain`` flow.
 
 validate-raw (load + GX suite) -> preprocess (+ GX suite) -> preferences (+ GX suite) -> train-base ->
-evaluate -> train-reward (BT ensemble) -> reward-report.
+evaluate -> train-reward (BT ensemble, reward.fold) -> reward-report -> train-judge (held-out ensemble,
+judge.fold) -> sample (N candidates per context from pi_ref) -> score -> advantages -> posttrain-<method>
+for every method in posttrain.methods (A-SFT and baselines, one nested run each) -> evaluate-policies.
 
 Every dataset is validated before it is published; a validation failure stops the flow there with a
 summary (``OUTPUT/reports/validation_failure.json``, GX data docs, both in MLflow) and nothing
@@ -22,7 +24,13 @@ from asft import stages
 from asft.config import dump_config, load_config
 from asft.utils import write_json
 from tasks.stages import (
+    advantages_task,
+    evaluate_policies_task,
     evaluate_task,
+    posttrain_task,
+    sample_task,
+    score_task,
+    train_judge_task,
     ingest_task,
     preferences_task,
     preprocess_task,
@@ -86,6 +94,23 @@ def retrain(
         report = timed("reward_report", reward_report_task, reward["ensemble_dir"], prefs["preferences_dir"],
                        stats["processed_dir"], raw["raw_dir"], base["model_dir"], cfg_path,
                        str(out / stages.REPORTS / "reward"), uri, pid)
+        judge = timed("train_judge", train_judge_task, stats["processed_dir"], prefs["preferences_dir"],
+                      base["model_dir"], cfg_path, str(out / stages.JUDGE_MODEL), uri, pid)
+        sampled = timed("sample", sample_task, stats["processed_dir"], base["model_dir"], cfg_path,
+                        str(out / stages.CANDIDATES), uri, pid)
+        scored = timed("score", score_task, sampled["candidates_dir"], stats["processed_dir"], base["model_dir"],
+                       reward["ensemble_dir"], cfg_path, str(out / stages.SCORED), uri, pid)
+        adv = timed("advantages", advantages_task, scored["scored_dir"], cfg_path, str(out / stages.ADVANTAGES), uri,
+                    pid)
+        post: dict[str, dict] = {}
+        for method in cfg.posttrain.methods:
+            post[method] = timed(f"posttrain_{method}", posttrain_task, method, stats["processed_dir"],
+                                 base["model_dir"], reward["ensemble_dir"], scored["scored_dir"],
+                                 adv["advantages_dir"], cfg_path, str(out / stages.POSTTRAIN / method), uri, pid)
+        policies = timed("evaluate_policies", evaluate_policies_task, {m: r["model_dir"] for m, r in post.items()},
+                         {m: r["run_id"] for m, r in post.items()}, base["model_dir"], stats["processed_dir"],
+                         reward["ensemble_dir"], judge["ensemble_dir"], raw["raw_dir"], cfg_path,
+                         str(out / stages.REPORTS / "policies"), uri, pid)["reports"]
     except BaseException as e:
         parent.set_tags({"failed_stage_error": f"{type(e).__name__}: {e}"[:5000]})
         parent.client.set_terminated(pid, "FAILED")
@@ -101,6 +126,14 @@ def retrain(
         "reward": {"report": {k: v for k, v in report.items() if k != "plots"},
                    "train": {"members": reward["members"], "train_seconds": reward["train_seconds"],
                              "centring": reward["centring"]}},
+        "judge": {"train_seconds": judge["train_seconds"], "fold": judge["fold"]},
+        "sampling": {k: v for k, v in {**sampled, **scored}.items() if isinstance(v, (int, float))},
+        "advantages": {k: v for k, v in adv.items() if k not in ("plots", "advantages_dir")},
+        "posttrain": {m: {"valid": policies[m]["valid"], "test": policies[m]["test"],
+                          "train": {k: v for k, v in r.items() if k in ("best_metric", "best_epoch", "epochs_run",
+                                                                         "train_seconds", "weights", "pairs")}}
+                      for m, r in post.items()},
+        "policy_base": policies["base"],
         "datasets": {"raw": raw["dvc_md5"], "processed": stats["dvc_md5"], "preferences": prefs["dvc_md5"]},
         "timings_s": timings,
         "core_seconds": core,
@@ -109,10 +142,30 @@ def retrain(
     write_json(out / "metrics.json", result)
     parent.log_nested_metrics({f"base/{k}": v for k, v in base_metrics.items()})
     parent.log_metrics({f"reward/{k}": v for k, v in report["ensemble"].items()})
+    for m in post:
+        parent.log_metrics(policies[m]["test"], prefix=f"posttrain/{m}/test/")
+    parent.log_metrics(policies["base"]["test"], prefix="posttrain/base/test/")
     parent.log_metrics({f"timing/{k}": v for k, v in timings.items()})
     parent.log_artifact(out / "metrics.json")
     parent.client.set_terminated(pid, "FINISHED")
     logger.info("retrain finished in %.1fs: base test ndcg@10 %.4f", timings["flow_total"],
                 base_metrics["test"]["ndcg@10"])
     print(json.dumps({"test": base_metrics["test"]}, indent=1))
+    if post:
+        _print_methods(policies)
     return result
+
+
+def _print_methods(reports: dict[str, dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    keys = [k for k in ("ndcg@10", "hr@10", "high_rated/ndcg@10", "judged_top10", "true_top10", "kl_ref", "entropy",
+                        "coverage@10") if k in reports["base"]["test"]]
+    t = Table(title="post-training methods (test)")
+    t.add_column("method")
+    for k in keys:
+        t.add_column(k, justify="right")
+    for name, rep in reports.items():
+        t.add_row(name, *[f"{rep['test'].get(k, float('nan')):.4f}" for k in keys])
+    Console(stderr=True).print(t)

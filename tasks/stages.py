@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from asft import stages
 from asft.config import load_config
-from asft.plots import metric_bars, training_curves
+from asft.plots import metric_bars, metric_panels, training_curves
 from asft.utils import dvc_md5
 from tasks.tracking import stage_run
 
@@ -164,14 +164,12 @@ def preferences_task(raw_dir: str, processed_dir: str, config_path: str, out_dir
     return {**stats, "core_seconds": secs}
 
 
-@task(name="train-reward", cache_policy=NO_CACHE)
-def train_reward_task(processed_dir: str, pref_dir: str, base_model_dir: str, config_path: str, out_dir: str,
-                      tracking_uri: str, parent_run_id: str) -> dict:
+def _train_ensemble(stage: str, stage_fn, processed_dir: str, pref_dir: str, base_model_dir: str, config_path: str,
+                    out_dir: str, tracking_uri: str, parent_run_id: str, params_prefixes: tuple[str, ...]) -> dict:
     cfg = _cfg(config_path)
-    with stage_run(tracking_uri, parent_run_id, "train-reward") as run:
-        run.log_params({k: v for k, v in cfg.flat().items() if k.startswith("reward.") or k == "seed"})
-        summary, secs = _timed(stages.stage_train_reward, processed_dir, pref_dir, base_model_dir, cfg, out_dir,
-                               on_log=run.on_log)
+    with stage_run(tracking_uri, parent_run_id, stage) as run:
+        run.log_params({k: v for k, v in cfg.flat().items() if k.startswith(params_prefixes) or k == "seed"})
+        summary, secs = _timed(stage_fn, processed_dir, pref_dir, base_model_dir, cfg, out_dir, on_log=run.on_log)
         for m in summary["members"]:
             run.log_metrics({"best_metric": m["best_metric"], "best_epoch": m["best_epoch"],
                              "epochs_run": m["epochs_run"]}, prefix=f"member_{m['member']}/")
@@ -180,13 +178,126 @@ def train_reward_task(processed_dir: str, pref_dir: str, base_model_dir: str, co
         hist = json.loads((Path(out_dir) / "train_summary.json").read_text())["histories"]
         for k, h in enumerate(hist):
             png = Path(out_dir) / f"training_curves_member_{k}.png"
-            run.log_artifact(training_curves(h, png, f"reward member {k}"), "plots")
+            run.log_artifact(training_curves(h, png, f"{stage} member {k}"), "plots")
         run.log_artifact(Path(out_dir) / "train_summary.json")
         run.log_artifact(Path(out_dir) / "ensemble.json", "model")
         for d in summary["member_dirs"]:
             run.log_artifact(Path(out_dir) / d, f"model/{d}")
-        run.set_tags({"model_dir": str(out_dir)})
+        run.set_tags({"model_dir": str(out_dir), "fold": summary.get("fold")})
     return {**summary, "core_seconds": secs}
+
+
+@task(name="train-reward", cache_policy=NO_CACHE)
+def train_reward_task(processed_dir: str, pref_dir: str, base_model_dir: str, config_path: str, out_dir: str,
+                      tracking_uri: str, parent_run_id: str) -> dict:
+    """The training reward ensemble (reward.fold of the preference data)."""
+    return _train_ensemble("train-reward", stages.stage_train_reward, processed_dir, pref_dir, base_model_dir,
+                           config_path, out_dir, tracking_uri, parent_run_id, ("reward.",))
+
+
+@task(name="train-judge", cache_policy=NO_CACHE)
+def train_judge_task(processed_dir: str, pref_dir: str, base_model_dir: str, config_path: str, out_dir: str,
+                     tracking_uri: str, parent_run_id: str) -> dict:
+    """The held-out judge ensemble (judge.fold, other seeds): evaluation only."""
+    return _train_ensemble("train-judge", stages.stage_train_judge, processed_dir, pref_dir, base_model_dir,
+                           config_path, out_dir, tracking_uri, parent_run_id, ("judge.", "reward."))
+
+
+@task(name="sample", cache_policy=NO_CACHE)
+def sample_task(processed_dir: str, ref_dir: str, config_path: str, out_dir: str, tracking_uri: str,
+                parent_run_id: str) -> dict:
+    cfg = _cfg(config_path)
+    with stage_run(tracking_uri, parent_run_id, "sample") as run:
+        run.log_params({k: v for k, v in cfg.flat().items() if k.startswith("sampling.")})
+        res, secs = _timed(stages.stage_sample, processed_dir, ref_dir, cfg, out_dir)
+        run.log_metrics(flat_report(res))
+        run.log_artifact(Path(out_dir) / "sampling.json")
+    get_run_logger().info("sampled %s candidates for %s contexts (%.0f/s)", res["candidates"], res["contexts"],
+                          res["candidates_per_s"])
+    return {**res, "core_seconds": secs}
+
+
+@task(name="score", cache_policy=NO_CACHE)
+def score_task(cand_dir: str, processed_dir: str, ref_dir: str, reward_dir: str, config_path: str, out_dir: str,
+               tracking_uri: str, parent_run_id: str) -> dict:
+    cfg = _cfg(config_path)
+    with stage_run(tracking_uri, parent_run_id, "score") as run:
+        res, secs = _timed(stages.stage_score, cand_dir, processed_dir, ref_dir, reward_dir, cfg, out_dir)
+        run.log_metrics(flat_report(res))
+        run.log_artifact(Path(out_dir) / "sampling.json")
+    return {**res, "core_seconds": secs}
+
+
+@task(name="advantages", cache_policy=NO_CACHE)
+def advantages_task(scored_dir: str, config_path: str, out_dir: str, tracking_uri: str, parent_run_id: str) -> dict:
+    cfg = _cfg(config_path)
+    with stage_run(tracking_uri, parent_run_id, "advantages") as run:
+        run.log_params({k: v for k, v in cfg.flat().items() if k.startswith("advantage.")})
+        res, secs = _timed(stages.stage_advantages, scored_dir, cfg, out_dir)
+        run.log_metrics({k: v for k, v in res.items() if isinstance(v, float)}, prefix="weights/")
+        for png in res["plots"]:
+            run.log_artifact(png, "plots")
+        run.log_artifact(Path(out_dir) / "weights.json")
+    get_run_logger().info("A-SFT weights: ESS %.1f%% of %d, %.2f%% clipped", 100 * res["ess_share"], res["n"],
+                          100 * res["clipped_share"])
+    return {**res, "core_seconds": secs}
+
+
+@task(name="posttrain", cache_policy=NO_CACHE, task_run_name="posttrain-{method}")
+def posttrain_task(method: str, processed_dir: str, ref_dir: str, reward_dir: str, scored_dir: str, adv_dir: str,
+                   config_path: str, out_dir: str, tracking_uri: str, parent_run_id: str) -> dict:
+    """One post-training method in its own nested MLflow run (tag ``method``), so methods compare side
+    by side; the run id is returned so evaluation logs into the same run."""
+    cfg = _cfg(config_path)
+    with stage_run(tracking_uri, parent_run_id, f"posttrain-{method}", tags={"method": method}) as run:
+        run.log_params({"method": method, **{k: v for k, v in cfg.flat().items()
+                                             if k.startswith(("posttrain.", "advantage.", "sampling."))}})
+        summary, secs = _timed(stages.stage_posttrain, method, processed_dir, ref_dir, reward_dir, scored_dir, adv_dir,
+                               cfg, out_dir, on_log=run.on_log)
+        run.log_metrics(flat_report({k: v for k, v in summary.items() if k not in ("rounds",)}), prefix="train/")
+        hist = json.loads((Path(out_dir) / "train_summary.json").read_text())["history"]
+        run.log_artifact(training_curves(hist, Path(out_dir) / "training_curves.png", f"{method}"), "plots")
+        for png in ("weights_hist.png", "advantages_hist.png"):
+            run.log_artifact(Path(out_dir) / png, "plots")
+        run.log_artifact(Path(out_dir) / "train_summary.json")
+        run.log_artifact(summary["model_dir"], "model")
+        run.set_tags({"model_dir": summary["model_dir"]})
+    get_run_logger().info("%s: best valid %s %.4f at epoch %s", method, cfg.posttrain.train.monitor,
+                          summary["best_metric"], summary["best_epoch"])
+    return {**summary, "run_id": run.run_id, "core_seconds": secs}
+
+
+@task(name="evaluate-policies", cache_policy=NO_CACHE)
+def evaluate_policies_task(model_dirs: dict[str, str], run_ids: dict[str, str], ref_dir: str, processed_dir: str,
+                           reward_dir: str, judge_dir: str, raw_dir: str, config_path: str, out_dir: str,
+                           tracking_uri: str, parent_run_id: str) -> dict:
+    """Section-7 reports of the base and every method on the same contexts; each method's report is
+    logged into its own posttrain run, the comparison table and plot into the parent run."""
+    from mlflow.tracking import MlflowClient
+
+    from asft.posttrain import evaluate_policies
+    from tasks.tracking import TrackedRun
+
+    cfg = _cfg(config_path)
+    t0 = time.perf_counter()
+    reports = evaluate_policies({"base": ref_dir, **model_dirs}, ref_dir, processed_dir, reward_dir, judge_dir,
+                                stages.load_simulator(raw_dir), cfg)
+    secs = time.perf_counter() - t0
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri)
+    for name, rep in reports.items():
+        (out / f"{name}.json").write_text(json.dumps(rep, indent=2))
+        if name in run_ids:
+            TrackedRun(client, run_ids[name]).log_nested_metrics({"test": rep["test"], "selected_valid": rep["valid"]})
+    keys = [k for k in ("ndcg@10", "hr@10", "high_rated/ndcg@10", "judged_top10", "true_top10", "kl_ref", "entropy",
+                        "coverage@10") if k in reports["base"]["test"]]
+    png = metric_panels({n: r["test"] for n, r in reports.items()}, keys, out / "methods_test.png",
+                      "post-training methods (test)")
+    parent = TrackedRun(client, parent_run_id)
+    parent.log_artifact(png, "plots")
+    parent.log_artifact(out, "policies")
+    return {"reports": reports, "core_seconds": secs}
 
 
 @task(name="reward-report", cache_policy=NO_CACHE)

@@ -43,6 +43,13 @@ TINY = [
     "reward.train.batch_size=32",
     "reward.train.warmup_steps=2",
     "reward.train.device=cpu",
+    "judge.members=1",
+    "sampling.n_candidates=4",
+    "posttrain.pg.group_size=4",
+    "posttrain.train.epochs=2",
+    "posttrain.train.batch_size=16",
+    "posttrain.train.warmup_steps=2",
+    "posttrain.train.device=cpu",
 ]
 
 

@@ -51,8 +51,10 @@ def test_retrain_flow_records_everything(prefect_server, tmp_path, tiny_override
     assert abs(parent.data.metrics["base/test/ndcg_at_10"] - base["test"]["ndcg@10"]) < 1e-12
 
     children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    methods = ["asft", "sft", "dpo", "grpo"]  # params.yaml default
     assert set(children) == {"validate-raw", "preprocess", "preferences", "train-base", "evaluate-base",
-                             "train-reward", "reward-report"}
+                             "train-reward", "reward-report", "train-judge", "sample", "score", "advantages",
+                             *[f"posttrain-{m}" for m in methods]}
     assert all(r.info.status == "FINISHED" for r in children.values())
 
     # lineage: every run carries the git commit; DVC hashes of the datasets match the files on disk
@@ -102,6 +104,32 @@ def test_retrain_flow_records_everything(prefect_server, tmp_path, tiny_override
 
     ev = children["evaluate-base"]
     assert abs(ev.data.metrics["test/hr_at_10"] - base["test"]["hr@10"]) < 1e-12
+
+    # post-training: the training ensemble and the judge learn from different preference folds
+    assert ens["fold"] == 0
+    judge = json.loads((out / "models/judge/ensemble.json").read_text())
+    assert judge["fold"] == 1 and judge["kind"] == "bt-judge-ensemble" and len(judge["member_dirs"]) == 1
+    assert judge["seed"] != ens["seed"]
+    assert metrics["sampling"]["candidates"] == 4 * metrics["sampling"]["contexts"] > 0
+    assert 0 < metrics["advantages"]["ess_share"] <= 1
+    base_policy = metrics["policy_base"]["test"]
+    assert abs(base_policy["kl_ref"]) < 1e-6 and abs(base_policy["ndcg@10"] - base["test"]["ndcg@10"]) < 1e-9
+    assert set(metrics["posttrain"]) == set(methods)
+    for m in methods:
+        rep = metrics["posttrain"][m]["test"]
+        for key in ("ndcg@10", "high_rated/ndcg@10", "judged_top10", "judged_top1", "true_top10", "true_top1",
+                    "kl_ref", "entropy", "coverage@10", "popularity@10"):
+            assert key in rep, (m, key)
+        assert rep["kl_ref"] >= 0
+        run = children[f"posttrain-{m}"]
+        assert run.data.tags["method"] == m and run.info.status == "FINISHED"
+        assert abs(run.data.metrics["test/judged_top10"] - rep["judged_top10"]) < 1e-9
+        hist = client.get_metric_history(run.info.run_id, "valid/kl_ref")
+        assert sorted(x.step for x in hist) == [1, 2]  # KL to pi_ref tracked at every evaluation
+        assert (out / f"models/posttrain/{m}/best/model.safetensors").is_file()
+    asft_plots = {Path(a.path).name for a in client.list_artifacts(children["posttrain-asft"].info.run_id, "plots")}
+    assert {"weights_hist.png", "advantages_hist.png", "training_curves.png"} <= asft_plots
+    assert "methods_test.png" in {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "plots")}
 
 
 def test_retrain_flow_stops_at_validation(prefect_server, tmp_path, tiny_overrides):

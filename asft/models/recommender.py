@@ -64,6 +64,11 @@ def next_item_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_
     return model.lm_head(last_hidden(model, input_ids, attention_mask))
 
 
+def all_position_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-item logits at every position of each sequence: [B, T, V] (the causal prefix up to t)."""
+    return model.lm_head(model.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state)
+
+
 def position_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     positions: torch.Tensor | None = None) -> torch.Tensor:
     """Logits at every real position (flattened, [N_real, V]); avoids the LM head on padding."""

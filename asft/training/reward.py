@@ -129,12 +129,25 @@ def train_reward_ensemble(
     on_log: Callable[[dict, int], None] | None = None,
     progress: bool = True,
     resume: bool = True,
+    fold: int | None = None,
+    members: int | None = None,
+    seed: int | None = None,
+    kind: str = "bt-reward-ensemble",
 ) -> dict:
-    """Train ``reward.members`` members into ``out_dir/member_K``; write ``out_dir/ensemble.json``."""
+    """Train ``reward.members`` members into ``out_dir/member_K``; write ``out_dir/ensemble.json``.
+
+    ``fold`` (default ``reward.fold``; -1 = all) restricts training and validation pairs to one
+    preference fold; ``members`` and ``seed`` override ``reward.members`` and the global seed (the
+    held-out judge ensemble uses the other fold and other seeds)."""
     rc = cfg.reward
+    fold = rc.fold if fold is None else fold
+    n_members = rc.members if members is None else members
+    base_seed = cfg.seed if seed is None else seed
     out_dir = Path(out_dir)
     data = ProcessedData.open(processed_dir)
     pairs = read_pairs(pref_dir)
+    if fold >= 0:
+        pairs = pairs[pairs["fold"] == fold]
     train_groups = group_pairs(pairs[pairs["split"] == "train"])
     valid_groups = group_pairs(pairs[pairs["split"] == "valid"])
     if not train_groups:
@@ -145,10 +158,10 @@ def train_reward_ensemble(
     loss_fn = make_reward_loss(rc.rating_weight)
     summaries, names = [], []
     t0 = time.perf_counter()
-    for k in range(rc.members):
-        seed = cfg.seed + 1009 * (k + 1)
+    for k in range(n_members):
+        seed = base_seed + 1009 * (k + 1)
         seed_everything(seed)
-        if rc.bootstrap and rc.members > 1:
+        if rc.bootstrap and n_members > 1:
             idx = np.random.default_rng([seed, 7]).integers(0, len(train_groups), size=len(train_groups))
             member_train = [train_groups[i] for i in idx]
         else:
@@ -156,7 +169,7 @@ def train_reward_ensemble(
         model = RewardModel.from_base(base, rc.head_init_scale, use_rating, rating_mean)
         name = f"member_{k}"
         mdir = out_dir / name
-        meta = {"member": k, "seed": seed, "bootstrap": bool(rc.bootstrap and rc.members > 1),
+        meta = {"member": k, "seed": seed, "bootstrap": bool(rc.bootstrap and n_members > 1),
                 "train_contexts": len(member_train)}
 
         def evaluate_fn(m, _groups=valid_groups or train_groups):
@@ -177,13 +190,13 @@ def train_reward_ensemble(
         names.append(f"{name}/best")
     ens = RewardEnsemble([RewardModel.from_pretrained(out_dir / n, use_safetensors=True).eval() for n in names],
                          vocab, rc.kappa)
-    centring = centring_stats(ens, train_groups, rc.centring_contexts, cfg.seed)
-    info = {"kind": "bt-reward-ensemble", "member_dirs": names, "kappa": rc.kappa, "centring": centring,
+    centring = centring_stats(ens, train_groups, rc.centring_contexts, base_seed)
+    info = {"kind": kind, "fold": fold, "member_dirs": names, "kappa": rc.kappa, "centring": centring,
             "centring_note": "member rewards are centred per context over the catalog, then averaged; "
                              "standardised reward = (mean - centring.mean) / centring.std",
             "rating_head": bool(use_rating), "rating_mean": rating_mean, "train_pairs": int(sum(
                 len(g.chosen) for g in train_groups)), "train_contexts": len(train_groups),
-            "valid_pairs": int(sum(len(g.chosen) for g in valid_groups)), "seed": cfg.seed}
+            "valid_pairs": int(sum(len(g.chosen) for g in valid_groups)), "seed": base_seed}
     atomic_write_text(out_dir / ENSEMBLE_FILE, _dumps(info))
     summary = {"members": [{k2: v for k2, v in s.items() if k2 != "history"} for s in summaries],
                "train_seconds": time.perf_counter() - t0, "ensemble_dir": str(out_dir), **info}

@@ -1,0 +1,507 @@
+"""Post-training of pi_ref: A-SFT and its baselines in one framework (METHODS.md sections 5-6).
+
+Every method starts from the base model (pi_ref), sees the same training contexts (every scored
+position of the training windows), the same N candidates per context where it uses candidates,
+the same optimiser and epoch budget (``posttrain.train``) and the same validation-based selection.
+Dropout is disabled during post-training (as TRL does), so the policy starts exactly at pi_ref.
+
+Methods (``posttrain.methods``):
+
+=============  ==========  =================================================================
+name           family      data and loss
+=============  ==========  =================================================================
+sft            weighted    logged next items, all weights 1 (behaviour cloning)
+rwr            weighted    logged next items, w = r (linear; the rating, else the ensemble)
+asft           weighted    N sampled candidates, w = transform(A/lambda) from ``advantage``
+asft_logged    weighted    logged (s, a, rating): exp((r - mean r)/lambda); no reward model
+asft_mix       weighted    sampled candidates + the logged item, all scored by the ensemble
+rft            rounds      best-of-N: keep the top share of each context's candidates, SFT on
+                           them; each round re-samples from the current policy, with a rising
+                           threshold (``rft.keep_fracs``)
+rft_asft       rounds      two-stage: filtered SFT (first keep_frac), then A-SFT
+dpo / ipo      pairwise    pairs of candidates whose ensemble intervals do not overlap
+rloo / grpo    online      G samples per context from the current policy, ensemble reward,
+                           group advantages, PPO clip, k3 KL to pi_ref *added*, entropy bonus
+rec_r1         online      GRPO whose reward is NDCG@K of a sampled slate against the user's
+                           real next training items (no reward model)
+=============  ==========  =================================================================
+
+Weighted family loss: ``-sum(w * log pi(a|s)) / sum(w)`` over the optimizer batch (the global
+weight sum: gradient accumulation and data parallelism do not change it); with
+``posttrain.anchor_weight`` > 0 each context also gets its logged item with that weight.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from asft.advantages import Weights, compute_weights
+from asft.config import Config
+from asft.data.preprocess import NUM_SPECIAL, ProcessedData
+from asft.losses import (dpo_loss, entropy_rows, group_advantages, ipo_loss, policy_gradient_loss, target_log_probs,
+                         weighted_nll)
+from asft.models.recommender import load_recommender, save_recommender
+from asft.policy_eval import PolicyScorer
+from asft.sampling import (TrainContexts, collate_inputs, gumbel_topk, history_mask, position_rewards,
+                           read_candidates, sample_candidates, score_candidates, stack)
+from asft.training.trainer import Trainer, TrainResult
+from asft.utils import seed_everything, write_json
+
+FAMILY = {"sft": "weighted", "rwr": "weighted", "asft": "weighted", "asft_logged": "weighted",
+          "asft_mix": "weighted", "rft": "rounds", "rft_asft": "rounds", "dpo": "pairwise", "ipo": "pairwise",
+          "rloo": "online", "grpo": "online", "rec_r1": "online"}
+USES_REWARD_MODEL = {"rwr", "asft", "asft_mix", "rft", "rft_asft", "dpo", "ipo", "rloo", "grpo"}
+
+
+# ---------------------------------------------------------------------------- examples and collation
+@dataclass
+class Example:
+    """Training rows of one window: ``pos`` [M] context positions and per-row payload arrays."""
+
+    window: int
+    pos: np.ndarray
+    data: dict[str, np.ndarray]
+
+
+def group_rows(windows: np.ndarray, pos: np.ndarray, payload: dict[str, np.ndarray]) -> list[Example]:
+    """Rows (one per window/position/...) grouped into one Example per window (windows ascending)."""
+    order = np.lexsort((pos, windows))
+    windows, pos = windows[order], pos[order]
+    payload = {k: v[order] for k, v in payload.items()}
+    uniq, first = np.unique(windows, return_index=True)
+    bounds = list(first[1:]) + [len(windows)]
+    return [Example(int(w), pos[a:b], {k: v[a:b] for k, v in payload.items()}) for w, a, b in zip(uniq, first, bounds)]
+
+
+def collate_examples(tc: TrainContexts, examples: list[Example], with_history: bool = False,
+                     next_horizon: int = 0) -> dict:
+    """Inputs of the examples' windows, the distinct context positions (``ctx_b``, ``ctx_t``), a
+    row -> context index (``row_ctx``), the payload arrays concatenated, and optionally each
+    context's history mask [C, V] and real next items [C, H] (-1 padded)."""
+    ids, am = collate_inputs(tc, [e.window for e in examples])
+    ctx_b, ctx_t, row_ctx = [], [], []
+    offset = 0
+    for b, e in enumerate(examples):
+        uniq = np.unique(e.pos)
+        ctx_b.append(np.full(len(uniq), b))
+        ctx_t.append(uniq)
+        row_ctx.append(offset + np.searchsorted(uniq, e.pos))
+        offset += len(uniq)
+    batch = {"input_ids": ids, "attention_mask": am,
+             "ctx_b": torch.from_numpy(np.concatenate(ctx_b).astype(np.int64)),
+             "ctx_t": torch.from_numpy(np.concatenate(ctx_t).astype(np.int64)),
+             "row_ctx": torch.from_numpy(np.concatenate(row_ctx).astype(np.int64))}
+    for k in examples[0].data:
+        v = np.concatenate([e.data[k] for e in examples])
+        batch[k] = torch.from_numpy(v.astype(np.float32 if v.dtype.kind == "f" else np.int64))
+    if with_history:
+        hm = history_mask(ids, tc.vocab_size, [tc.before(e.window) for e in examples])
+        batch["hist_mask"] = hm[batch["ctx_b"], batch["ctx_t"]]
+    if next_horizon:
+        nxt = np.full((len(batch["ctx_b"]), next_horizon), -1, dtype=np.int64)
+        for c, (b, t) in enumerate(zip(batch["ctx_b"].tolist(), batch["ctx_t"].tolist())):
+            items = tc.next_items(examples[b].window, t, next_horizon)
+            nxt[c, : len(items)] = items
+        batch["next_items"] = torch.from_numpy(nxt)
+    return batch
+
+
+def context_log_probs(model, batch: dict) -> torch.Tensor:
+    """log pi(.|s) (full softmax, as in SFT) at the batch's distinct contexts: [C, V]."""
+    h = model.transformer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return torch.log_softmax(model.lm_head(h[batch["ctx_b"], batch["ctx_t"]]).float(), dim=-1)
+
+
+# ---------------------------------------------------------------------------- weighted family
+def weighted_loss(model, batch: dict, normalizer: float):
+    """``-sum(w log pi(a|s)) / normalizer`` with ``normalizer`` the optimizer batch's global weight sum."""
+    logp = context_log_probs(model, batch)
+    lp = logp[batch["row_ctx"], batch["item"]]
+    return weighted_nll(lp, batch["weight"], normalizer), {"weighted_logp": float((lp * batch["weight"]).sum().detach())}
+
+
+def count_weight(batch: dict) -> float:
+    return float(batch["weight"].sum())
+
+
+def weighted_examples(frame: pd.DataFrame, items: np.ndarray, weights: np.ndarray) -> list[Example]:
+    """Rows (context, item, weight) with a positive weight, grouped by window."""
+    c, m = items.shape
+    keep = weights.ravel() > 0
+    rep = np.repeat(np.arange(c), m)[keep]
+    return group_rows(frame["window"].to_numpy()[rep], frame["pos"].to_numpy()[rep],
+                      {"item": items.ravel()[keep].astype(np.int64), "weight": weights.ravel()[keep].astype(np.float64)})
+
+
+def _reward_matrix(frame: pd.DataFrame, cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(candidate rewards [C, N], logged-item reward [C], expected reward [C]) for advantage.reward."""
+    key = "pess" if cfg.advantage.reward == "pessimistic" else "mean"
+    return stack(frame, f"r_{key}"), frame[f"logged_r_{key}"].to_numpy(), frame[f"expected_r_{key}"].to_numpy()
+
+
+def method_weights(method: str, frame: pd.DataFrame, cfg: Config, keep_frac: float | None = None
+                   ) -> tuple[np.ndarray, Weights]:
+    """Items [C, M] and their weights for a weighted-family method (or an RFT round)."""
+    adv = cfg.advantage
+    logged = frame["logged"].to_numpy(np.int64)[:, None]
+    if method == "sft":
+        return logged, compute_weights(np.zeros(logged.shape), adv, baseline="none", transform="ones")
+    if method in ("rwr", "asft_logged"):
+        rating = frame["logged_rating"].to_numpy(np.float64)
+        has_rating = bool(np.isfinite(rating).all()) and len(rating) > 0
+        if method == "asft_logged":
+            if not has_rating:
+                raise ValueError("asft_logged needs logged ratings (this dataset has none); use asft or asft_mix")
+            return logged, compute_weights(rating[:, None], adv, baseline="global_mean", transform="exp")
+        r = rating if has_rating else frame["logged_r_mean"].to_numpy(np.float64)
+        return logged, compute_weights(r[:, None], adv, baseline="none", transform="linear")
+    cand_r, logged_r, expected = _reward_matrix(frame, cfg)
+    cands = stack(frame, "candidates").astype(np.int64)
+    n = cands.shape[1]
+    if keep_frac is not None:  # rejection sampling: top share by reward
+        return cands, compute_weights(cand_r, adv.model_copy(update={"top_q": keep_frac}), baseline="none",
+                                      transform="top_q")
+    if method == "asft_mix":
+        return (np.concatenate([cands, logged], axis=1),
+                compute_weights(np.concatenate([cand_r, logged_r[:, None]], axis=1), adv, n_sampled=n,
+                                expectation=expected))
+    return cands, compute_weights(cand_r, adv, n_sampled=n, expectation=expected)
+
+
+def with_anchor(items: np.ndarray, w: np.ndarray, frame: pd.DataFrame, anchor: float) -> tuple[np.ndarray, np.ndarray]:
+    if anchor <= 0:
+        return items, w
+    logged = frame["logged"].to_numpy(np.int64)[:, None]
+    return np.concatenate([items, logged], axis=1), np.concatenate([w, np.full(logged.shape, anchor)], axis=1)
+
+
+# ---------------------------------------------------------------------------- pairwise family
+def preference_pairs(frame: pd.DataFrame, z: float, per_context: int) -> pd.DataFrame:
+    """Pairs of sampled candidates ranked by the ensemble mean: best vs worst, second vs second-worst,
+    ...; kept only where ``[mean - z std, mean + z std]`` intervals do not overlap."""
+    mean, std = stack(frame, "r_mean"), stack(frame, "r_std")
+    cands, ref = stack(frame, "candidates").astype(np.int64), stack(frame, "ref_logp")
+    order = np.argsort(-mean, axis=1, kind="stable")
+    rows = []
+    n = mean.shape[1]
+    ar = np.arange(len(frame))
+    for j in range(min(per_context, n // 2)):
+        w, lo = order[:, j], order[:, n - 1 - j]
+        ok = mean[ar, w] - z * std[ar, w] > mean[ar, lo] + z * std[ar, lo]
+        rows.append(pd.DataFrame({"window": frame["window"].to_numpy()[ok], "pos": frame["pos"].to_numpy()[ok],
+                                  "chosen": cands[ar, w][ok], "rejected": cands[ar, lo][ok],
+                                  "ref_w": ref[ar, w][ok], "ref_l": ref[ar, lo][ok]}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def make_pair_loss(kind: str, beta: float) -> Callable:
+    fn = {"dpo": dpo_loss, "ipo": ipo_loss}[kind]
+
+    def loss_fn(model, batch: dict, normalizer: float):
+        logp = context_log_probs(model, batch)
+        rc = batch["row_ctx"]
+        pw, pl = logp[rc, batch["chosen"]], logp[rc, batch["rejected"]]
+        loss = fn(pw, pl, batch["ref_w"], batch["ref_l"], beta, normalizer)
+        h = (pw.detach() - batch["ref_w"]) - (pl.detach() - batch["ref_l"])
+        return loss, {"margin_sum": float(h.sum()), "pair_correct": float((h > 0).sum())}
+
+    return loss_fn
+
+
+def count_rows(batch: dict) -> float:
+    return float(len(batch["row_ctx"]))
+
+
+# ---------------------------------------------------------------------------- online family
+def slate_ndcg(slates: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+    """NDCG@K of each slate [S, K] against its relevant items [S, H] (-1 = none): binary gains,
+    ``1/log2(rank+2)``; 0 when nothing is relevant."""
+    k = slates.shape[1]
+    hits = (slates.unsqueeze(-1) == relevant.unsqueeze(1)).any(-1).float()  # [S, K]
+    disc = 1.0 / torch.log2(torch.arange(k, device=slates.device, dtype=torch.float32) + 2.0)
+    dcg = (hits * disc).sum(-1)
+    n_rel = (relevant >= 0).sum(-1).clamp(max=k)
+    idcg = torch.cumsum(disc, 0)[(n_rel - 1).clamp_min(0)]
+    return torch.where(n_rel > 0, dcg / idcg, torch.zeros_like(dcg))
+
+
+def plackett_luce_logp(logp: torch.Tensor, slates: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """log-probability of ordered slates [S, K] drawn without replacement from the rows' distributions:
+    ``sum_k log p(a_k) - log(1 - sum_{j<k} p(a_j))``."""
+    lp = logp[rows[:, None], slates]
+    p = lp.exp()
+    before = torch.cumsum(p, dim=1) - p
+    return (lp - torch.log1p(-before.clamp(max=1.0 - 1e-6))).sum(dim=1)
+
+
+def make_online_loss(method: str, cfg: Config, ref, members: list | None) -> Callable:
+    pg = cfg.posttrain.pg
+    g = pg.group_size
+    kind = "rloo" if method == "rloo" else "grpo"
+    reward_key = 2 if cfg.advantage.reward == "pessimistic" else 0
+
+    def loss_fn(model, batch: dict, normalizer: float):
+        ids, am, b, t = batch["input_ids"], batch["attention_mask"], batch["ctx_b"], batch["ctx_t"]
+        banned = batch["hist_mask"].clone()
+        banned[:, :NUM_SPECIAL] = True
+        h = model.transformer(input_ids=ids, attention_mask=am).last_hidden_state[b, t]
+        logits = model.lm_head(h).float().masked_fill(banned, float("-inf"))
+        logp_all = torch.log_softmax(logits, dim=-1)
+        c = logits.shape[0]
+        with torch.no_grad():
+            rh = ref.transformer(input_ids=ids, attention_mask=am).last_hidden_state[b, t]
+            ref_all = torch.log_softmax(ref.lm_head(rh).float().masked_fill(banned, float("-inf")), dim=-1)
+            rows = torch.arange(c, device=logits.device).repeat_interleave(g)
+            if method == "rec_r1":
+                k = cfg.posttrain.rec_r1.slate_size
+                acts = gumbel_topk(logits.detach()[rows], k)  # [C*G, K] slates, without replacement
+                reward = slate_ndcg(acts, batch["next_items"][rows]).view(c, g)
+            else:
+                acts = torch.multinomial(logp_all.detach().exp(), g, replacement=True)  # [C, G]
+                scores = position_rewards(members, ids, am, cfg.reward.kappa)[reward_key][b, t]
+                reward = scores.gather(1, acts)
+            adv = group_advantages(reward, kind, pg.std_eps)
+        if method == "rec_r1":
+            logp = plackett_luce_logp(logp_all, acts, rows).view(c, g)
+            ref_lp = plackett_luce_logp(ref_all, acts, rows).view(c, g)
+        else:
+            logp, ref_lp = logp_all.gather(1, acts), ref_all.gather(1, acts)
+        loss, k3 = policy_gradient_loss(logp, logp.detach(), ref_lp, adv, pg.clip, pg.kl_coef, normalizer)
+        ent = entropy_rows(logits)
+        loss = loss - pg.entropy_coef * ent.sum() * g / normalizer
+        return loss, {"reward_sum": float(reward.sum()), "k3_sum": float(k3.detach().sum()),
+                      "entropy_sum": float(ent.detach().sum()) * g}
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------- running a method
+@dataclass
+class PostTrainInputs:
+    processed_dir: Path
+    ref_dir: Path
+    reward_dir: Path | None
+    cand_dir: Path | None
+    adv_dir: Path | None = None
+
+
+def _freeze_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    return model
+
+
+def load_policy(ref_dir: str | Path):
+    model, vocab, meta = load_recommender(ref_dir)
+    return _freeze_dropout(model), vocab, meta
+
+
+def _train_cfg(cfg: Config, epochs: int | None = None):
+    t = cfg.posttrain.train
+    return t if epochs is None else t.model_copy(update={"epochs": epochs})
+
+
+def run_method(method: str, cfg: Config, inputs: PostTrainInputs, out_dir: str | Path,
+               on_log: Callable[[dict, int], None] | None = None, progress: bool = True, resume: bool = True) -> dict:
+    """Post-train pi_ref with ``method``; writes ``out_dir/best`` (the selected model) and a summary."""
+    from asft.models.reward import RewardEnsemble
+
+    if method not in FAMILY:
+        raise ValueError(f"unknown post-training method '{method}'; choose from {sorted(FAMILY)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed = cfg.seed
+    seed_everything(seed)
+    data = ProcessedData.open(inputs.processed_dir)
+    tc = TrainContexts.from_processed(data)
+    policy, vocab, ref_meta = load_policy(inputs.ref_dir)
+    ref, _, _ = load_policy(inputs.ref_dir)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    ens = RewardEnsemble.load(inputs.reward_dir) if inputs.reward_dir else None
+    if ens is None and method in USES_REWARD_MODEL:
+        raise ValueError(f"method '{method}' needs a reward ensemble")
+    frame = read_candidates(inputs.cand_dir) if inputs.cand_dir else None
+    t0 = time.perf_counter()
+    scorer = PolicyScorer.build(data, "valid", ref, cfg.eval.ks, reward_ens=ens,
+                                ndcg_tolerance=cfg.posttrain.ndcg_tolerance, batch_size=cfg.eval.batch_size)
+    setup_s = time.perf_counter() - t0
+    meta = {"method": method, "ref_model": str(inputs.ref_dir), "max_len": ref_meta.get("max_len")}
+
+    def save_best(m, path):
+        save_recommender(m, vocab, path, meta=meta)
+
+    def trainer_for(model, examples_cfg, sub: Path, epochs: int | None = None) -> Trainer:
+        collate, loss_fn, count_fn = examples_cfg
+        return Trainer(model, _train_cfg(cfg, epochs), sub, collate_fn=collate, loss_fn=loss_fn, count_fn=count_fn,
+                       evaluate_fn=scorer.evaluate, save_best_fn=save_best, monitor=cfg.posttrain.train.monitor,
+                       seed=seed, on_log=on_log, progress=progress)
+
+    family = FAMILY[method]
+    extra: dict = {}
+    weighted = (lambda ex: collate_examples(tc, ex), weighted_loss, count_weight)
+    if family in ("weighted", "pairwise", "rounds") and frame is None:
+        raise ValueError(f"method '{method}' needs the candidate dataset (run the sample/score stages)")
+
+    if family == "weighted":
+        if method == "asft" and inputs.adv_dir is not None:
+            items, wts = read_advantages(inputs.adv_dir, frame)
+        else:
+            items, wts = method_weights(method, frame, cfg)
+        items, w = with_anchor(items, wts.weights, frame, cfg.posttrain.anchor_weight if method != "sft" else 0.0)
+        examples = weighted_examples(frame, items, w)
+        extra["weights"] = _weights_summary(wts, out_dir)
+        result = trainer_for(policy, weighted, out_dir).fit(examples, resume=resume)
+        results = [result]
+    elif family == "pairwise":
+        pairs = preference_pairs(frame, cfg.posttrain.dpo.z, cfg.posttrain.dpo.pairs_per_context)
+        if pairs.empty:
+            raise ValueError("no candidate pair has non-overlapping reward intervals; lower posttrain.dpo.z")
+        examples = group_rows(pairs["window"].to_numpy(), pairs["pos"].to_numpy(),
+                              {k: pairs[k].to_numpy() for k in ("chosen", "rejected", "ref_w", "ref_l")})
+        extra["pairs"] = {"pairs": int(len(pairs)), "contexts_with_pairs": int(pairs[["window", "pos"]]
+                                                                               .drop_duplicates().shape[0]),
+                          "contexts": int(len(frame))}
+        spec = (lambda ex: collate_examples(tc, ex), make_pair_loss(method, cfg.posttrain.dpo.beta), count_rows)
+        results = [trainer_for(policy, spec, out_dir).fit(examples, resume=resume)]
+    elif family == "online":
+        horizon = cfg.posttrain.rec_r1.horizon if method == "rec_r1" else 0
+        examples = [Example(i, tc.positions(i), {}) for i in range(len(tc.windows))]
+        members = ens.members if ens is not None and method != "rec_r1" else None
+        spec = (lambda ex: collate_examples(tc, ex, with_history=True, next_horizon=horizon),
+                make_online_loss(method, cfg, ref, members), lambda b: float(len(b["ctx_b"]) * cfg.posttrain.pg.group_size))
+        trainer = trainer_for(policy, spec, out_dir)
+        ref.to(trainer.device)
+        for m in members or []:
+            m.to(trainer.device)
+        results = [trainer.fit(examples, resume=resume)]
+    else:  # rounds: rft, rft_asft
+        results, rounds = [], []
+        fracs = list(cfg.posttrain.rft.keep_fracs)
+        plan = [("filter", f) for f in fracs] if method == "rft" else [("filter", fracs[0]), ("asft", None)]
+        per_round = max(1, cfg.posttrain.train.epochs // len(plan))
+        current, cur_frame = policy, frame
+        for r, (kind, frac) in enumerate(plan):
+            if r > 0 and method == "rft":  # re-sample from the current policy, score with the ensemble
+                cur_frame = sample_candidates(current, tc, cfg.sampling, seed + 101 * r, progress=progress)
+                cur_frame = score_candidates(cur_frame, current, ens.members, tc, cfg.sampling,
+                                             cfg.reward.kappa, progress=progress)
+            items, wts = method_weights("asft", cur_frame, cfg, keep_frac=frac if kind == "filter" else None)
+            items, w = with_anchor(items, wts.weights, cur_frame, cfg.posttrain.anchor_weight)
+            sub = out_dir / f"round_{r}"
+            res = trainer_for(current, weighted, sub, per_round).fit(weighted_examples(cur_frame, items, w),
+                                                                     resume=resume)
+            results.append(res)
+            rounds.append({"round": r, "kind": kind, "keep_frac": frac, "best_metric": res.best_metric,
+                           "best_epoch": res.best_epoch, "weights": wts.stats})
+            current = load_policy(sub / "best")[0]
+        best_r = int(np.argmax([x["best_metric"] for x in rounds]))
+        if (out_dir / "best").exists():
+            shutil.rmtree(out_dir / "best")
+        shutil.copytree(out_dir / f"round_{best_r}" / "best", out_dir / "best")
+        extra["rounds"] = rounds
+        extra["best_round"] = best_r
+    summary = _summarise(method, results, setup_s, extra)
+    summary["base_valid"] = {"ndcg@10": scorer.base_ndcg}
+    summary["model_dir"] = str(out_dir / "best")
+    write_json(out_dir / "train_summary.json", {**summary, "history": [h for r in results for h in r.history]})
+    return summary
+
+
+def _summarise(method: str, results: list[TrainResult], setup_s: float, extra: dict) -> dict:
+    best = max(results, key=lambda r: r.best_metric)
+    last = {k: v for k, v in best.history[best.best_epoch - 1].items()} if best.history and best.best_epoch > 0 else {}
+    return {"method": method, "best_metric": best.best_metric, "best_epoch": best.best_epoch,
+            "epochs_run": sum(r.epochs_run for r in results), "steps": sum(r.steps for r in results),
+            "train_seconds": sum(r.train_seconds for r in results), "eval_seconds": sum(r.eval_seconds for r in results),
+            "setup_seconds": setup_s, "best_valid": last, "stopped_early": any(r.stopped_early for r in results),
+            **extra}
+
+
+def _weights_summary(w: Weights, out_dir: Path) -> dict:
+    from asft.plots import histogram
+
+    vals = w.weights.ravel()
+    histogram(vals, out_dir / "weights_hist.png", "A-SFT weights", "weight")
+    histogram(w.advantages.ravel(), out_dir / "advantages_hist.png", "advantages", "A (standardised)")
+    write_json(out_dir / "weights.json", w.stats)
+    return dict(w.stats)
+
+
+def result_dict(r: TrainResult) -> dict:
+    return {k: v for k, v in asdict(r).items() if k != "history"}
+
+
+# ---------------------------------------------------------------------------- advantages stage
+ADVANTAGES_FILE = "advantages.parquet"
+
+
+def write_advantages(scored_dir: str | Path, cfg: Config, out_dir: str | Path) -> dict:
+    """The A-SFT weights of the scored candidates (``advantage`` section), written with their
+    statistics and histograms; the ``asft`` method trains on exactly these."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from asft.plots import histogram
+    from asft.utils import atomic_dir
+
+    frame = read_candidates(scored_dir)
+    items, w = method_weights("asft", frame, cfg)
+    table = pa.table({"window": frame["window"].to_numpy(np.int64), "pos": frame["pos"].to_numpy(np.int64),
+                      "items": pa.array(list(items.astype(np.int32)), pa.list_(pa.int32())),
+                      "advantages": pa.array(list(w.advantages.astype(np.float32)), pa.list_(pa.float32())),
+                      "weights": pa.array(list(w.weights.astype(np.float32)), pa.list_(pa.float32()))})
+    stats = {**w.stats, "baseline": cfg.advantage.baseline, "transform": cfg.advantage.transform,
+             "lambda": cfg.advantage.lam, "reward": cfg.advantage.reward}
+    with atomic_dir(out_dir) as tmp:
+        pq.write_table(table, tmp / ADVANTAGES_FILE)
+        write_json(tmp / "weights.json", stats)
+        histogram(w.weights.ravel(), tmp / "weights_hist.png", "A-SFT weights", "weight (mean 1)")
+        histogram(w.advantages.ravel(), tmp / "advantages_hist.png", "advantages", "A")
+    out_dir = Path(out_dir)
+    return {**stats, "advantages_dir": str(out_dir),
+            "plots": [str(out_dir / "weights_hist.png"), str(out_dir / "advantages_hist.png")]}
+
+
+def read_advantages(adv_dir: str | Path, frame: pd.DataFrame) -> tuple[np.ndarray, Weights]:
+    adv = pd.read_parquet(Path(adv_dir) / ADVANTAGES_FILE)
+    if len(adv) != len(frame) or not (np.array_equal(adv["window"].to_numpy(), frame["window"].to_numpy())
+                                      and np.array_equal(adv["pos"].to_numpy(), frame["pos"].to_numpy())):
+        raise ValueError(f"{adv_dir}: advantages do not match the scored candidates (re-run the advantages stage)")
+    import json
+
+    stats = json.loads((Path(adv_dir) / "weights.json").read_text())
+    w = stack(adv, "weights").astype(np.float64)
+    return stack(adv, "items").astype(np.int64), Weights(stack(adv, "advantages"), w, np.zeros(w.shape, bool),
+                                                         {k: v for k, v in stats.items() if isinstance(v, float)})
+
+
+# ---------------------------------------------------------------------------- evaluation of several policies
+def evaluate_policies(model_dirs: dict[str, str | Path], ref_dir: str | Path, processed_dir: str | Path,
+                      reward_dir: str | Path | None, judge_dir: str | Path | None, simulator, cfg: Config,
+                      splits: tuple[str, ...] = ("valid", "test")) -> dict[str, dict]:
+    """Section-7 reports of several policies (and ``base`` = pi_ref when asked) on the same contexts;
+    everything that does not depend on the policy is computed once."""
+    from asft.models.reward import RewardEnsemble
+
+    data = ProcessedData.open(processed_dir)
+    ref, _, _ = load_policy(ref_dir)
+    ens = RewardEnsemble.load(reward_dir) if reward_dir else None
+    judge = RewardEnsemble.load(judge_dir) if judge_dir else None
+    scorers = {sp: PolicyScorer.build(data, sp, ref, cfg.eval.ks, reward_ens=ens, judge_ens=judge, simulator=simulator,
+                                      ndcg_tolerance=cfg.posttrain.ndcg_tolerance, batch_size=cfg.eval.batch_size)
+               for sp in splits}
+    out = {}
+    for name, d in model_dirs.items():
+        model = ref if Path(d).resolve() == Path(ref_dir).resolve() else load_policy(d)[0]
+        out[name] = {sp: sc.evaluate(model) for sp, sc in scorers.items()}
+    return out
