@@ -188,6 +188,21 @@ def _print_metrics(title: str, metrics: dict) -> None:
     Console(stderr=True).print(t)
 
 
+def _print_report(title: str, report: dict) -> None:
+    """One row per metric, one column per split (policy reports have many metrics)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    splits = list(report)
+    t = Table(title=title)
+    t.add_column("metric")
+    for sp in splits:
+        t.add_column(sp, justify="right")
+    for k in report[splits[0]]:
+        t.add_row(k, *[f"{report[sp].get(k, float('nan')):.4f}" for sp in splits])
+    Console(stderr=True).print(t)
+
+
 def main(argv: list[str] | None = None) -> int:
     configure_environment()
     args = build_parser().parse_args(argv)
@@ -269,7 +284,7 @@ def _dispatch(args) -> int:
     elif cmd == "evaluate-policy":
         rep = stages.stage_evaluate_policy(_best(args.model), _best(args.base), args.processed, args.reward,
                                            args.judge, args.raw, cfg, args.output)
-        _print_metrics(str(args.model), rep)
+        _print_report(str(args.model), rep)
         if not args.output:
             print(json.dumps(rep, indent=2))
     elif cmd == "evaluate":

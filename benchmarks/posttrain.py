@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--methods", nargs="+", default=list(POSTTRAIN_METHODS))
     ap.add_argument("--lambdas", nargs="*", type=float, default=[], help="A-SFT lambda sweep (first noise, seed 0)")
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help="extra A-SFT runs (first noise, seed 0): NAME=key=value,key=value ...")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     base_ov = list(a.overrides) + ([f"data.source={a.data}"] if a.data else [])
@@ -154,6 +156,26 @@ def main() -> None:
         sweep["reports"] = evaluate_policies({"base": ref, **dirs}, ref, work / "processed", nd / "reward",
                                              nd / "judge", sim, cfg)
         save()
+    if a.variants:
+        noise = a.noise[0]
+        nd = work / f"noise_{noise}"
+        sd = nd / "seed_0"
+        var = results.setdefault("variants", {"noise": noise, "specs": {}})
+        dirs = {}
+        for spec in a.variants:
+            name, _, kv = spec.partition("=")
+            ov = [x for x in kv.split(",") if x]
+            var["specs"][name] = ov
+            c = load_config(a.config, base_ov + NOISE[noise] + ov)
+            d = sd / "variants" / name
+            if not (d / "best" / "model.safetensors").is_file():
+                log(f"variant {name}: {ov}")
+                stages.stage_posttrain("asft", work / "processed", ref, nd / "reward", sd / "scored", None, c, d,
+                                       progress=False)
+            dirs[name] = d / "best"
+        cfg = load_config(a.config, base_ov + NOISE[noise])
+        var["reports"] = evaluate_policies({"base": ref, **dirs}, ref, work / "processed", nd / "reward",
+                                           nd / "judge", sim, cfg)
     save()
     log(f"wrote {out_path}")
 
