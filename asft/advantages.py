@@ -2,11 +2,13 @@
 
 Rewards come as a dense ``[C, M]`` array: C contexts, M actions per context. The first ``n_sampled``
 columns are candidates sampled from pi_ref (they define the per-context baselines); any further
-columns (e.g. the logged action in the "mix" variant) get the same baseline.
+columns (e.g. the logged action in the "mix" variant) get the same baseline. Candidates drawn
+*without replacement* carry importance weights ``s`` (``sample_iw``, self-normalised per context)
+so that sums over them estimate expectations under pi_ref:
 
-    A(s, a) = r(s, a) - b(s)            (BASELINES)
+    A(s, a) = r(s, a) - b(s)            (BASELINES; 'mean' and 'loo' are s-weighted means)
     A <- A / std(A)                     (optional global standardisation: lambda in units of std)
-    w = T(A; lambda, ...)               (TRANSFORMS)
+    w = T(A; lambda, ...) * s           (TRANSFORMS; per-context transforms are renormalised)
 
 Adding an estimator or a transform is one decorated function. All transforms return non-negative
 weights; the training loss divides by the global weight sum, so only relative weights matter.
@@ -21,7 +23,7 @@ import numpy as np
 
 from asft.config import AdvantageConfig
 
-BaselineFn = Callable[[np.ndarray, int, np.ndarray | None], np.ndarray]
+BaselineFn = Callable[[np.ndarray, int, np.ndarray | None, np.ndarray], np.ndarray]
 TransformFn = Callable[[np.ndarray, AdvantageConfig], tuple[np.ndarray, np.ndarray]]
 
 BASELINES: dict[str, BaselineFn] = {}
@@ -52,24 +54,25 @@ def _lookup(registry: dict, name: str, kind: str):
 
 # ---------------------------------------------------------------------------- baselines b(s)
 @register_baseline("mean")
-def _mean(r: np.ndarray, n_sampled: int, expectation: np.ndarray | None) -> np.ndarray:
-    """Mean reward of the sampled candidates of the context."""
-    return np.broadcast_to(r[:, :n_sampled].mean(axis=1, keepdims=True), r.shape)
+def _mean(r: np.ndarray, n_sampled: int, expectation: np.ndarray | None, sw: np.ndarray) -> np.ndarray:
+    """Mean reward of the sampled candidates of the context (importance-weighted)."""
+    return np.broadcast_to((sw * r[:, :n_sampled]).sum(axis=1, keepdims=True), r.shape)
 
 
 @register_baseline("loo")
-def _loo(r: np.ndarray, n_sampled: int, expectation: np.ndarray | None) -> np.ndarray:
+def _loo(r: np.ndarray, n_sampled: int, expectation: np.ndarray | None, sw: np.ndarray) -> np.ndarray:
     """Leave-one-out mean (RLOO): a sampled candidate's baseline excludes itself; extra columns use the mean."""
     if n_sampled < 2:
         raise ValueError("the leave-one-out baseline needs at least 2 sampled candidates per context")
-    s = r[:, :n_sampled].sum(axis=1, keepdims=True)
-    b = np.broadcast_to(s / n_sampled, r.shape).copy()
-    b[:, :n_sampled] = (s - r[:, :n_sampled]) / (n_sampled - 1)
+    rs = r[:, :n_sampled]
+    tot, wsum = (sw * rs).sum(axis=1, keepdims=True), sw.sum(axis=1, keepdims=True)
+    b = np.broadcast_to(tot / wsum, r.shape).copy()
+    b[:, :n_sampled] = (tot - sw * rs) / np.maximum(wsum - sw, 1e-12)
     return b
 
 
 @register_baseline("expectation")
-def _expectation(r: np.ndarray, n_sampled: int, expectation: np.ndarray | None) -> np.ndarray:
+def _expectation(r: np.ndarray, n_sampled: int, expectation: np.ndarray | None, sw: np.ndarray) -> np.ndarray:
     """Exact ``sum_a pi_ref(a|s) r(s,a)`` (computed over the whole catalog at sampling time)."""
     if expectation is None:
         raise ValueError("baseline 'expectation' needs the exact expected reward per context")
@@ -77,18 +80,29 @@ def _expectation(r: np.ndarray, n_sampled: int, expectation: np.ndarray | None) 
 
 
 @register_baseline("global_mean")
-def _global_mean(r: np.ndarray, n_sampled: int, expectation: np.ndarray | None) -> np.ndarray:
+def _global_mean(r: np.ndarray, n_sampled: int, expectation: np.ndarray | None, sw: np.ndarray) -> np.ndarray:
     """One constant for all contexts (logged rewards: the mean observed rating)."""
     return np.full(r.shape, float(r.mean()) if r.size else 0.0)
 
 
 @register_baseline("none")
-def _none(r: np.ndarray, n_sampled: int, expectation: np.ndarray | None) -> np.ndarray:
+def _none(r: np.ndarray, n_sampled: int, expectation: np.ndarray | None, sw: np.ndarray) -> np.ndarray:
     return np.zeros_like(r)
 
 
+def _normalised_sample_weights(sample_weights: np.ndarray | None, c: int, n: int) -> np.ndarray:
+    """Per-context self-normalised importance weights of the sampled columns ([C, n], rows sum to 1)."""
+    if sample_weights is None:
+        return np.full((c, n), 1.0 / n) if n else np.zeros((c, 0))
+    sw = np.asarray(sample_weights, dtype=np.float64)
+    if sw.shape != (c, n) or not np.isfinite(sw).all() or (sw < 0).any():
+        raise ValueError(f"sample weights must be finite, non-negative and of shape {(c, n)}")
+    return sw / np.maximum(sw.sum(axis=1, keepdims=True), 1e-300)
+
+
 def advantages(rewards: np.ndarray, baseline: str, n_sampled: int | None = None,
-               expectation: np.ndarray | None = None, standardize: bool = False) -> np.ndarray:
+               expectation: np.ndarray | None = None, standardize: bool = False,
+               sample_weights: np.ndarray | None = None) -> np.ndarray:
     """``A = r - b(s)`` ([C, M]), optionally divided by its global std."""
     r = np.asarray(rewards, dtype=np.float64)
     if r.ndim != 2:
@@ -97,7 +111,8 @@ def advantages(rewards: np.ndarray, baseline: str, n_sampled: int | None = None,
         bad = np.argwhere(~np.isfinite(r))[:5].tolist()
         raise ValueError(f"non-finite rewards at (context, action) {bad}")
     n = r.shape[1] if n_sampled is None else n_sampled
-    a = r - _lookup(BASELINES, baseline, "baseline")(r, n, expectation)
+    sw = _normalised_sample_weights(sample_weights, r.shape[0], n)
+    a = r - _lookup(BASELINES, baseline, "baseline")(r, n, expectation, sw)
     if standardize:
         sd = float(a.std())
         a = a / sd if sd > 0 else a
@@ -166,15 +181,30 @@ def weight_stats(w: np.ndarray, clipped: np.ndarray) -> dict[str, float]:
             "zero_share": float((w == 0).mean()) if w.size else 0.0}
 
 
+PER_CONTEXT_TRANSFORMS = {"softmax"}
+
+
 def compute_weights(rewards: np.ndarray, cfg: AdvantageConfig, n_sampled: int | None = None,
                     expectation: np.ndarray | None = None, baseline: str | None = None,
-                    transform: str | None = None) -> Weights:
+                    transform: str | None = None, sample_weights: np.ndarray | None = None) -> Weights:
     """Advantages and weights of ``rewards`` [C, M] with the configured (or given) estimator and transform.
 
+    ``sample_weights`` [C, n_sampled] are the candidates' importance weights (see
+    :func:`asft.sampling.inclusion_weights`); each sampled column's weight is multiplied by its
+    self-normalised importance weight (times n_sampled, so uniform sampling leaves it unchanged).
     Weights are rescaled to mean 1 (a no-op for the loss, which divides by the weight sum) so that
     their statistics are comparable across methods."""
-    a = advantages(rewards, baseline or cfg.baseline, n_sampled, expectation, cfg.standardize)
-    w, clipped = _lookup(TRANSFORMS, transform or cfg.transform, "weight transform")(a, cfg)
+    r = np.asarray(rewards, dtype=np.float64)
+    n = r.shape[1] if n_sampled is None else n_sampled
+    name = transform or cfg.transform
+    a = advantages(r, baseline or cfg.baseline, n, expectation, cfg.standardize, sample_weights)
+    w, clipped = _lookup(TRANSFORMS, name, "weight transform")(a, cfg)
+    if sample_weights is not None:
+        factor = np.ones_like(w)
+        factor[:, :n] = _normalised_sample_weights(sample_weights, r.shape[0], n) * n
+        w = w * factor
+        if name in PER_CONTEXT_TRANSFORMS:
+            w = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-300) * w.shape[1]
     mean = float(w.mean()) if w.size else 0.0
     if mean > 0:
         w = w / mean

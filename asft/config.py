@@ -298,7 +298,7 @@ class AdvantageConfig(_Section):
                           " 'expectation' (exact E_pi_ref[r]) or 'none'.")
     transform: str = Field("exp", description="Weight transform: 'exp' (global exp(A/lambda), clipped and"
                            " normalised), 'softmax' (per context over the candidates), 'linear', 'top_q', 'ones'.")
-    lam: float = Field(1.0, gt=0, description="lambda, the KL temperature: w = exp(A/lambda).")
+    lam: float = Field(1.5, gt=0, description="lambda, the KL temperature: w = exp(A/lambda).")
     standardize: bool = Field(True, description="Divide A by its global std first, so lambda is in units of"
                               " advantage std and comparable across reward models.")
     w_max: float = Field(20.0, gt=0, description="Clip global weights at w_max (before normalisation to mean 1).")
@@ -365,8 +365,11 @@ class PostTrainConfig(_Section):
         default_factory=lambda: ["asft", "sft", "dpo", "grpo"],
         description="Methods run by `retrain`, each a nested MLflow run: " + ", ".join(POSTTRAIN_METHODS) + ".",
     )
-    anchor_weight: float = Field(0.0, ge=0, description="Weighted methods: plain-SFT anchor on the logged next"
-                                 " item, with this weight per context (0 = off).")
+    mask_history: bool = Field(True, description="Weighted and pairwise methods fit the history-masked policy (the"
+                               " distribution candidates are sampled from and recommendations are made from).")
+    anchor_weight: float = Field(4.0, ge=0, description="Candidate-based methods (asft, asft_mix, rft, rft_asft):"
+                                 " plain-SFT anchor on the logged next item, with this weight per context next to"
+                                 " the N candidates whose weights average 1 (0 = off).")
     ndcg_tolerance: float = Field(0.03, ge=0, le=1, description="Selection guard: valid NDCG@10 may drop at most"
                                   " this share below the base model's.")
     champion_method: str = Field("asft", description="The method whose model `retrain` reports as its result.")

@@ -27,8 +27,13 @@ rec_r1         online      GRPO whose reward is NDCG@K of a sampled slate agains
 =============  ==========  =================================================================
 
 Weighted family loss: ``-sum(w * log pi(a|s)) / sum(w)`` over the optimizer batch (the global
-weight sum: gradient accumulation and data parallelism do not change it); with
-``posttrain.anchor_weight`` > 0 each context also gets its logged item with that weight.
+weight sum: gradient accumulation and data parallelism do not change it). With
+``posttrain.mask_history`` (default) ``pi`` is the history-masked policy, the distribution the
+candidates were sampled from: pi_ref puts a third of its mass on already-consumed items, and
+fitting masked samples with the unmasked softmax drags that mass down through the shared
+embeddings and flattens the policy (measured: NDCG@10 0.69x the base for uniform weights). With
+``posttrain.anchor_weight`` > 0 each context of the candidate-based methods (asft, asft_mix,
+rft, rft_asft) also gets its logged item with that weight (the candidates' weights average 1).
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from asft.utils import seed_everything, write_json
 FAMILY = {"sft": "weighted", "rwr": "weighted", "asft": "weighted", "asft_logged": "weighted",
           "asft_mix": "weighted", "rft": "rounds", "rft_asft": "rounds", "dpo": "pairwise", "ipo": "pairwise",
           "rloo": "online", "grpo": "online", "rec_r1": "online"}
+SAMPLED_METHODS = {"asft", "asft_mix", "rft", "rft_asft"}  # trained on pi_ref's candidates (anchor applies)
 USES_REWARD_MODEL = {"rwr", "asft", "asft_mix", "rft", "rft_asft", "dpo", "ipo", "rloo", "grpo"}
 
 
@@ -103,8 +109,12 @@ def collate_examples(tc: TrainContexts, examples: list[Example], with_history: b
         v = np.concatenate([e.data[k] for e in examples])
         batch[k] = torch.from_numpy(v.astype(np.float32 if v.dtype.kind == "f" else np.int64))
     if with_history:
-        hm = history_mask(ids, tc.vocab_size, [tc.before(e.window) for e in examples])
-        batch["hist_mask"] = hm[batch["ctx_b"], batch["ctx_t"]]
+        hm = history_mask(ids, tc.vocab_size, [tc.before(e.window) for e in examples])[batch["ctx_b"], batch["ctx_t"]]
+        hm[:, :NUM_SPECIAL] = True
+        for key in ("item", "chosen", "rejected"):  # a logged repeat consumption stays a valid target
+            if key in batch:
+                hm[batch["row_ctx"], batch[key]] = False
+        batch["hist_mask"] = hm
     if next_horizon:
         nxt = np.full((len(batch["ctx_b"]), next_horizon), -1, dtype=np.int64)
         for c, (b, t) in enumerate(zip(batch["ctx_b"].tolist(), batch["ctx_t"].tolist())):
@@ -115,9 +125,14 @@ def collate_examples(tc: TrainContexts, examples: list[Example], with_history: b
 
 
 def context_log_probs(model, batch: dict) -> torch.Tensor:
-    """log pi(.|s) (full softmax, as in SFT) at the batch's distinct contexts: [C, V]."""
+    """log pi(.|s) at the batch's distinct contexts: [C, V]. With a ``hist_mask`` in the batch this is
+    the history-masked policy (the distribution recommendations and candidates are drawn from);
+    without, the full softmax of SFT."""
     h = model.transformer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    return torch.log_softmax(model.lm_head(h[batch["ctx_b"], batch["ctx_t"]]).float(), dim=-1)
+    logits = model.lm_head(h[batch["ctx_b"], batch["ctx_t"]]).float()
+    if "hist_mask" in batch:
+        logits = logits.masked_fill(batch["hist_mask"], float("-inf"))
+    return torch.log_softmax(logits, dim=-1)
 
 
 # ---------------------------------------------------------------------------- weighted family
@@ -166,14 +181,15 @@ def method_weights(method: str, frame: pd.DataFrame, cfg: Config, keep_frac: flo
     cand_r, logged_r, expected = _reward_matrix(frame, cfg)
     cands = stack(frame, "candidates").astype(np.int64)
     n = cands.shape[1]
+    iw = stack(frame, "sample_iw") if "sample_iw" in frame else None
     if keep_frac is not None:  # rejection sampling: top share by reward
         return cands, compute_weights(cand_r, adv.model_copy(update={"top_q": keep_frac}), baseline="none",
-                                      transform="top_q")
+                                      transform="top_q", sample_weights=iw)
     if method == "asft_mix":
         return (np.concatenate([cands, logged], axis=1),
                 compute_weights(np.concatenate([cand_r, logged_r[:, None]], axis=1), adv, n_sampled=n,
-                                expectation=expected))
-    return cands, compute_weights(cand_r, adv, n_sampled=n, expectation=expected)
+                                expectation=expected, sample_weights=iw))
+    return cands, compute_weights(cand_r, adv, n_sampled=n, expectation=expected, sample_weights=iw)
 
 
 def with_anchor(items: np.ndarray, w: np.ndarray, frame: pd.DataFrame, anchor: float) -> tuple[np.ndarray, np.ndarray]:
@@ -184,11 +200,11 @@ def with_anchor(items: np.ndarray, w: np.ndarray, frame: pd.DataFrame, anchor: f
 
 
 # ---------------------------------------------------------------------------- pairwise family
-def preference_pairs(frame: pd.DataFrame, z: float, per_context: int) -> pd.DataFrame:
+def preference_pairs(frame: pd.DataFrame, z: float, per_context: int, ref_col: str = "ref_logp") -> pd.DataFrame:
     """Pairs of sampled candidates ranked by the ensemble mean: best vs worst, second vs second-worst,
     ...; kept only where ``[mean - z std, mean + z std]`` intervals do not overlap."""
     mean, std = stack(frame, "r_mean"), stack(frame, "r_std")
-    cands, ref = stack(frame, "candidates").astype(np.int64), stack(frame, "ref_logp")
+    cands, ref = stack(frame, "candidates").astype(np.int64), stack(frame, ref_col)
     order = np.argsort(-mean, axis=1, kind="stable")
     rows = []
     n = mean.shape[1]
@@ -250,8 +266,7 @@ def make_online_loss(method: str, cfg: Config, ref, members: list | None) -> Cal
 
     def loss_fn(model, batch: dict, normalizer: float):
         ids, am, b, t = batch["input_ids"], batch["attention_mask"], batch["ctx_b"], batch["ctx_t"]
-        banned = batch["hist_mask"].clone()
-        banned[:, :NUM_SPECIAL] = True
+        banned = batch["hist_mask"]
         h = model.transformer(input_ids=ids, attention_mask=am).last_hidden_state[b, t]
         logits = model.lm_head(h).float().masked_fill(banned, float("-inf"))
         logp_all = torch.log_softmax(logits, dim=-1)
@@ -348,7 +363,8 @@ def run_method(method: str, cfg: Config, inputs: PostTrainInputs, out_dir: str |
 
     family = FAMILY[method]
     extra: dict = {}
-    weighted = (lambda ex: collate_examples(tc, ex), weighted_loss, count_weight)
+    masked = cfg.posttrain.mask_history
+    weighted = (lambda ex: collate_examples(tc, ex, with_history=masked), weighted_loss, count_weight)
     if family in ("weighted", "pairwise", "rounds") and frame is None:
         raise ValueError(f"method '{method}' needs the candidate dataset (run the sample/score stages)")
 
@@ -357,13 +373,15 @@ def run_method(method: str, cfg: Config, inputs: PostTrainInputs, out_dir: str |
             items, wts = read_advantages(inputs.adv_dir, frame)
         else:
             items, wts = method_weights(method, frame, cfg)
-        items, w = with_anchor(items, wts.weights, frame, cfg.posttrain.anchor_weight if method != "sft" else 0.0)
+        anchor = cfg.posttrain.anchor_weight if method in SAMPLED_METHODS else 0.0
+        items, w = with_anchor(items, wts.weights, frame, anchor)
         examples = weighted_examples(frame, items, w)
         extra["weights"] = _weights_summary(wts, out_dir)
         result = trainer_for(policy, weighted, out_dir).fit(examples, resume=resume)
         results = [result]
     elif family == "pairwise":
-        pairs = preference_pairs(frame, cfg.posttrain.dpo.z, cfg.posttrain.dpo.pairs_per_context)
+        pairs = preference_pairs(frame, cfg.posttrain.dpo.z, cfg.posttrain.dpo.pairs_per_context,
+                                 ref_col="ref_logp_masked" if masked else "ref_logp")
         if pairs.empty:
             raise ValueError("no candidate pair has non-overlapping reward intervals; lower posttrain.dpo.z")
         examples = group_rows(pairs["window"].to_numpy(), pairs["pos"].to_numpy(),
@@ -371,7 +389,8 @@ def run_method(method: str, cfg: Config, inputs: PostTrainInputs, out_dir: str |
         extra["pairs"] = {"pairs": int(len(pairs)), "contexts_with_pairs": int(pairs[["window", "pos"]]
                                                                                .drop_duplicates().shape[0]),
                           "contexts": int(len(frame))}
-        spec = (lambda ex: collate_examples(tc, ex), make_pair_loss(method, cfg.posttrain.dpo.beta), count_rows)
+        spec = (lambda ex: collate_examples(tc, ex, with_history=masked), make_pair_loss(method, cfg.posttrain.dpo.beta),
+                count_rows)
         results = [trainer_for(policy, spec, out_dir).fit(examples, resume=resume)]
     elif family == "online":
         horizon = cfg.posttrain.rec_r1.horizon if method == "rec_r1" else 0

@@ -10,8 +10,11 @@ Per context we draw N distinct candidates (Gumbel top-k = sequential sampling wi
 replacement) from ``q = softmax(filter(logits) / temperature)`` where ``filter`` masks special
 tokens and, optionally, the user's history, then applies top-k / top-p. Stored per context:
 
-- ``candidates`` [N] item tokens, ``ref_logp`` [N] = log pi_ref(a|s) (full softmax, the same
-  quantity the trainers compute for the policy), ``sample_logp`` [N] = log q(a|s);
+- ``candidates`` [N] item tokens, ``ref_logp`` [N] = log pi_ref(a|s) (full softmax),
+  ``ref_logp_masked`` [N] (pi_ref with history and specials masked: the policy the trainers
+  fit by default), ``sample_logp`` [N] = log q(a|s), and
+  ``sample_iw`` [N] = q(a|s) / P(a in sample), the importance weights that make weighted sums over
+  the without-replacement sample unbiased estimates of expectations under q;
 - ensemble rewards of the candidates (``r_mean``, ``r_std``, ``r_pess``; per-context centred) and of
   the logged action, and the exact expected reward ``E_q[r]`` (the 'expectation' baseline);
 - the logged action, its rating (if any) and its ``ref_logp``.
@@ -141,14 +144,35 @@ def filter_logits(logits: torch.Tensor, mask: torch.Tensor | None, temperature: 
     return z
 
 
-def gumbel_topk(z: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """n distinct indices per row sampled without replacement from softmax(z) (Gumbel top-k)."""
+def gumbel_topk(z: torch.Tensor, n: int, generator: torch.Generator | None = None, return_threshold: bool = False):
+    """n distinct indices per row sampled without replacement from softmax(z) (Gumbel top-k).
+
+    With ``return_threshold`` also returns kappa, the (n+1)-th largest perturbed key, from which
+    :func:`inclusion_weights` computes importance weights (-inf when at most n items can be drawn)."""
     finite = torch.isfinite(z).sum(dim=-1)
     if (finite < n).any():
         raise ValueError(f"a context has only {int(finite.min())} items left to sample but {n} candidates were"
                          " asked for (lower sampling.n_candidates or disable sampling.mask_history)")
     u = torch.rand(z.shape, generator=generator, device=z.device).clamp_(1e-20, 1.0 - 1e-7)
-    return torch.topk(z - torch.log(-torch.log(u)), n, dim=-1).indices
+    keys = z - torch.log(-torch.log(u))
+    top = torch.topk(keys, min(n + 1, z.shape[-1]), dim=-1)
+    idx = top.indices[..., :n]
+    if not return_threshold:
+        return idx
+    kappa = top.values[..., n] if z.shape[-1] > n else torch.full(z.shape[:-1], float("-inf"), device=z.device)
+    return idx, kappa
+
+
+def inclusion_weights(z: torch.Tensor, idx: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
+    """Importance weights ``p(a) / P(a in S)`` of a Gumbel top-k sample S (priority sampling, as in
+    Kool et al. 2019), with ``P(a in S) ~= P(z_a + G > kappa) = 1 - exp(-exp(z_a - kappa))``.
+
+    ``sum_{a in S} w_a f(a)`` is an unbiased estimate of ``E_{a ~ softmax(z)}[f(a)]``: without it,
+    uniform weights on a without-replacement sample over-represent unlikely items (the sample is
+    flatter than the distribution it came from)."""
+    p = torch.softmax(z, dim=-1).gather(-1, idx)
+    incl = -torch.expm1(-torch.exp(z.gather(-1, idx) - kappa.unsqueeze(-1)))
+    return p / incl.clamp_min(1e-30)
 
 
 def expected_under(z: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -195,7 +219,11 @@ def _window_contexts(tc: TrainContexts, idx: list[int], device) -> tuple[tuple[t
             torch.tensor(sel_t, device=device, dtype=torch.long)), sel_b, sel_t
 
 
-def _sampling_logits(policy, tc: TrainContexts, idx: list[int], cfg: SamplingConfig, device):
+def masks_at(mask: torch.Tensor | None, b_t) -> torch.Tensor | None:
+    return None if mask is None else mask[b_t]
+
+
+def _sampling_logits(policy, tc: TrainContexts, idx: list[int], cfg: SamplingConfig, device, with_mask: bool = False):
     from asft.models.recommender import all_position_logits
 
     ids, am = collate_inputs(tc, idx)
@@ -203,7 +231,7 @@ def _sampling_logits(policy, tc: TrainContexts, idx: list[int], cfg: SamplingCon
     logits = all_position_logits(policy, ids, am).float()  # [B, T, V]
     mask = history_mask(ids, logits.shape[-1], [tc.before(i) for i in idx]) if cfg.mask_history else None
     z = filter_logits(logits, mask, cfg.temperature, cfg.top_k, cfg.top_p, min_keep=cfg.n_candidates)
-    return ids, am, logits, z
+    return (ids, am, logits, z, mask) if with_mask else (ids, am, logits, z)
 
 
 @torch.no_grad()
@@ -216,15 +244,16 @@ def sample_candidates(policy: torch.nn.Module, tc: TrainContexts, cfg: SamplingC
     idx_all = list(range(len(tc.windows))) if windows is None else list(windows)
     n = cfg.n_candidates
     cols: dict[str, list] = {k: [] for k in ("window", "pos", "user_idx", "context_end", "logged", "logged_rating",
-                                             "candidates", "ref_logp", "sample_logp", "logged_ref_logp")}
+                                             "candidates", "ref_logp", "ref_logp_masked", "sample_logp", "sample_iw",
+                                             "logged_ref_logp")}
     bar = tqdm(range(0, len(idx_all), cfg.batch_size), desc="sampling", leave=False, disable=not progress,
                mininterval=1.0)
     for s in bar:
         idx = idx_all[s : s + cfg.batch_size]
-        _, _, logits, z = _sampling_logits(policy, tc, idx, cfg, device)
+        _, _, logits, z, mask = _sampling_logits(policy, tc, idx, cfg, device, with_mask=True)
         b_t, sel_b, sel_t = _window_contexts(tc, idx, device)
         zc = z[b_t]
-        cand = gumbel_topk(zc, n, batch_generator(seed, idx[0], len(idx), device=device))
+        cand, kappa = gumbel_topk(zc, n, batch_generator(seed, idx[0], len(idx), device=device), return_threshold=True)
         ref_lp = torch.log_softmax(logits[b_t], dim=-1)
         q_lp = torch.log_softmax(zc, dim=-1)
         logged = torch.tensor([int(tc.windows[idx[b]][t + 1]) for b, t in zip(sel_b, sel_t)], device=device)
@@ -236,7 +265,11 @@ def sample_candidates(policy: torch.nn.Module, tc: TrainContexts, cfg: SamplingC
         cols["logged_rating"] += [tc.logged_rating(idx[b], t) for b, t in zip(sel_b, sel_t)]
         cols["candidates"] += list(cand.cpu().numpy().astype(np.int32))
         cols["ref_logp"] += list(ref_lp.gather(1, cand).cpu().numpy().astype(np.float32))
+        banned = torch.isinf(filter_logits(logits[b_t], masks_at(mask, b_t)))
+        ref_m = torch.log_softmax(logits[b_t].masked_fill(banned, float("-inf")), dim=-1)
+        cols["ref_logp_masked"] += list(ref_m.gather(1, cand).cpu().numpy().astype(np.float32))
         cols["sample_logp"] += list(q_lp.gather(1, cand).cpu().numpy().astype(np.float32))
+        cols["sample_iw"] += list(inclusion_weights(zc, cand, kappa).cpu().numpy().astype(np.float32))
         cols["logged_ref_logp"] += ref_lp.gather(1, logged[:, None])[:, 0].cpu().tolist()
     return pd.DataFrame(cols)
 
@@ -398,6 +431,10 @@ def write_slates(model, data: ProcessedData, cfg: SamplingConfig, seed: int, tmp
 def sampling_summary(frame: pd.DataFrame, seconds: float, n: int) -> dict:
     out = {"contexts": int(len(frame)), "candidates": int(len(frame) * n), "seconds": seconds,
            "candidates_per_s": float(len(frame) * n / seconds) if seconds > 0 else 0.0}
+    if len(frame) and "sample_iw" in frame:
+        iw = stack(frame, "sample_iw")
+        iw = iw / iw.sum(axis=1, keepdims=True)
+        out["sample_iw_ess_share"] = float((1.0 / (iw * iw).sum(axis=1)).mean() / iw.shape[1])
     if len(frame) and "r_mean" in frame:
         rm = stack(frame, "r_mean")
         out.update(reward_mean=float(rm.mean()), reward_std_within_context=float(rm.std(axis=1).mean()),

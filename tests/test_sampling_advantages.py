@@ -14,8 +14,8 @@ from asft.advantages import BASELINES, advantages, compute_weights, register_bas
 from asft.config import AdvantageConfig, ConfigError, load_config
 from asft.models.recommender import build_model
 from asft.posttrain import preference_pairs
-from asft.sampling import (TrainContexts, batch_generator, filter_logits, gumbel_topk, history_mask, sample_slates,
-                           slate_logprobs)
+from asft.sampling import (TrainContexts, batch_generator, filter_logits, gumbel_topk, history_mask,
+                           inclusion_weights, sample_slates, slate_logprobs)
 
 V = 4 + 12
 
@@ -31,6 +31,35 @@ def test_gumbel_topk_distinct_unmasked_and_matches_first_draw_distribution():
     assert torch.allclose(freq, p, atol=0.03)  # the first draw follows softmax(z)
     with pytest.raises(ValueError, match="only 4 items"):
         gumbel_topk(z, 5, g)
+
+
+def test_inclusion_weights_make_without_replacement_sums_unbiased():
+    """sum_{a in S} p(a)/P(a in S) f(a) over Gumbel top-k samples S estimates E_p[f]; the plain mean
+    over S is biased towards unlikely items (the sample is flatter than p)."""
+    z = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))[None].repeat(20000, 1)
+    f = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    idx, kappa = gumbel_topk(z, 2, batch_generator(0, 9), return_threshold=True)
+    w = inclusion_weights(z, idx, kappa)
+    est = (w * f[idx]).sum(1).mean().item()
+    exact = float((torch.softmax(z[0], 0) * f).sum())
+    assert est == pytest.approx(exact, rel=0.02)
+    assert f[idx].mean().item() > exact + 0.2  # the naive mean over the sample is biased
+    # at most n items can be drawn: all are included surely, weights are the probabilities
+    z2 = torch.tensor([[0.0, float("-inf"), 0.0]])
+    i2, k2 = gumbel_topk(z2, 2, batch_generator(0, 1), return_threshold=True)
+    assert torch.allclose(inclusion_weights(z2, i2, k2), torch.tensor([[0.5, 0.5]]))
+
+
+def test_sample_weights_enter_baselines_and_weights():
+    r = np.array([[1.0, 3.0]])
+    sw = np.array([[3.0, 1.0]])  # candidate 0 carries 3/4 of the mass
+    np.testing.assert_allclose(advantages(r, "mean", sample_weights=sw), [[1 - 1.5, 3 - 1.5]])
+    w = compute_weights(r, AdvantageConfig(standardize=False), baseline="none", transform="ones", sample_weights=sw)
+    np.testing.assert_allclose(w.weights, [[1.5, 0.5]])  # lambda -> infinity: weights follow pi_ref's mass
+    sm = compute_weights(r, AdvantageConfig(standardize=False, lam=1.0), baseline="mean", transform="softmax",
+                         sample_weights=sw).weights
+    e = np.array([0.75 * np.exp(-0.5), 0.25 * np.exp(1.5)])
+    np.testing.assert_allclose(sm, [2 * e / e.sum()])
 
 
 def test_sampling_is_seeded():
@@ -145,7 +174,7 @@ def test_weight_stats_effective_sample_size():
 
 def test_registering_a_baseline_is_one_function():
     @register_baseline("max_test")
-    def _max(r, n, expectation):
+    def _max(r, n, expectation, sw):
         return np.broadcast_to(r.max(axis=1, keepdims=True), r.shape)
 
     try:
