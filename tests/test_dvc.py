@@ -120,7 +120,9 @@ def test_dvc_stages_call_the_cli():
     stages = _dvc_stages()
     for name in ("ingest", "preprocess", "preferences"):
         assert name in stages
+    assert "${item}" in stages["posttrain"]["do"]["cmd"]  # one stage per method in posttrain.methods
     for name, st in stages.items():
+        st = st.get("do", st)  # foreach stages
         assert st["cmd"].startswith("python -m asft.cli "), name
         assert st.get("outs") and st.get("deps") and st.get("params"), name
 
