@@ -168,4 +168,4 @@ def _print_methods(reports: dict[str, dict]) -> None:
         t.add_column(k, justify="right")
     for name, rep in reports.items():
         t.add_row(name, *[f"{rep['test'].get(k, float('nan')):.4f}" for k in keys])
-    Console(stderr=True).print(t)
+    Console(stderr=True, width=160).print(t)
