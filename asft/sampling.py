@@ -113,9 +113,11 @@ def history_mask(ids: torch.Tensor, vocab_size: int, before: list[np.ndarray] | 
     """``[B, T, V]`` bool: item v is in the history of context (b, t), i.e. in ``ids[b, :t+1]`` or in
     ``before[b]``."""
     b, t = ids.shape
-    onehot = torch.zeros(b, t, vocab_size, dtype=torch.int32, device=ids.device)
-    onehot.scatter_(2, ids.unsqueeze(-1), 1)
-    mask = onehot.cumsum(dim=1) > 0
+    # first position of each item in each row (t if absent); item v is history at t iff first <= t
+    pos = torch.arange(t, device=ids.device).expand(b, t)
+    first = torch.full((b, vocab_size), t, dtype=torch.long, device=ids.device)
+    first.scatter_reduce_(1, ids, pos, reduce="amin")
+    mask = first.unsqueeze(1) <= torch.arange(t, device=ids.device).view(1, t, 1)
     if before is not None:
         for r, items in enumerate(before):
             if len(items):
