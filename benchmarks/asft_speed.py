@@ -29,7 +29,8 @@ from asft.config import load_config  # noqa: E402
 from asft.data.preprocess import ProcessedData  # noqa: E402
 from asft.models.reward import RewardEnsemble  # noqa: E402
 from asft.posttrain import collate_examples, count_weight, load_policy, method_weights, weighted_examples, weighted_loss  # noqa: E402
-from asft.sampling import TrainContexts, sample_candidates, score_candidates  # noqa: E402
+from asft.sampling import (TrainContexts, batch_generator, sample_candidates, sample_slates,  # noqa: E402
+                           score_candidates, slate_logprobs)
 from asft.training.sft import collate_windows, count_targets, sft_batch_loss  # noqa: E402
 from asft.training.trainer import Trainer  # noqa: E402
 
@@ -72,6 +73,20 @@ def main() -> None:
                        "candidates_sampled_per_s": n_cand / t_sample, "candidates_scored_per_s": n_cand / t_score,
                        "candidates_sampled_and_scored_per_s": n_cand / (t_sample + t_score),
                        "reward_members": len(ens.members)}
+    valid = [np.asarray(x, dtype=np.int64) for x in data.table("valid")["input"]]
+    k = cfg.sampling.slate_size
+    t0 = time.perf_counter()
+    for s in range(0, len(valid), cfg.sampling.batch_size):
+        sample_slates(ref, valid[s : s + cfg.sampling.batch_size], k, batch_generator(cfg.seed, s))
+    t_slates = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n_ref = min(64, len(valid))
+    slates, _ = sample_slates(ref, valid[:n_ref], k, batch_generator(cfg.seed, 0))
+    slate_logprobs(ref, valid[:n_ref], slates)
+    t_nocache = time.perf_counter() - t0
+    out["slates"] = {"slate_size": k, "contexts": len(valid), "kv_cache_slates_per_s": len(valid) / t_slates,
+                     "no_cache_recompute_slates_per_s (one context at a time)": n_ref / t_nocache}
+    out["sampling"]["slates"] = out["slates"]
     print(json.dumps(out["sampling"], indent=1), file=sys.stderr)
 
     items, w = method_weights("asft", frame, cfg)
