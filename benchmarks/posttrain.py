@@ -164,13 +164,14 @@ def main() -> None:
         dirs = {}
         for spec in a.variants:
             name, _, kv = spec.partition("=")
-            ov = [x for x in kv.split(",") if x]
-            var["specs"][name] = ov
+            ov = [x for x in kv.split(",") if x and not x.startswith("method=")]
+            method = next((x.split("=", 1)[1] for x in kv.split(",") if x.startswith("method=")), "asft")
+            var["specs"][name] = [f"method={method}", *ov]
             c = load_config(a.config, base_ov + NOISE[noise] + ov)
             d = sd / "variants" / name
             if not (d / "best" / "model.safetensors").is_file():
                 log(f"variant {name}: {ov}")
-                stages.stage_posttrain("asft", work / "processed", ref, nd / "reward", sd / "scored", None, c, d,
+                stages.stage_posttrain(method, work / "processed", ref, nd / "reward", sd / "scored", None, c, d,
                                        progress=False)
             dirs[name] = d / "best"
         cfg = load_config(a.config, base_ov + NOISE[noise])

@@ -66,8 +66,8 @@ def main() -> None:
             print("| " + " | ".join(row) + " |")
         panels = {m: {k: agg(reps, m, k)[0] for k, _ in cols} for m in methods}
         metric_panels(panels, [k for k, _ in cols], out_dir / f"methods_{noise}.png", f"test, noise {noise}")
-    if sim and len(runs) > 1:
-        order = [n for n in ("none", "medium", "high") if n in runs]
+    order = [n for n in ("none", "medium", "high") if n in runs and seeds_of(runs[n])]
+    if sim and len(order) > 1:
         methods = list(seeds_of(runs[order[0]])[0])
         pts = {}
         for m in methods:
