@@ -41,7 +41,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,7 @@ import torch
 from asft.advantages import Weights, compute_weights
 from asft.config import Config
 from asft.data.preprocess import NUM_SPECIAL, ProcessedData
-from asft.losses import (dpo_loss, entropy_rows, group_advantages, ipo_loss, policy_gradient_loss, target_log_probs,
+from asft.losses import (dpo_loss, entropy_rows, group_advantages, ipo_loss, policy_gradient_loss,
                          weighted_nll)
 from asft.models.recommender import load_recommender, save_recommender
 from asft.policy_eval import PolicyScorer
@@ -454,10 +454,6 @@ def _weights_summary(w: Weights, out_dir: Path) -> dict:
     histogram(w.advantages.ravel(), out_dir / "advantages_hist.png", "advantages", "A (standardised)")
     write_json(out_dir / "weights.json", w.stats)
     return dict(w.stats)
-
-
-def result_dict(r: TrainResult) -> dict:
-    return {k: v for k, v in asdict(r).items() if k != "history"}
 
 
 # ---------------------------------------------------------------------------- advantages stage

@@ -221,10 +221,6 @@ def _window_contexts(tc: TrainContexts, idx: list[int], device) -> tuple[tuple[t
             torch.tensor(sel_t, device=device, dtype=torch.long)), sel_b, sel_t
 
 
-def masks_at(mask: torch.Tensor | None, b_t) -> torch.Tensor | None:
-    return None if mask is None else mask[b_t]
-
-
 def _sampling_logits(policy, tc: TrainContexts, idx: list[int], cfg: SamplingConfig, device, with_mask: bool = False):
     from asft.models.recommender import all_position_logits
 
@@ -267,7 +263,7 @@ def sample_candidates(policy: torch.nn.Module, tc: TrainContexts, cfg: SamplingC
         cols["logged_rating"] += [tc.logged_rating(idx[b], t) for b, t in zip(sel_b, sel_t)]
         cols["candidates"] += list(cand.cpu().numpy().astype(np.int32))
         cols["ref_logp"] += list(ref_lp.gather(1, cand).cpu().numpy().astype(np.float32))
-        banned = torch.isinf(filter_logits(logits[b_t], masks_at(mask, b_t)))
+        banned = torch.isinf(filter_logits(logits[b_t], None if mask is None else mask[b_t]))
         ref_m = torch.log_softmax(logits[b_t].masked_fill(banned, float("-inf")), dim=-1)
         cols["ref_logp_masked"] += list(ref_m.gather(1, cand).cpu().numpy().astype(np.float32))
         cols["sample_logp"] += list(q_lp.gather(1, cand).cpu().numpy().astype(np.float32))
