@@ -207,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_environment()
     args = build_parser().parse_args(argv)
     from asft.config import ConfigError
-    from asft.data.schema import DataFormatError
     from asft.data.preferences import PreferenceConfigError
+    from asft.data.schema import DataFormatError
     from asft.data.validation import DataValidationError
 
     try:

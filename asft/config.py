@@ -405,6 +405,23 @@ class TrackingConfig(_Section):
     enabled: bool = Field(True, description="Log to MLflow at all (stage commands may turn it off).")
 
 
+class RegistryConfig(_Section):
+    """MLflow Model Registry: registered models, aliases and the promotion gate."""
+
+    enabled: bool = Field(True, description="Register the models of every successful retrain (audit re-runs never do).")
+    recommender_model: str = Field("asft-recommender", description="Registered name of the generative recommender"
+                                   " (the post-trained `posttrain.champion_method` policy, a pyfunc serving top-K).")
+    reward_model: str = Field("asft-reward", description="Registered name of the reward ensemble (pyfunc scoring"
+                              " candidate items for a history); promoted together with the recommender it trained.")
+    ndcg_tolerance: float = Field(0.01, ge=0.0, description="The new model may trail the champion's validation"
+                                  " NDCG@10 by at most this much (absolute) and still be promoted.")
+    judged_margin: float = Field(0.0, description="...and must beat the champion's held-out judged reward of the"
+                                 " valid top-10 by more than this.")
+    serve_k: int = Field(10, ge=1, description="Default number of recommendations the served model returns.")
+    reuse_champion_base: bool = Field(True, description="Reuse the champion's base model (downloaded from MLflow)"
+                                      " when its data hash, params and code version equal this run's.")
+
+
 class Config(_Section):
     """The whole pipeline configuration (``params.yaml``)."""
 
@@ -423,6 +440,7 @@ class Config(_Section):
     advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
     posttrain: PostTrainConfig = Field(default_factory=PostTrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

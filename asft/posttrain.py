@@ -51,12 +51,20 @@ import torch
 from asft.advantages import Weights, compute_weights
 from asft.config import Config
 from asft.data.preprocess import NUM_SPECIAL, ProcessedData
-from asft.losses import (dpo_loss, entropy_rows, group_advantages, ipo_loss, policy_gradient_loss,
-                         weighted_nll)
+from asft.losses import dpo_loss, entropy_rows, group_advantages, ipo_loss, policy_gradient_loss, weighted_nll
 from asft.models.recommender import load_recommender, save_recommender
 from asft.policy_eval import PolicyScorer
-from asft.sampling import (TrainContexts, collate_inputs, gumbel_topk, history_mask, position_rewards,
-                           read_candidates, sample_candidates, score_candidates, stack)
+from asft.sampling import (
+    TrainContexts,
+    collate_inputs,
+    gumbel_topk,
+    history_mask,
+    position_rewards,
+    read_candidates,
+    sample_candidates,
+    score_candidates,
+    stack,
+)
 from asft.training.trainer import Trainer, TrainResult
 from asft.utils import seed_everything, write_json
 
@@ -386,9 +394,9 @@ def run_method(method: str, cfg: Config, inputs: PostTrainInputs, out_dir: str |
             raise ValueError("no candidate pair has non-overlapping reward intervals; lower posttrain.dpo.z")
         examples = group_rows(pairs["window"].to_numpy(), pairs["pos"].to_numpy(),
                               {k: pairs[k].to_numpy() for k in ("chosen", "rejected", "ref_w", "ref_l")})
-        extra["pairs"] = {"pairs": int(len(pairs)), "contexts_with_pairs": int(pairs[["window", "pos"]]
+        extra["pairs"] = {"pairs": len(pairs), "contexts_with_pairs": int(pairs[["window", "pos"]]
                                                                                .drop_duplicates().shape[0]),
-                          "contexts": int(len(frame))}
+                          "contexts": len(frame)}
         spec = (lambda ex: collate_examples(tc, ex, with_history=masked), make_pair_loss(method, cfg.posttrain.dpo.beta),
                 count_rows)
         results = [trainer_for(policy, spec, out_dir).fit(examples, resume=resume)]

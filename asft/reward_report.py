@@ -97,7 +97,7 @@ def reward_report(
     d_mean = d_members.mean(axis=0)
     spread = d_members.std(axis=0)
 
-    rep: dict = {"split": split, "pairs": int(len(held)), "contexts": len(groups), "members": len(ens.members)}
+    rep: dict = {"split": split, "pairs": len(held), "contexts": len(groups), "members": len(ens.members)}
     cal = calibration_bins(d_mean)
     rep["ensemble"] = {**pair_metrics(d_mean), "ece": cal["ece"]}
     rep["member_metrics"] = [pair_metrics(d) for d in d_members]
@@ -159,7 +159,7 @@ def _rating_report(ens: RewardEnsemble, data: ProcessedData, groups, held: pd.Da
     def rmse(x):
         return float(np.sqrt(np.mean((x - y) ** 2)))
 
-    return {"rated_items": int(len(y)), "rmse_rating_head": rmse(p), "rmse_user_mean": rmse(um),
+    return {"rated_items": len(y), "rmse_rating_head": rmse(p), "rmse_user_mean": rmse(um),
             "rmse_item_mean": rmse(naive["item_mean"][items]), "rmse_global_mean": rmse(naive["global_mean"][items])}
 
 

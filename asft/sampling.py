@@ -427,7 +427,7 @@ def write_slates(model, data: ProcessedData, cfg: SamplingConfig, seed: int, tmp
 
 
 def sampling_summary(frame: pd.DataFrame, seconds: float, n: int) -> dict:
-    out = {"contexts": int(len(frame)), "candidates": int(len(frame) * n), "seconds": seconds,
+    out = {"contexts": len(frame), "candidates": int(len(frame) * n), "seconds": seconds,
            "candidates_per_s": float(len(frame) * n / seconds) if seconds > 0 else 0.0}
     if len(frame) and "sample_iw" in frame:
         iw = stack(frame, "sample_iw")

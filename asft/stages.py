@@ -209,8 +209,14 @@ def stage_sample(processed_dir: str | Path, ref_dir: str | Path, cfg: Config, ou
     """N candidates per training context from pi_ref (plus optional KV-cache slates)."""
     from asft.data.preprocess import ProcessedData
     from asft.posttrain import load_policy
-    from asft.sampling import (TrainContexts, sample_candidates, sampling_summary, save_sampling_meta,
-                               write_candidates, write_slates)
+    from asft.sampling import (
+        TrainContexts,
+        sample_candidates,
+        sampling_summary,
+        save_sampling_meta,
+        write_candidates,
+        write_slates,
+    )
 
     data = ProcessedData.open(processed_dir)
     tc = TrainContexts.from_processed(data)
@@ -232,8 +238,14 @@ def stage_score(cand_dir: str | Path, processed_dir: str | Path, ref_dir: str | 
     from asft.data.preprocess import ProcessedData
     from asft.models.reward import RewardEnsemble
     from asft.posttrain import load_policy
-    from asft.sampling import (TrainContexts, read_candidates, sampling_summary, save_sampling_meta,
-                               score_candidates, write_candidates)
+    from asft.sampling import (
+        TrainContexts,
+        read_candidates,
+        sampling_summary,
+        save_sampling_meta,
+        score_candidates,
+        write_candidates,
+    )
 
     data = ProcessedData.open(processed_dir)
     tc = TrainContexts.from_processed(data)

@@ -3,22 +3,98 @@
 Tasks exchange paths, hashes and run ids, never tensors or frames. Each task opens a nested
 MLflow run under the retrain's parent run, logs its params, metrics (with steps) and artifacts,
 and marks the run FAILED if the stage raises.
+
+Every stage task (:func:`stage_task`) is cached on the DVC hashes of its input paths, the params it
+reads and the code version (:class:`tasks.lineage.StageCache`), persists its JSON summary (never a
+pickle), retries I/O and tracking-server errors with exponential backoff, and reports a failure
+naming the stage. Each summary carries ``out_dir``/``out_md5`` (so a cached result can be verified
+before it is trusted) and the ``stage_run_id`` of the MLflow run that produced it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
 
 from asft import stages
 from asft.config import load_config
 from asft.plots import metric_bars, metric_panels, training_curves
-from asft.utils import dvc_md5
+from asft.utils import _json_default, dvc_md5
+from tasks.lineage import StageCache
 from tasks.tracking import stage_run
+
+RETRIES = 3
+_NOT_TRANSIENT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """I/O and tracking-server errors are retried; data, config and programming errors are not."""
+    if exc is None or isinstance(exc, _NOT_TRANSIENT):
+        return False
+    if isinstance(exc, (OSError, TimeoutError)):  # includes ConnectionError
+        return True
+    try:
+        import requests
+        from mlflow.exceptions import MlflowException, RestException
+    except ImportError:  # pragma: no cover
+        return False
+    if isinstance(exc, requests.exceptions.RequestException):
+        return True
+    if isinstance(exc, RestException):  # the tracking server answered with an error
+        return exc.get_http_status_code() >= 500
+    if isinstance(exc, MlflowException):  # e.g. "API request failed after N retries", database locked
+        msg = str(exc).lower()
+        return any(s in msg for s in ("retries", "connection", "timed out", "database is locked", "temporarily"))
+    return is_transient(exc.__cause__) if exc.__cause__ is not exc else False
+
+
+def _retry_condition(task_, task_run, state) -> bool:
+    exc = state.result(raise_on_failure=False)
+    ok = is_transient(exc if isinstance(exc, BaseException) else None)
+    if ok:
+        get_run_logger().warning("%s: transient error, retrying: %s", task_.name, exc)
+    return ok
+
+
+def _report_task_failure(task_, task_run, state) -> None:
+    """on_failure hook: name the stage and the error (the flow adds it to the MLflow parent run)."""
+    get_run_logger().error("stage '%s' failed: %s", task_.name, state.message)
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
+def stage_task(name: str, path_args: tuple[str, ...] = (), value_args: tuple[str, ...] = (), cache: bool = True,
+               task_run_name: str | None = None):
+    """A Prefect task for one pipeline stage: cached (see module doc), JSON-persisted, retried."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def body(*args, **kwargs):
+            return _jsonable(fn(*args, **kwargs))
+
+        return task(name=name, task_run_name=task_run_name,
+                    cache_policy=StageCache(stage=name, path_args=path_args, value_args=value_args) if cache
+                    else NO_CACHE,
+                    persist_result=cache, result_serializer="json", retries=RETRIES,
+                    retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
+                    retry_condition_fn=_retry_condition, on_failure=[_report_task_failure])(body)
+
+    return deco
+
+
+def _outputs(res: dict, out_dir: str | Path, run) -> dict:
+    """Add what the flow needs to verify and attribute a (possibly cached) result."""
+    if out_dir is None:
+        return {**res, "out_dir": None, "out_md5": None, "stage_run_id": run.run_id}
+    return {**res, "out_dir": str(out_dir), "out_md5": dvc_md5(out_dir), "stage_run_id": run.run_id}
 
 
 def _cfg(config_path: str):
@@ -73,7 +149,7 @@ def _log_validation(run, report: dict | None, prefix: str = "validation/") -> No
         run.log_artifact(report["docs"], "data_docs")
 
 
-@task(name="validate-raw", cache_policy=NO_CACHE)
+@stage_task("validate-raw")
 def ingest_task(config_path: str, out_dir: str, reports_dir: str, tracking_uri: str, parent_run_id: str) -> dict:
     """The first stage: load (or simulate) the raw log and validate it with the raw GX suite."""
     cfg = _cfg(config_path)
@@ -86,10 +162,10 @@ def ingest_task(config_path: str, out_dir: str, reports_dir: str, tracking_uri: 
         res["dvc_md5"] = dvc_md5(out_dir)
         run.set_tags({"raw_sha256": res["sha256"], "dvc.raw.md5": res["dvc_md5"]})
     get_run_logger().info("validated %s rows (%s) into %s", res["rows"], res["format"], out_dir)
-    return res
+    return _outputs(res, out_dir, run)
 
 
-@task(name="preprocess", cache_policy=NO_CACHE)
+@stage_task("preprocess", path_args=("raw_dir",))
 def preprocess_task(raw_dir: str, config_path: str, out_dir: str, reports_dir: str, tracking_uri: str,
                     parent_run_id: str) -> dict:
     cfg = _cfg(config_path)
@@ -103,10 +179,10 @@ def preprocess_task(raw_dir: str, config_path: str, out_dir: str, reports_dir: s
         run.set_tags({"processed_sha256": stats["sha256"], "dvc.processed.md5": stats["dvc_md5"]})
         run.log_artifact(Path(out_dir) / "stats.json")
     get_run_logger().info("preprocessed: %s users, %s items, %s events", stats["users"], stats["items"], stats["events"])
-    return {**stats, "core_seconds": secs}
+    return _outputs({**stats, "core_seconds": secs}, out_dir, run)
 
 
-@task(name="train-base", cache_policy=NO_CACHE)
+@stage_task("train-base", path_args=("processed_dir",))
 def train_base_task(processed_dir: str, config_path: str, out_dir: str, tracking_uri: str, parent_run_id: str) -> dict:
     cfg = _cfg(config_path)
     with stage_run(tracking_uri, parent_run_id, "train-base") as run:
@@ -122,10 +198,10 @@ def train_base_task(processed_dir: str, config_path: str, out_dir: str, tracking
         run.set_tags({"model_dir": summary["model_dir"]})
     get_run_logger().info("base model: best valid %s %.4f at epoch %s", cfg.train.monitor, summary["best_metric"],
                           summary["best_epoch"])
-    return summary
+    return _outputs(summary, out_dir, run)
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@stage_task("evaluate", path_args=("model_dir", "processed_dir"), value_args=("model_name",))
 def evaluate_task(model_dir: str, processed_dir: str, config_path: str, model_name: str, tracking_uri: str,
                   parent_run_id: str) -> dict:
     cfg = _cfg(config_path)
@@ -136,10 +212,10 @@ def evaluate_task(model_dir: str, processed_dir: str, config_path: str, model_na
         keys = [f"{m}@{k}" for k in cfg.eval.ks for m in ("hr", "ndcg")] + ["mrr"]
         png = Path(model_dir).parent / f"metrics_{model_name}.png"
         run.log_artifact(metric_bars(metrics, keys, png, f"{model_name}: full-ranking metrics"), "plots")
-    return {**metrics, "core_seconds": secs}
+    return _outputs({**metrics, "core_seconds": secs}, None, run)
 
 
-@task(name="preferences", cache_policy=NO_CACHE)
+@stage_task("preferences", path_args=("raw_dir", "processed_dir"))
 def preferences_task(raw_dir: str, processed_dir: str, config_path: str, out_dir: str, reports_dir: str,
                      tracking_uri: str, parent_run_id: str) -> dict:
     cfg = _cfg(config_path)
@@ -161,7 +237,7 @@ def preferences_task(raw_dir: str, processed_dir: str, config_path: str, out_dir
             run.log_artifact(Path(out_dir) / f)
     get_run_logger().info("preferences: %s pairs over %s contexts (%s)", stats["pairs"], stats["contexts"],
                           ", ".join(f"{k} {v}" for k, v in stats["pairs_by_source"].items()))
-    return {**stats, "core_seconds": secs}
+    return _outputs({**stats, "core_seconds": secs}, out_dir, run)
 
 
 def _train_ensemble(stage: str, stage_fn, processed_dir: str, pref_dir: str, base_model_dir: str, config_path: str,
@@ -184,10 +260,10 @@ def _train_ensemble(stage: str, stage_fn, processed_dir: str, pref_dir: str, bas
         for d in summary["member_dirs"]:
             run.log_artifact(Path(out_dir) / d, f"model/{d}")
         run.set_tags({"model_dir": str(out_dir), "fold": summary.get("fold")})
-    return {**summary, "core_seconds": secs}
+    return _outputs({**summary, "core_seconds": secs}, out_dir, run)
 
 
-@task(name="train-reward", cache_policy=NO_CACHE)
+@stage_task("train-reward", path_args=("processed_dir", "pref_dir", "base_model_dir"))
 def train_reward_task(processed_dir: str, pref_dir: str, base_model_dir: str, config_path: str, out_dir: str,
                       tracking_uri: str, parent_run_id: str) -> dict:
     """The training reward ensemble (reward.fold of the preference data)."""
@@ -195,7 +271,7 @@ def train_reward_task(processed_dir: str, pref_dir: str, base_model_dir: str, co
                            config_path, out_dir, tracking_uri, parent_run_id, ("reward.",))
 
 
-@task(name="train-judge", cache_policy=NO_CACHE)
+@stage_task("train-judge", path_args=("processed_dir", "pref_dir", "base_model_dir"))
 def train_judge_task(processed_dir: str, pref_dir: str, base_model_dir: str, config_path: str, out_dir: str,
                      tracking_uri: str, parent_run_id: str) -> dict:
     """The held-out judge ensemble (judge.fold, other seeds): evaluation only."""
@@ -203,7 +279,7 @@ def train_judge_task(processed_dir: str, pref_dir: str, base_model_dir: str, con
                            config_path, out_dir, tracking_uri, parent_run_id, ("judge.", "reward."))
 
 
-@task(name="sample", cache_policy=NO_CACHE)
+@stage_task("sample", path_args=("processed_dir", "ref_dir"))
 def sample_task(processed_dir: str, ref_dir: str, config_path: str, out_dir: str, tracking_uri: str,
                 parent_run_id: str) -> dict:
     cfg = _cfg(config_path)
@@ -214,10 +290,10 @@ def sample_task(processed_dir: str, ref_dir: str, config_path: str, out_dir: str
         run.log_artifact(Path(out_dir) / "sampling.json")
     get_run_logger().info("sampled %s candidates for %s contexts (%.0f/s)", res["candidates"], res["contexts"],
                           res["candidates_per_s"])
-    return {**res, "core_seconds": secs}
+    return _outputs({**res, "core_seconds": secs}, out_dir, run)
 
 
-@task(name="score", cache_policy=NO_CACHE)
+@stage_task("score", path_args=("cand_dir", "processed_dir", "ref_dir", "reward_dir"))
 def score_task(cand_dir: str, processed_dir: str, ref_dir: str, reward_dir: str, config_path: str, out_dir: str,
                tracking_uri: str, parent_run_id: str) -> dict:
     cfg = _cfg(config_path)
@@ -225,10 +301,10 @@ def score_task(cand_dir: str, processed_dir: str, ref_dir: str, reward_dir: str,
         res, secs = _timed(stages.stage_score, cand_dir, processed_dir, ref_dir, reward_dir, cfg, out_dir)
         run.log_metrics(flat_report(res))
         run.log_artifact(Path(out_dir) / "sampling.json")
-    return {**res, "core_seconds": secs}
+    return _outputs({**res, "core_seconds": secs}, out_dir, run)
 
 
-@task(name="advantages", cache_policy=NO_CACHE)
+@stage_task("advantages", path_args=("scored_dir",))
 def advantages_task(scored_dir: str, config_path: str, out_dir: str, tracking_uri: str, parent_run_id: str) -> dict:
     cfg = _cfg(config_path)
     with stage_run(tracking_uri, parent_run_id, "advantages") as run:
@@ -240,10 +316,11 @@ def advantages_task(scored_dir: str, config_path: str, out_dir: str, tracking_ur
         run.log_artifact(Path(out_dir) / "weights.json")
     get_run_logger().info("A-SFT weights: ESS %.1f%% of %d, %.2f%% clipped", 100 * res["ess_share"], res["n"],
                           100 * res["clipped_share"])
-    return {**res, "core_seconds": secs}
+    return _outputs({**res, "core_seconds": secs}, out_dir, run)
 
 
-@task(name="posttrain", cache_policy=NO_CACHE, task_run_name="posttrain-{method}")
+@stage_task("posttrain", path_args=("processed_dir", "ref_dir", "reward_dir", "scored_dir", "adv_dir"),
+            value_args=("method",), task_run_name="posttrain-{method}")
 def posttrain_task(method: str, processed_dir: str, ref_dir: str, reward_dir: str, scored_dir: str, adv_dir: str,
                    config_path: str, out_dir: str, tracking_uri: str, parent_run_id: str) -> dict:
     """One post-training method in its own nested MLflow run (tag ``method``), so methods compare side
@@ -264,10 +341,10 @@ def posttrain_task(method: str, processed_dir: str, ref_dir: str, reward_dir: st
         run.set_tags({"model_dir": summary["model_dir"]})
     get_run_logger().info("%s: best valid %s %.4f at epoch %s", method, cfg.posttrain.train.monitor,
                           summary["best_metric"], summary["best_epoch"])
-    return {**summary, "run_id": run.run_id, "core_seconds": secs}
+    return _outputs({**summary, "run_id": run.run_id, "core_seconds": secs}, out_dir, run)
 
 
-@task(name="evaluate-policies", cache_policy=NO_CACHE)
+@stage_task("evaluate-policies", cache=False)
 def evaluate_policies_task(model_dirs: dict[str, str], run_ids: dict[str, str], ref_dir: str, processed_dir: str,
                            reward_dir: str, judge_dir: str, raw_dir: str, config_path: str, out_dir: str,
                            tracking_uri: str, parent_run_id: str) -> dict:
@@ -300,7 +377,7 @@ def evaluate_policies_task(model_dirs: dict[str, str], run_ids: dict[str, str], 
     return {"reports": reports, "core_seconds": secs}
 
 
-@task(name="reward-report", cache_policy=NO_CACHE)
+@stage_task("reward-report", path_args=("reward_dir", "pref_dir", "processed_dir", "raw_dir", "base_model_dir"))
 def reward_report_task(reward_dir: str, pref_dir: str, processed_dir: str, raw_dir: str, base_model_dir: str,
                        config_path: str, out_dir: str, tracking_uri: str, parent_run_id: str) -> dict:
     cfg = _cfg(config_path)
@@ -314,7 +391,7 @@ def reward_report_task(reward_dir: str, pref_dir: str, processed_dir: str, raw_d
     e = rep["ensemble"]
     get_run_logger().info("reward ensemble on held-out pairs: accuracy %.4f, AUC %.4f (item-mean %.4f)",
                           e["pair_acc"], e["auc"], rep["naive"].get("item_mean_rating", {}).get("pair_acc", float("nan")))
-    return {**rep, "core_seconds": secs}
+    return _outputs({**rep, "core_seconds": secs}, out_dir, run)
 
 
 def flat_report(rep: dict, prefix: str = "") -> dict[str, float]:
@@ -330,3 +407,64 @@ def flat_report(rep: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[key] = float(v)
     return out
+
+
+@stage_task("promote", cache=False)
+def promote_task(method: str, model_dir: str, valid_report: dict, reward_dir: str, lineage_tags: dict,
+                 ref_dir: str, processed_dir: str, judge_dir: str, raw_dir: str, config_path: str, out_dir: str,
+                 tracking_uri: str, parent_run_id: str) -> dict:
+    """Register the ``method`` policy and its reward ensemble; champion only if the gate passes.
+
+    The current champion is re-evaluated on this run's validation contexts with this run's held-out
+    judge (when it ranks the same catalog), so both sides of the gate are measured the same way;
+    with a different catalog the champion's recorded validation metrics are used, and the reason
+    says so.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from asft.posttrain import evaluate_policies
+    from asft.promotion import promotion_decision
+    from tasks import registry
+
+    cfg = _cfg(config_path)
+    rc = cfg.registry
+    client = MlflowClient(tracking_uri)
+    out = Path(out_dir)
+    with stage_run(tracking_uri, parent_run_id, "promote", tags={"method": method}) as run:
+        champ = registry.alias_version(client, rc.recommender_model, registry.CHAMPION)
+        champ_report, basis = None, "no champion"
+        if champ is not None:
+            champ_dir = registry.download_model_dir(client, champ, out / "champion")
+            if registry.same_catalog(champ_dir, processed_dir):
+                champ_report = evaluate_policies({"champion": champ_dir}, ref_dir, processed_dir, None, judge_dir,
+                                                 stages.load_simulator(raw_dir), cfg, splits=("valid",))["champion"]["valid"]
+                basis = f"champion v{champ.version} re-evaluated on this run's validation data and judge"
+            else:
+                champ_report = {"ndcg@10": float(champ.tags["valid_ndcg_at_10"]),
+                                "judged_top10": float(champ.tags["valid_judged_top10"])}
+                basis = f"champion v{champ.version} ranks another catalog: its recorded validation metrics"
+        decision = promotion_decision(valid_report, champ_report, rc.ndcg_tolerance, rc.judged_margin)
+        reason = f"{decision.reason} ({basis})"
+        common = {**lineage_tags, "method": method, "alias": decision.alias, "promotion_reason": reason,
+                  "valid_ndcg_at_10": valid_report["ndcg@10"], "valid_judged_top10": valid_report["judged_top10"],
+                  "retrain_run_id": parent_run_id}
+        rec_local = registry.save_serving_model("recommender", model_dir, out / "serving" / "recommender", rc.serve_k)
+        rew_local = registry.save_serving_model("reward", reward_dir, out / "serving" / "reward")
+        rec = registry.register_version(client, rc.recommender_model, parent_run_id, rec_local, "recommender", common,
+                                        "Generative recommender post-trained with A-SFT; pyfunc: history -> top-K")
+        rew = registry.register_version(client, rc.reward_model, parent_run_id, rew_local, "reward_model",
+                                        {**common, "recommender_version": rec.version},
+                                        "Bradley-Terry reward ensemble; pyfunc: (history, items) -> rewards")
+        client.set_model_version_tag(rc.recommender_model, rec.version, "reward_version", rew.version)
+        registry.set_alias(client, rc.recommender_model, decision.alias, rec.version)
+        registry.set_alias(client, rc.reward_model, decision.alias, rew.version)
+        result = {**decision.to_dict(), "reason": reason, "recommender_version": rec.version,
+                  "reward_version": rew.version, "champion_version_before": champ.version if champ else None}
+        path = registry.write_decision(out / "promotion.json", result)
+        run.log_artifact(path)
+        run.set_tags({"promotion.alias": decision.alias, "promotion.reason": reason[:4000]})
+        if champ_report:
+            run.log_metrics(champ_report, prefix="champion_valid/")
+        run.log_metrics(valid_report, prefix="new_valid/")
+    get_run_logger().info("registered %s v%s as %s: %s", rc.recommender_model, rec.version, decision.alias, reason)
+    return result

@@ -22,7 +22,6 @@ from mlflow.tracking import MlflowClient
 
 from asft.config import Config
 
-
 LINEAGE_TAG_PREFIXES = ("git_", "dvc.")
 
 
@@ -137,3 +136,23 @@ def stage_run(tracking_uri: str, parent_run_id: str, stage: str, tags: dict | No
         client.set_terminated(run.info.run_id, "FAILED")
         raise
     client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def record_cached_stage(tracking_uri: str, parent_run_id: str, stage: str, source_run_id: str | None,
+                        tags: dict | None = None) -> str:
+    """A nested run for a stage whose result came from the cache (or the champion): tagged
+    ``cache_hit`` and ``source_run_id``, with the source run's final metrics, so every retrain has
+    the same set of stage runs to compare. Returns the new run id."""
+    client = MlflowClient(tracking_uri)
+    with stage_run(tracking_uri, parent_run_id, stage,
+                   tags={"cache_hit": "true", "source_run_id": source_run_id or "", **(tags or {})}) as run:
+        if source_run_id:
+            try:
+                src = client.get_run(source_run_id).data
+            except mlflow.exceptions.MlflowException:  # source run deleted: the outputs were verified anyway
+                src = None
+            if src is not None:
+                run.log_metrics(src.metrics)
+                run.log_params(src.params)
+                run.set_tags({k: v for k, v in src.tags.items() if k in ("method", "model_dir", "fold")})
+    return run.run_id

@@ -144,7 +144,7 @@ def train_reward_ensemble(
     n_members = rc.members if members is None else members
     base_seed = cfg.seed if seed is None else seed
     out_dir = Path(out_dir)
-    data = ProcessedData.open(processed_dir)
+    ProcessedData.open(processed_dir)  # fails early, naming the directory, if it is not processed data
     pairs = read_pairs(pref_dir)
     if fold >= 0:
         pairs = pairs[pairs["fold"] == fold]
@@ -210,7 +210,7 @@ def centring_stats(ens: RewardEnsemble, groups: list[ContextGroup], n_contexts: 
     sc = ens.score_all([groups[i].context for i in sorted(pick)])
     m = sc.mean[:, NUM_SPECIAL:]
     return {"mean": float(m.mean()), "std": float(m.std()) or 1.0, "mean_member_std": float(
-        sc.std[:, NUM_SPECIAL:].mean()), "contexts": int(len(pick))}
+        sc.std[:, NUM_SPECIAL:].mean()), "contexts": len(pick)}
 
 
 def _dumps(obj) -> str:

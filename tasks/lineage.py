@@ -1,0 +1,175 @@
+"""Lineage and caching for the orchestration layer.
+
+- :func:`code_version`: content hash of the core library (``asft/**/*.py``): what "the code" is for
+  caching and audits (a git commit misses uncommitted edits; this does not).
+- :func:`stage_params`: the params.yaml keys a stage reads, taken from the stage's ``params:`` list
+  in ``dvc.yaml`` (one definition, shared with DVC); stages outside the DVC pipeline use all params.
+- :class:`StageCache`: the Prefect cache policy of every stage task. The key is the stage name, the
+  DVC hashes of the task's input paths (datasets and models), the stage's params and the code
+  version; never tensors or frames. A cached result is the earlier run's summary (paths into that
+  run's output directory), and the flow verifies those outputs before trusting it.
+- :func:`environment` (package versions), :func:`seeds`, :func:`file_hashes` (model files): what a
+  reproducibility audit needs, recorded on every run.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import json
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect.cache_policies import CachePolicy
+
+from asft.config import Config, load_config
+from asft.utils import dvc_md5, file_sha256
+
+REPO = Path(__file__).resolve().parents[1]
+CORE = REPO / "asft"
+PACKAGES = ("torch", "transformers", "accelerate", "numpy", "pandas", "pyarrow", "prefect", "mlflow", "dvc",
+            "great-expectations", "pydantic", "safetensors")
+
+# Flow stage -> DVC stage whose ``params:`` list it shares.
+DVC_STAGE = {"validate-raw": "ingest", "preprocess": "preprocess", "preferences": "preferences",
+             "train-base": "train_base", "train-reward": "train_reward", "train-judge": "train_judge",
+             "sample": "sample", "score": "score", "advantages": "advantages", "posttrain": "posttrain"}
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    h = hashlib.sha256()
+    for p in sorted(CORE.rglob("*.py")):
+        h.update(p.relative_to(CORE).as_posix().encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def _dvc_params() -> dict[str, list[str]]:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    return {name: [p for p in (s.get("do", s).get("params") or []) if isinstance(p, str)] for name, s in stages.items()}
+
+
+def _get(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def stage_params(stage: str, cfg: Config) -> dict[str, Any]:
+    tree = cfg.to_dict()
+    for section in ("tracking", "registry"):  # where results are logged, not what they are
+        tree.pop(section, None)
+    tree["posttrain"] = {k: v for k, v in tree["posttrain"].items() if k not in ("methods", "champion_method")}
+    keys = _dvc_params().get(DVC_STAGE.get(stage, ""), None)
+    if keys is None:
+        return tree
+    return {k: _get(tree, k) for k in keys}
+
+
+def input_hashes(paths: dict[str, Any]) -> dict[str, Any]:
+    """DVC hash of every input path (a dict of paths is hashed entry by entry)."""
+    out: dict[str, Any] = {}
+    for name, p in paths.items():
+        if isinstance(p, dict):
+            out[name] = input_hashes(p)
+        elif p is not None and Path(p).exists():
+            out[name] = dvc_md5(p)
+        else:
+            out[name] = None
+    return out
+
+
+def stage_key(stage: str, cfg: Config, inputs: dict[str, Any], extra: dict | None = None) -> str:
+    doc = {"stage": stage, "inputs": inputs, "params": stage_params(stage, cfg), "code": code_version(),
+           **(extra or {})}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def source_hash(cfg: Config) -> str | None:
+    """The DVC hash of the raw source when it is a path (new files -> new key); None for the simulator."""
+    if cfg.data.source == "simulator":
+        return None
+    return dvc_md5(cfg.data.source)
+
+
+def task_key(stage: str, cfg: Config, paths: dict[str, Any], values: dict[str, Any] | None = None) -> str:
+    """The cache key of a stage task (also used to match the champion's base model)."""
+    extra = {"values": values or {}}
+    if stage == "validate-raw":
+        extra["source"] = source_hash(cfg)
+    return f"{stage}-" + stage_key(stage, cfg, input_hashes(paths), extra)
+
+
+def digest(hashes: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
+
+
+def dvc_cache_dir() -> Path:
+    """The project's DVC cache (``cache.dir`` from .dvc/config.local or .dvc/config, else .dvc/cache)."""
+    import configparser
+
+    for name in ("config.local", "config"):
+        cp = configparser.ConfigParser()
+        f = REPO / ".dvc" / name
+        if f.is_file():
+            cp.read(f)
+            if cp.has_option("cache", "dir"):
+                return (REPO / ".dvc" / cp.get("cache", "dir")).resolve()
+    return REPO / ".dvc" / "cache"
+
+
+@dataclass
+class StageCache(CachePolicy):
+    """Cache key = stage + DVC hashes of the input paths + the stage's params + code version.
+
+    ``path_args``: the task arguments that are input paths; ``value_args``: plain arguments that
+    change the result (e.g. the method name). Output directories, tracking URIs and run ids are
+    deliberately not part of the key.
+    """
+
+    stage: str = ""
+    path_args: tuple[str, ...] = ()
+    value_args: tuple[str, ...] = ()
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
+        cfg = load_config(inputs["config_path"])
+        return task_key(self.stage, cfg, {a: inputs.get(a) for a in self.path_args},
+                        {a: inputs.get(a) for a in self.value_args})
+
+
+def environment() -> dict[str, str]:
+    env = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in PACKAGES:
+        try:
+            env[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            env[name] = "absent"
+    try:
+        import torch
+
+        env["torch.cuda"] = str(torch.version.cuda)
+    except ImportError:  # pragma: no cover
+        pass
+    return env
+
+
+def seeds(cfg: Config) -> dict[str, int]:
+    """Every seed the pipeline derives from the config (one ``seed`` drives them all)."""
+    out = {"seed": cfg.seed}
+    out.update({f"reward.member_{k}": cfg.seed + 1009 * (k + 1) for k in range(cfg.reward.members)})
+    judge = cfg.seed + cfg.judge.seed_offset
+    out.update({f"judge.member_{k}": judge + 1009 * (k + 1) for k in range(cfg.judge.members)})
+    return out
+
+
+def file_hashes(root: str | Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (relative POSIX paths)."""
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): file_sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
