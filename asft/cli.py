@@ -23,6 +23,12 @@
                          [--reward DIR/models/reward] [--judge DIR/models/judge] [--raw DIR/raw] [--output F]
     asft config [--config params.yaml] [key=value ...]      print the resolved configuration
 
+Operations (MLflow/Prefect; imported only when used):
+
+    asft deploy [--name retrain-weekly] [--pool POOL]       create the scheduled deployment (prefect.yaml)
+    asft compare [--experiment NAME] [--dataset-version MD5] [--since DATE] [--until DATE] [--output DIR]
+    asft audit RUN_ID [--tracking-uri URI] [--output DIR] [--no-rerun]
+
 Overrides are dotted ``key=value`` pairs read as YAML values, e.g. ``train.epochs=5``.
 """
 
@@ -49,8 +55,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("retrain", help="run the whole retrain flow through Prefect, tracked in MLflow")
     p.add_argument("--data", default=None, help="'simulator' or a data path (overrides data.source)")
-    p.add_argument("--output", default="runs/latest", help="run output directory")
+    p.add_argument("--output", default=None, help="run output directory (default: a new runs/<time>-<name>/)")
+    p.add_argument("--no-cache", action="store_true", help="recompute every stage (ignore the stage cache)")
+    p.add_argument("--no-register", action="store_true", help="do not register models in the MLflow registry")
+    p.add_argument("--audit-of", default=None, help=argparse.SUPPRESS)
     _common(p)
+
+    p = sub.add_parser("deploy", help="create the Prefect deployment defined in prefect.yaml (cron schedule)")
+    p.add_argument("--name", default="retrain-weekly", help="deployment name in prefect.yaml")
+    p.add_argument("--pool", default=None, help="work pool (default: the one in prefect.yaml)")
+    p.add_argument("--inactive", action="store_true", help="create the schedule paused")
+
+    p = sub.add_parser("compare", help="side-by-side table and plot of retrain runs and methods from MLflow")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: tracking.mlflow_uri / env / ./mlflow.db)")
+    p.add_argument("--experiment", action="append", default=None, help="experiment name (repeatable)")
+    p.add_argument("--dataset-version", default=None, help="DVC md5 (prefix) of the raw, processed or preference data")
+    p.add_argument("--since", default=None, help="runs started on or after this date (YYYY-MM-DD[THH:MM])")
+    p.add_argument("--until", default=None, help="runs started before this date")
+    p.add_argument("--split", default="test", choices=["test", "valid"])
+    p.add_argument("--metrics", nargs="+", default=None, help="metric keys (default: ndcg@10 judged_top10 ...)")
+    p.add_argument("--max-runs", type=int, default=20)
+    p.add_argument("--output", default="reports/compare", help="directory for compare.csv and compare.png")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+
+    p = sub.add_parser("audit", help="check a retrain run's lineage and re-run it to compare every metric")
+    p.add_argument("run_id", help="MLflow run id of the retrain (parent) run")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--output", default=None, help="audit directory (default: runs/audit-<run id>)")
+    p.add_argument("--no-rerun", action="store_true", help="only check the lineage")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
 
     p = sub.add_parser("load", help="load or simulate raw interactions into canonical Parquet")
     p.add_argument("--data", default=None)
@@ -229,10 +262,25 @@ def _dispatch(args) -> int:
 
         overrides = list(args.overrides)
         result = retrain(data=args.data, output=args.output,
-                         config=args.config if Path(args.config).is_file() else None, overrides=overrides)
+                         config=args.config if Path(args.config).is_file() else None, overrides=overrides,
+                         use_cache=not args.no_cache, register=not args.no_register, audit_of=args.audit_of)
         _print_metrics("base model", {k: v for k, v in result["models"]["base"].items() if k != "train"})
-        print(f"metrics: {Path(args.output) / 'metrics.json'}", file=sys.stderr)
+        print(f"metrics: {Path(result['output_dir']) / 'metrics.json'}", file=sys.stderr)
         return 0
+    if cmd == "deploy":
+        from flows.deploy import deploy
+
+        dep = deploy(args.name, work_pool=args.pool, schedule_active=False if args.inactive else None)
+        print(f"deployment {args.name}: {dep}")
+        return 0
+    if cmd == "compare":
+        from ops.compare import compare_main
+
+        return compare_main(args)
+    if cmd == "audit":
+        from ops.audit import audit_main
+
+        return audit_main(args)
     if cmd == "config":
         import yaml
 

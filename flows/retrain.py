@@ -122,12 +122,21 @@ def _git(*args: str) -> str:
         return ""
 
 
+def working_tree_patch() -> str:
+    """``git diff HEAD`` plus every untracked, not ignored file as an addition: applying it to the
+    commit (``git apply``) recreates the working tree the run used."""
+    patch = _git("diff", "HEAD", "--binary")
+    for f in filter(None, _git("ls-files", "--others", "--exclude-standard").splitlines()):
+        patch += _git("diff", "--no-index", "--binary", "/dev/null", f)
+    return patch
+
+
 def _record_lineage(parent, cfg, out: Path) -> dict:
     """Params, seeds, package versions, code version and (if dirty) the git diff, on the parent run."""
     lin = {"code_version": lineage.code_version(), "environment": lineage.environment(), "seeds": lineage.seeds(cfg)}
     write_json(out / "lineage" / "environment.json", lin["environment"])
     write_json(out / "lineage" / "seeds.json", lin["seeds"])
-    diff = _git("diff", "HEAD")
+    diff = working_tree_patch()
     if diff:
         (out / "lineage" / "git_diff.patch").write_text(diff)
     parent.log_artifact(out / "lineage", "lineage")
@@ -296,6 +305,7 @@ def retrain(
         parent.log_metrics(policies[m]["test"], prefix=f"posttrain/{m}/test/")
         parent.log_metrics(policies[m]["valid"], prefix=f"posttrain/{m}/valid/")
     parent.log_metrics(policies["base"]["test"], prefix="posttrain/base/test/")
+    parent.log_metrics(policies["base"]["valid"], prefix="posttrain/base/valid/")
     parent.log_metrics({f"timing/{k}": v for k, v in run.timings.items()})
     parent.log_metrics({"cache_hits": sum(c["hit"] for c in run.cache.values())})
     parent.log_artifact(out / "metrics.json")

@@ -169,7 +169,13 @@ def seeds(cfg: Config) -> dict[str, int]:
     return out
 
 
+MODEL_FILES = ("*.safetensors", "item_vocab.json", "config.json", "ensemble.json")
+
+
 def file_hashes(root: str | Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` (relative POSIX paths)."""
+    """sha256 of the model files under ``root`` (weights, vocabularies, configs; resumable training
+    checkpoints and summaries with timings are left out), keyed by relative POSIX path."""
     root = Path(root)
-    return {p.relative_to(root).as_posix(): file_sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    files = {p for pat in MODEL_FILES for p in root.rglob(pat) if p.is_file() and "checkpoint" not in
+             p.relative_to(root).parts}
+    return {p.relative_to(root).as_posix(): file_sha256(p) for p in sorted(files)}

@@ -70,7 +70,7 @@ def git_info(cwd: str | Path = ".") -> dict[str, str]:
             return ""
 
     commit = run("rev-parse", "HEAD")
-    dirty = bool(run("status", "--porcelain", "--untracked-files=no")) if commit else False
+    dirty = bool(run("status", "--porcelain")) if commit else False  # untracked (not ignored) files count
     return {"git_commit": commit or "unknown", "git_dirty": str(dirty).lower()}
 
 

@@ -1,0 +1,216 @@
+"""``asft audit RUN_ID``: check how a retrain run's models came to be, then reproduce it.
+
+Lineage checks (from what the flow recorded on the MLflow parent run):
+
+- the git commit exists in this repository (and, for a dirty run, the recorded diff is there);
+- every dataset version (``dvc.<name>.md5``) is retrievable from the DVC cache or the local remote;
+- package versions and the code version against the current environment (differences are listed);
+- the recorded artifacts (resolved params, seeds, model hashes, metrics.json) are present.
+
+Re-run: the pipeline is run again with the recorded resolved params, without the stage cache and
+without touching the registry (``kind=audit``, tag ``audit_of``), from the recorded code: in place
+when the current code version equals the recorded one, otherwise in a temporary git worktree at the
+recorded commit (with the recorded diff applied). Then every metric in metrics.json is compared for
+exact equality (timings, throughputs and run ids excluded), as are the dataset hashes and the model
+file hashes. Writes ``audit.json`` and logs it to the audit run; exit status 0 only if all match.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from asft import datastore
+from tasks import lineage
+
+VOLATILE = ("timings_s", "core_seconds", "mlflow", "output_dir", "lineage", "promotion", "train_seconds",
+            "seconds", "eval_seconds", "tokens_per_s", "per_s", "run_id", "_dir", "out_md5")
+
+
+def _volatile(path: str) -> bool:
+    parts = path.split("/")
+    return any(p in VOLATILE or p.endswith(("_seconds", "per_s", "_dir")) for p in parts)
+
+
+def flatten(obj, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}/"))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out.update(flatten(v, f"{prefix}{i}/"))
+    else:
+        out[prefix.rstrip("/")] = obj
+    return out
+
+
+def compare_metrics(recorded: dict, rerun: dict) -> dict:
+    """Exact comparison of every non-volatile leaf of two metrics.json documents."""
+    def leaves(doc: dict) -> dict:
+        root = str(doc.get("output_dir") or "\0")  # paths inside the run's own directory are relative
+        return {k: (v.replace(root, "<output>") if isinstance(v, str) else v) for k, v in flatten(doc).items()
+                if not _volatile(k)}
+
+    a, b = leaves(recorded), leaves(rerun)
+    mismatched = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k, "<missing>"), b.get(k, "<missing>")
+        same = va == vb or (isinstance(va, float) and isinstance(vb, float) and math.isnan(va) and math.isnan(vb))
+        if not same:
+            mismatched.append({"key": k, "recorded": va, "rerun": vb})
+    numeric = sum(isinstance(v, (int, float)) and not isinstance(v, bool) for v in a.values())
+    return {"compared": len(a), "numeric": numeric, "mismatched": mismatched}
+
+
+def _git(*args: str, cwd: Path = lineage.REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
+
+
+def _download(client: MlflowClient, run_id: str, path: str, dst: Path) -> Path | None:
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst),
+                                                        tracking_uri=client.tracking_uri))
+    except Exception:  # noqa: BLE001 - missing artifact: reported as a failed check
+        return None
+
+
+def check_lineage(client: MlflowClient, run_id: str, work: Path) -> tuple[dict, dict]:
+    """-> (checks, downloaded artifact paths)."""
+    run = client.get_run(run_id)
+    tags = run.data.tags
+    checks: dict[str, dict] = {}
+    files = {name: _download(client, run_id, art, work / "recorded") for name, art in (
+        ("params", "params.resolved.yaml"), ("metrics", "metrics.json"), ("lineage", "lineage"))}
+    checks["artifacts"] = {"ok": all(files.values()), "missing": [k for k, v in files.items() if v is None]}
+    commit = tags.get("git_commit", "unknown")
+    present = commit != "unknown" and _git("cat-file", "-e", f"{commit}^{{commit}}").returncode == 0
+    dirty = tags.get("git_dirty") == "true"
+    patch = files["lineage"] / "git_diff.patch" if files["lineage"] else None
+    checks["git"] = {"ok": present and (not dirty or bool(patch and patch.is_file())), "commit": commit,
+                     "present": present, "dirty": dirty, "diff_recorded": bool(patch and patch.is_file())}
+    cache = lineage.dvc_cache_dir()
+    remote = lineage.REPO / ".dvc-storage"
+    data = {}
+    for key in ("raw", "processed", "preferences"):
+        md5 = tags.get(f"dvc.{key}.md5")
+        if md5 is None:
+            data[key] = {"md5": None, "retrievable": False}
+            continue
+        where = [str(p) for p in (cache, remote) if p.is_dir() and not datastore.missing(md5, p)]
+        data[key] = {"md5": md5, "retrievable": bool(where), "in": where}
+    checks["datasets"] = {"ok": all(d["retrievable"] for d in data.values()), **data}
+    now = lineage.environment()
+    recorded_env = {k[4:]: v for k, v in tags.items() if k.startswith("env.")}
+    env_diff = {k: {"recorded": v, "now": now.get(k)} for k, v in recorded_env.items()
+                if k != "platform" and now.get(k) != v}
+    checks["environment"] = {"ok": not env_diff, "differences": env_diff}
+    checks["code"] = {"recorded": tags.get("code_version"), "now": lineage.code_version(),
+                      "ok": tags.get("code_version") == lineage.code_version()}
+    return checks, {**files, "patch": patch, "commit": commit, "dirty": dirty}
+
+
+def _checkout(commit: str, patch: Path | None, dst: Path) -> Path:
+    res = _git("worktree", "add", "--detach", str(dst), commit)
+    if res.returncode != 0:
+        raise RuntimeError(f"git worktree add {commit}: {res.stderr.strip()}")
+    if patch and patch.is_file():
+        res = _git("apply", str(patch.resolve()), cwd=dst)
+        if res.returncode != 0:
+            raise RuntimeError(f"applying the recorded diff failed: {res.stderr.strip()}")
+    return dst
+
+
+def rerun(run_id: str, params: Path, output: Path, tracking_uri: str, code_dir: Path) -> dict:
+    """Run ``retrain`` again from ``code_dir`` with the recorded params; returns its metrics.json."""
+    env = {**os.environ, "PYTHONPATH": str(code_dir), "MLFLOW_TRACKING_URI": tracking_uri}
+    cmd = [sys.executable, "-m", "asft.cli", "retrain", "--config", str(params), "--output", str(output),
+           "--no-cache", "--no-register", "--audit-of", run_id, f"tracking.mlflow_uri={tracking_uri}"]
+    proc = subprocess.run(cmd, cwd=code_dir, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the re-run failed (exit {proc.returncode}); see {output}/failure.json")
+    return json.loads((output / "metrics.json").read_text())
+
+
+def audit(run_id: str, tracking_uri: str, output: Path, do_rerun: bool = True) -> dict:
+    client = MlflowClient(tracking_uri)
+    output.mkdir(parents=True, exist_ok=True)
+    checks, files = check_lineage(client, run_id, output)
+    report: dict = {"run_id": run_id, "tracking_uri": tracking_uri, "checks": checks}
+    if do_rerun and files["params"] and files["metrics"]:
+        recorded = json.loads(files["metrics"].read_text())
+        worktree = None
+        try:
+            if checks["code"]["ok"]:
+                code_dir = lineage.REPO
+            elif checks["git"]["ok"]:
+                worktree = Path(tempfile.mkdtemp(prefix="asft-audit-")) / "src"
+                code_dir = _checkout(files["commit"], files["patch"] if files["dirty"] else None, worktree)
+            else:
+                raise RuntimeError("the recorded code is neither the current code nor a retrievable commit")
+            report["code_dir"] = str(code_dir)
+            rerun_out = output / "rerun"
+            if rerun_out.exists():
+                shutil.rmtree(rerun_out)
+            again = rerun(run_id, files["params"], rerun_out, tracking_uri, code_dir)
+        finally:
+            if worktree is not None:
+                _git("worktree", "remove", "--force", str(worktree))
+        cmp = compare_metrics(recorded, again)
+        cmp["datasets_equal"] = recorded.get("datasets") == again.get("datasets")
+        cmp["model_hashes_equal"] = (recorded.get("lineage", {}).get("model_sha256")
+                                     == again.get("lineage", {}).get("model_sha256"))
+        cmp["audit_run_id"] = again["mlflow"]["parent_run_id"]
+        report["rerun"] = cmp
+        report["reproduced"] = not cmp["mismatched"] and cmp["datasets_equal"] and cmp["model_hashes_equal"]
+    report["lineage_ok"] = all(c.get("ok", True) for k, c in checks.items() if k != "environment")
+    path = output / "audit.json"
+    path.write_text(json.dumps(report, indent=2, default=str))
+    audit_run = report.get("rerun", {}).get("audit_run_id")
+    for rid in filter(None, (audit_run, run_id)):
+        client.set_tag(rid, "audit.status", "reproduced" if report.get("reproduced") else
+                       ("lineage_ok" if report["lineage_ok"] and not do_rerun else "failed"))
+    if audit_run:
+        client.log_artifact(audit_run, str(path))
+    return report
+
+
+def audit_main(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from asft.config import load_config
+    from tasks.tracking import resolve_tracking_uri
+
+    cfg = load_config(args.config if Path(args.config).is_file() else None)
+    uri = args.tracking_uri or resolve_tracking_uri(cfg)
+    out = Path(args.output or f"runs/audit-{args.run_id}")
+    rep = audit(args.run_id, uri, out, do_rerun=not args.no_rerun)
+    t = Table(title=f"audit of {args.run_id}")
+    t.add_column("check")
+    t.add_column("ok")
+    t.add_column("detail")
+    for name, c in rep["checks"].items():
+        detail = {k: v for k, v in c.items() if k != "ok"}
+        t.add_row(name, "yes" if c.get("ok") else "NO", json.dumps(detail, default=str)[:150])
+    if "rerun" in rep:
+        r = rep["rerun"]
+        t.add_row("metrics", "yes" if not r["mismatched"] else "NO",
+                  f"{r['compared'] - len(r['mismatched'])}/{r['compared']} values equal ({r['numeric']} numeric)")
+        t.add_row("datasets", "yes" if r["datasets_equal"] else "NO", "DVC hashes of raw, processed, preferences")
+        t.add_row("models", "yes" if r["model_hashes_equal"] else "NO", "sha256 of every model file")
+        for m in r["mismatched"][:20]:
+            t.add_row("  differs", "", f"{m['key']}: {m['recorded']} -> {m['rerun']}")
+    Console(width=200).print(t)
+    print(f"report: {out / 'audit.json'}", file=sys.stderr)
+    ok = rep["lineage_ok"] and rep.get("reproduced", True)
+    return 0 if ok else 1
