@@ -60,12 +60,12 @@ RUN uv pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
 # empty package stubs, then the real tree below.
 WORKDIR /opt/asft
 COPY pyproject.toml ./
-RUN mkdir -p asft flows tasks \
- && touch README.md asft/__init__.py flows/__init__.py tasks/__init__.py \
+RUN mkdir -p asft flows tasks ops \
+ && touch README.md asft/__init__.py flows/__init__.py tasks/__init__.py ops/__init__.py \
  && uv pip install -e . dvc-s3 boto3
 
 COPY --chown=asft:asft . /opt/asft
-RUN uv pip install --no-deps -e . \
+RUN uv pip install --no-deps --reinstall-package asft-recsys -e . \
  && mkdir -p /opt/asft/runs \
  && chown -R asft:asft /opt/asft \
  && python -c "import asft, prefect, mlflow, dvc, accelerate; print('asft image ok')"

@@ -1,0 +1,220 @@
+"""Production path end to end: a real Prefect server and a real MLflow tracking server as processes on
+loopback, the scheduled deployment from prefect.yaml, a process worker running the flow, the
+champion/challenger registry, ``mlflow models serve`` of the champion, ``asft compare`` and
+``asft audit`` reproducing a run exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+EXPERIMENT = "prod-test"
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} not up after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def _start(cmd: list[str], env: dict, log: Path, cwd: Path = REPO) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prod")
+    prefect_port, mlflow_port = _free_port(), _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"),
+           "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # as with the venv activated (uvicorn)
+    env.pop("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", None)
+    procs = [
+        _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)], env,
+               tmp / "prefect.log"),
+        _start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+                "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination",
+                str(tmp / "artifacts")], env, tmp / "mlflow.log"),
+    ]
+    try:
+        _wait_http(f"http://127.0.0.1:{prefect_port}/api/health", 180, procs[0], tmp / "prefect.log")
+        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", 120, procs[1], tmp / "mlflow.log")
+        yield {"env": env, "tmp": tmp, "mlflow": env["MLFLOW_TRACKING_URI"], "prefect": env["PREFECT_API_URL"]}
+    finally:
+        for p in procs:
+            _stop(p)
+
+
+def _run_deployment(servers, pool: str, output: Path, extra: list[str], tiny: list[str]) -> dict:
+    """Trigger the deployment now, run it on a process worker (--run-once), return the flow run."""
+    env = servers["env"]
+    overrides = [*tiny, f"tracking.mlflow_uri={servers['mlflow']}", f"tracking.experiment={EXPERIMENT}", *extra]
+    params = json.dumps({"data": "simulator", "output": str(output), "overrides": overrides})
+    code = (
+        "import json,sys\n"
+        "from prefect.deployments import run_deployment\n"
+        "fr = run_deployment('retrain/retrain-weekly', parameters=json.loads(sys.argv[1]), timeout=0)\n"
+        "print(fr.id)\n")
+    fr_id = subprocess.run([sys.executable, "-c", code, params], env=env, cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.strip().splitlines()[-1]
+    log = servers["tmp"] / f"worker-{output.name}.log"
+    worker = subprocess.run([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
+                             "--run-once", "--limit", "1"], env=env, cwd=REPO, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, timeout=600)
+    code = (
+        "import sys, asyncio\n"
+        "from prefect.client.orchestration import get_client\n"
+        "async def main():\n"
+        "    async with get_client() as c:\n"
+        "        fr = await c.read_flow_run(sys.argv[1])\n"
+        "        print(fr.state.type.value, fr.deployment_id)\n"
+        "asyncio.run(main())\n")
+    for _ in range(60):
+        state, dep = subprocess.run([sys.executable, "-c", code, fr_id], env=env, capture_output=True, text=True,
+                                    check=True).stdout.split()
+        if state not in ("PENDING", "RUNNING", "SCHEDULED"):
+            break
+        time.sleep(2)
+    assert state == "COMPLETED", f"flow run {fr_id}: {state} (worker exit {worker.returncode})\n" \
+                                 f"{log.read_text()[-4000:]}"
+    return {"id": fr_id, "deployment_id": dep, "metrics": json.loads((output / "metrics.json").read_text())}
+
+
+def test_scheduled_deployment_worker_registry_serving_compare_audit(servers, tiny_overrides):
+    env = servers["env"]
+    tmp = servers["tmp"]
+    pool = "asft-test"
+    subprocess.run([str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process"], env=env, check=True,
+                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "asft.cli", "deploy", "--pool", pool], env=env, cwd=REPO, check=True,
+                   capture_output=True)
+    code = (
+        "import asyncio\n"
+        "from prefect.client.orchestration import get_client\n"
+        "async def main():\n"
+        "    async with get_client() as c:\n"
+        "        d = await c.read_deployment_by_name('retrain/retrain-weekly')\n"
+        "        print(json.dumps([str(d.id), d.work_pool_name, d.schedules[0].schedule.cron,"
+        " d.schedules[0].active]))\n"
+        "asyncio.run(main())\n")
+    dep_id, dep_pool, cron, active = json.loads(subprocess.run(
+        [sys.executable, "-c", "import json\n" + code], env=env, capture_output=True, text=True,
+        check=True).stdout.strip().splitlines()[-1])
+    assert dep_pool == pool and cron == "0 3 * * 1" and active is True  # weekly, from prefect.yaml
+
+    # 1st run through the worker: finished, tracked, registered as champion
+    first = _run_deployment(servers, pool, tmp / "run1", [], tiny_overrides)
+    assert first["deployment_id"] == dep_id
+    m1 = first["metrics"]
+    client = MlflowClient(servers["mlflow"])
+    parent = client.get_run(m1["mlflow"]["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["kind"] == "retrain"
+    assert parent.data.tags["prefect.deployment"] == "retrain-weekly"
+    assert abs(parent.data.metrics["posttrain/asft/test/ndcg_at_10"] - m1["posttrain"]["asft"]["test"]["ndcg@10"]) < 1e-12
+    assert m1["promotion"]["alias"] == "champion" and m1["promotion"]["reason"].startswith("no current champion")
+    champ = client.get_model_version_by_alias("asft-recommender", "champion")
+    reward_champ = client.get_model_version_by_alias("asft-reward", "champion")
+    assert champ.run_id == parent.info.run_id and champ.tags["method"] == "asft"
+    assert reward_champ.run_id == parent.info.run_id
+    assert champ.tags["dvc.processed.md5"] == m1["datasets"]["processed"]
+
+    # 2nd run, worse (base trained with a learning rate too small to learn): stays challenger, reason logged
+    second = _run_deployment(servers, pool, tmp / "run2", ["train.lr=1e-7"], tiny_overrides)
+    m2 = second["metrics"]
+    assert m2["promotion"]["alias"] == "challenger", m2["promotion"]
+    assert "NDCG@10" in m2["promotion"]["reason"] and "re-evaluated" in m2["promotion"]["reason"]
+    assert m2["lineage"]["cache"]["preprocess"]["hit"] and not m2["lineage"]["cache"]["train_base"]["hit"]
+    assert client.get_model_version_by_alias("asft-recommender", "champion").version == champ.version
+    chall = client.get_model_version_by_alias("asft-recommender", "challenger")
+    assert chall.run_id == m2["mlflow"]["parent_run_id"] and "NDCG@10" in chall.tags["promotion_reason"]
+    p2 = client.get_run(m2["mlflow"]["parent_run_id"])
+    assert p2.data.tags["promotion.alias"] == "challenger"
+
+    # serving: `mlflow models serve` of the champion answers a recommendation request
+    port = _free_port()
+    log = tmp / "serve.log"
+    proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", "models:/asft-recommender@champion",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"], env=env,
+                            cwd=tmp, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/ping", 180, proc, log)
+        vocab = json.loads((tmp / "run1/processed/vocab.json").read_text())["items"]
+        body = json.dumps({"dataframe_records": [{"history": vocab[:5], "k": 5},
+                                                 {"history": [vocab[7], "not-an-item"], "k": 3}]}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            preds = json.loads(r.read())["predictions"]
+    finally:
+        _stop(proc)
+    assert len(preds) == 2 and len(preds[0]["items"]) == 5 and len(preds[1]["items"]) == 3
+    assert not set(preds[0]["items"]) & set(vocab[:5])  # history items are not recommended
+    assert set(preds[0]["items"]) <= set(vocab) and preds[1]["unknown_items"] == ["not-an-item"]
+    assert preds[0]["scores"] == sorted(preds[0]["scores"], reverse=True)
+
+    # comparison: both runs, every method, filtered by dataset version; table and plot saved
+    out = tmp / "compare"
+    res = subprocess.run([sys.executable, "-m", "asft.cli", "compare", "--tracking-uri", servers["mlflow"],
+                          "--experiment", EXPERIMENT, "--dataset-version", m1["datasets"]["processed"][:10],
+                          "--since", "2000-01-01", "--output", str(out)], env=env, cwd=REPO, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = pd.read_csv(out / "compare.csv")
+    assert set(table["run_id"]) == {m1["mlflow"]["parent_run_id"], m2["mlflow"]["parent_run_id"]}
+    assert set(table["method"]) == {"base", "asft", "sft", "dpo", "grpo"}
+    assert (out / "compare.png").stat().st_size > 10_000
+    res = subprocess.run([sys.executable, "-m", "asft.cli", "compare", "--tracking-uri", servers["mlflow"],
+                          "--experiment", EXPERIMENT, "--since", "2999-01-01", "--output", str(out)], env=env,
+                         cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 1 and "no finished retrain runs" in res.stderr
+
+    # audit of the first run: lineage checks pass and the re-run reproduces every metric exactly
+    res = subprocess.run([sys.executable, "-m", "asft.cli", "audit", m1["mlflow"]["parent_run_id"],
+                          "--tracking-uri", servers["mlflow"], "--output", str(tmp / "audit")], env=env, cwd=REPO,
+                         capture_output=True, text=True)
+    report = json.loads((tmp / "audit/audit.json").read_text())
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:], report)
+    assert report["lineage_ok"] and report["reproduced"]
+    assert report["checks"]["datasets"]["ok"] and report["checks"]["git"]["present"]
+    assert report["rerun"]["numeric"] > 200 and report["rerun"]["mismatched"] == []
+    audit_run = client.get_run(report["rerun"]["audit_run_id"])
+    assert audit_run.data.tags["kind"] == "audit" and audit_run.data.tags["audit_of"] == m1["mlflow"]["parent_run_id"]
+    assert client.get_model_version_by_alias("asft-recommender", "champion").version == champ.version  # untouched
