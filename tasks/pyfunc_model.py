@@ -7,7 +7,8 @@
 - ``reward``: input rows ``{"history": [...], "items": [...]}`` -> ``{"mean", "std", "pessimistic"}``
   reward of each candidate item under the ensemble.
 
-``history`` (and ``items``) may also be one string of ids separated by spaces or commas.
+The signature declares ``history``/``items`` as arrays of strings (called directly, without the
+signature check, one string of ids separated by spaces or commas is accepted too).
 Served with ``mlflow models serve -m models:/asft-recommender@champion --env-manager local``.
 """
 

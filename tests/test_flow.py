@@ -26,7 +26,8 @@ def test_retrain_flow_records_everything(prefect_server, tmp_path, tiny_override
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "run"
     result = retrain(data="simulator", output=str(out), config=str(REPO / "params.yaml"),
-                     overrides=[*tiny_overrides, f"tracking.mlflow_uri={uri}", "tracking.experiment=flow-test"])
+                     overrides=[*tiny_overrides, f"tracking.mlflow_uri={uri}", "tracking.experiment=flow-test"],
+                     use_cache=False)
 
     # metrics.json: per model, validation and test metrics under lower-case keys, plus dataset stats
     metrics = json.loads((out / "metrics.json").read_text())
@@ -54,7 +55,7 @@ def test_retrain_flow_records_everything(prefect_server, tmp_path, tiny_override
     methods = ["asft", "sft", "dpo", "grpo"]  # params.yaml default
     assert set(children) == {"validate-raw", "preprocess", "preferences", "train-base", "evaluate-base",
                              "train-reward", "reward-report", "train-judge", "sample", "score", "advantages",
-                             *[f"posttrain-{m}" for m in methods]}
+                             *[f"posttrain-{m}" for m in methods], "promote"}
     assert all(r.info.status == "FINISHED" for r in children.values())
 
     # lineage: every run carries the git commit; DVC hashes of the datasets match the files on disk
@@ -131,6 +132,59 @@ def test_retrain_flow_records_everything(prefect_server, tmp_path, tiny_override
     assert {"weights_hist.png", "advantages_hist.png", "training_curves.png"} <= asft_plots
     assert "methods_test.png" in {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "plots")}
 
+    # lineage for audits: code version, packages, seeds, model file hashes; datasets in the DVC cache
+    from asft import datastore
+    from tasks.lineage import code_version, dvc_cache_dir
+
+    assert parent.data.tags["code_version"] == code_version() == metrics["lineage"]["code_version"]
+    assert parent.data.tags["env.torch"].startswith("2.13")
+    lin = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "lineage")}
+    assert {"environment.json", "seeds.json", "model_hashes.json"} <= lin
+    hashes = json.loads((out / "lineage/model_hashes.json").read_text())
+    assert "member_0/best/model.safetensors" in hashes["reward"] and "model.safetensors" in hashes["posttrain/asft"]
+    for name, md5 in metrics["datasets"].items():
+        assert datastore.missing(md5, dvc_cache_dir()) == []
+        assert md5 in (out / "dvc" / f"{name}.dvc").read_text()
+
+    # registry: the first model is champion (recommender and its reward model), reason logged
+    assert metrics["promotion"]["alias"] == "champion"
+    for name in ("asft-recommender", "asft-reward"):
+        v = client.get_model_version_by_alias(name, "champion")
+        assert v.run_id == parent.info.run_id and v.tags["promotion_reason"].startswith("no current champion")
+    assert parent.data.tags["promotion.alias"] == "champion"
+
+
+def test_retrain_reuses_cache_and_champion_base(prefect_server, tmp_path, tiny_overrides):
+    """Same data, params and code: every stage comes from the cache (verified, attributed to the source
+    run), the base model from the registered champion; an identical model is not promoted."""
+    from flows.retrain import retrain
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ov = [*tiny_overrides, f"tracking.mlflow_uri={uri}", "tracking.experiment=flow-cache", "seed=11"]
+    first = retrain(data="simulator", output=str(tmp_path / "a"), config=str(REPO / "params.yaml"), overrides=ov)
+    second = retrain(data="simulator", output=str(tmp_path / "b"), config=str(REPO / "params.yaml"), overrides=ov)
+    cache = second["lineage"]["cache"]
+    assert cache["train_base"] == {"hit": True, "source_run_id": first["lineage"]["base_run_id"],
+                                   "champion_base": True}
+    for stage in ("validate_raw", "preprocess", "preferences", "train_reward", "train_judge", "sample", "score",
+                  "advantages", "posttrain_asft", "posttrain_grpo"):
+        assert cache[stage]["hit"], stage
+        assert cache[stage]["out_dir"].startswith(str(tmp_path / "a")), stage
+    assert not cache["evaluate_policies"]["hit"]
+    assert second["posttrain"]["asft"]["test"] == first["posttrain"]["asft"]["test"]
+    assert (tmp_path / "b/models/base/best/model.safetensors").is_file()  # champion base downloaded
+    assert second["promotion"]["alias"] == "challenger" and "judged reward" in second["promotion"]["reason"]
+
+    client = MlflowClient(uri)
+    runs = _runs(client, "flow-cache")
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second["mlflow"]["parent_run_id"]]
+    hits = {r.data.tags["stage"]: r for r in kids if r.data.tags.get("cache_hit") == "true"}
+    assert hits["train-base"].data.tags["reused_champion_base"] == "true"
+    src = client.get_run(hits["posttrain-asft"].data.tags["source_run_id"])
+    assert src.data.tags["mlflow.parentRunId"] == first["mlflow"]["parent_run_id"]
+    assert hits["posttrain-asft"].data.metrics["test/ndcg_at_10"] == second["posttrain"]["asft"]["test"]["ndcg@10"]
+    assert client.get_model_version_by_alias("asft-recommender", "champion").run_id == first["mlflow"]["parent_run_id"]
+
 
 def test_retrain_flow_stops_at_validation(prefect_server, tmp_path, tiny_overrides):
     """A malformed log stops the flow at load/validation: nothing trained, parent run FAILED."""
@@ -151,3 +205,8 @@ def test_retrain_flow_stops_at_validation(prefect_server, tmp_path, tiny_overrid
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert parent.info.status == "FAILED"
     assert not any(r.data.tags.get("stage") == "train-base" for r in runs)
+    # the failure names the stage, on the parent run and in failure.json; nothing registered
+    assert parent.data.tags["failed_stage"] == "validate_raw"
+    failure = json.loads((out / "failure.json").read_text())
+    assert failure["stage"] == "validate_raw" and "user_id" in failure["error"]
+    assert client.search_registered_models() == []

@@ -11,16 +11,31 @@ import pytest
 import torch
 
 from asft.config import load_config
-from asft.losses import (clipped_policy_loss, dpo_loss, entropy_rows, group_advantages, ipo_loss, kl_k3, kl_rows,
-                         policy_gradient_loss)
+from asft.losses import (
+    clipped_policy_loss,
+    dpo_loss,
+    entropy_rows,
+    group_advantages,
+    ipo_loss,
+    kl_k3,
+    kl_rows,
+    policy_gradient_loss,
+)
 from asft.models.recommender import build_model
-from asft.posttrain import Example, collate_examples, count_weight, plackett_luce_logp, slate_ndcg, weighted_loss
+from asft.posttrain import (
+    Example,
+    collate_examples,
+    count_weight,
+    plackett_luce_logp,
+    slate_ndcg,
+    weighted_loss,
+)
 from asft.sampling import TrainContexts
 from asft.training.sft import collate_windows, sft_batch_loss
 from asft.training.trainer import Trainer
 
 V = 4 + 12
-T = lambda *x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+T = lambda *x: torch.tensor(x, dtype=torch.float32)
 
 
 def test_dpo_hand_values():

@@ -14,8 +14,16 @@ from asft.advantages import BASELINES, advantages, compute_weights, register_bas
 from asft.config import AdvantageConfig, ConfigError, load_config
 from asft.models.recommender import build_model
 from asft.posttrain import preference_pairs
-from asft.sampling import (TrainContexts, batch_generator, filter_logits, gumbel_topk, history_mask,
-                           inclusion_weights, sample_slates, slate_logprobs)
+from asft.sampling import (
+    TrainContexts,
+    batch_generator,
+    filter_logits,
+    gumbel_topk,
+    history_mask,
+    inclusion_weights,
+    sample_slates,
+    slate_logprobs,
+)
 
 V = 4 + 12
 
