@@ -9,7 +9,7 @@ DIR=$(mktemp -d /tmp/asft-fresh-XXXX)
 git clone -q "$REPO" "$DIR/repo"
 cd "$DIR/repo"
 t0=$(date +%s.%N); bash scripts/setup.sh; t1=$(date +%s.%N)
-bash scripts/retrain.sh > retrain.log 2>&1; t2=$(date +%s.%N)
+OUTPUT=runs/simulator bash scripts/retrain.sh > retrain.log 2>&1; t2=$(date +%s.%N)
 .venv/bin/python - "$t0" "$t1" "$t2" "$OUT" <<'PY'
 import json, sys, os, datetime, platform
 t0, t1, t2, out = float(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
