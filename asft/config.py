@@ -372,7 +372,11 @@ class PostTrainConfig(_Section):
                                  " the N candidates whose weights average 1 (0 = off).")
     ndcg_tolerance: float = Field(0.03, ge=0, le=1, description="Selection guard: valid NDCG@10 may drop at most"
                                   " this share below the base model's.")
-    champion_method: str = Field("asft", description="The method whose model `retrain` reports as its result.")
+    champion_method: str = Field("asft", description="The method whose model `retrain` registers (champion or"
+                                 " challenger, see `registry`).")
+    lambda_sweep: list[float] = Field([], description="Extra A-SFT runs at these `advantage.lam` values (besides the"
+                                      " configured one) for the lambda frontier plot (judged reward vs KL); each is"
+                                      " a nested run `posttrain-asft` with its own lambda. Never registered.")
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     pg: PolicyGradientConfig = Field(default_factory=PolicyGradientConfig)
     rec_r1: RecR1Config = Field(default_factory=RecR1Config)

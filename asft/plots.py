@@ -110,3 +110,32 @@ def frontier(points: dict[str, list[tuple[float, float, str]]], path: str | Path
     ax.set_title(title)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def run_method_bars(table, metrics: tuple[str, ...], path: str | Path, title: str) -> Path:
+    """Grouped bars from a (run, method, metrics...) table: a panel per metric, runs on the x axis,
+    one bar per method (``asft compare``)."""
+    import math
+
+    import numpy as np
+
+    metrics = [m for m in metrics if table[m].notna().any()]
+    runs = list(dict.fromkeys(table["run"]))
+    methods = list(dict.fromkeys(table["method"]))
+    cols = min(3, max(1, len(metrics)))
+    rows = math.ceil(len(metrics) / cols) if metrics else 1
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    width = 0.8 / max(1, len(methods))
+    x = np.arange(len(runs))
+    for ax, metric in zip(axes.flat, metrics):
+        for j, method in enumerate(methods):
+            sub = table[table["method"] == method].set_index("run")[metric]
+            ax.bar(x + j * width, [sub.get(r, np.nan) for r in runs], width, label=method)
+        ax.set_title(metric)
+        ax.set_xticks(x + width * (len(methods) - 1) / 2, [r[-15:] for r in runs], rotation=30, ha="right",
+                      fontsize=7)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -234,6 +234,17 @@ def retrain(
             post[method] = run(f"posttrain_{method}", f"posttrain-{method}", posttrain_task, method,
                                stats["processed_dir"], base["model_dir"], reward["ensemble_dir"], scored["scored_dir"],
                                adv["advantages_dir"], cfg_path, str(out / stages.POSTTRAIN / method), uri, pid)
+        for lam in cfg.posttrain.lambda_sweep:
+            if lam == cfg.advantage.lam or "asft" not in cfg.posttrain.methods:
+                continue
+            lam_cfg = out / f"params.lam{lam:g}.yaml"
+            dump_config(cfg.model_copy(update={"advantage": cfg.advantage.model_copy(update={"lam": lam})}), lam_cfg)
+            adv_l = run(f"advantages_lam{lam:g}", "advantages", advantages_task, scored["scored_dir"], str(lam_cfg),
+                        str(out / f"{stages.ADVANTAGES}_lam{lam:g}"), uri, pid)
+            post[f"asft@lam={lam:g}"] = run(
+                f"posttrain_asft_lam{lam:g}", "posttrain-asft", posttrain_task, "asft", stats["processed_dir"],
+                base["model_dir"], reward["ensemble_dir"], scored["scored_dir"], adv_l["advantages_dir"], str(lam_cfg),
+                str(out / stages.POSTTRAIN / f"asft_lam{lam:g}"), uri, pid)
         policies = run("evaluate_policies", "evaluate-policies", evaluate_policies_task,
                        {m: r["model_dir"] for m, r in post.items()}, {m: r["run_id"] for m, r in post.items()},
                        base["model_dir"], stats["processed_dir"], reward["ensemble_dir"], judge["ensemble_dir"],

@@ -18,6 +18,8 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from asft.plots import run_method_bars
+
 DEFAULT_METRICS = ("ndcg@10", "hr@10", "judged_top10", "true_top10", "kl_ref", "coverage@10")
 DATASET_TAGS = ("dvc.raw.md5", "dvc.processed.md5", "dvc.preferences.md5")
 
@@ -67,40 +69,6 @@ def comparison_table(runs, split: str = "test", metrics: tuple[str, ...] = DEFAU
     return pd.DataFrame(rows, columns=["run", "run_id", "started", "dataset", "alias", "method", *metrics])
 
 
-def plot_comparison(table: pd.DataFrame, metrics: tuple[str, ...], path: str | Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    metrics = [m for m in metrics if table[m].notna().any()]
-    runs = list(dict.fromkeys(table["run"]))
-    methods = list(dict.fromkeys(table["method"]))
-    cols = min(3, max(1, len(metrics)))
-    rows = math.ceil(len(metrics) / cols) if metrics else 1
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
-    width = 0.8 / max(1, len(methods))
-    x = np.arange(len(runs))
-    for ax, metric in zip(axes.flat, metrics):
-        for j, method in enumerate(methods):
-            sub = table[table["method"] == method].set_index("run")[metric]
-            ax.bar(x + j * width, [sub.get(r, np.nan) for r in runs], width, label=method)
-        ax.set_title(metric)
-        ax.set_xticks(x + width * (len(methods) - 1) / 2, [r[-15:] for r in runs], rotation=30, ha="right",
-                      fontsize=7)
-    for ax in list(axes.flat)[len(metrics):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def compare_main(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -120,7 +88,7 @@ def compare_main(args) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "compare.csv", index=False)
-    png = plot_comparison(table, metrics, out / "compare.png", f"{', '.join(experiments)} ({args.split})")
+    png = run_method_bars(table, metrics, out / "compare.png", f"{', '.join(experiments)} ({args.split})")
     t = Table(title=f"runs x methods ({args.split}) - {', '.join(experiments)}")
     for c in ("run", "started", "dataset", "alias", "method", *metrics):
         t.add_column(c, justify="right" if c in metrics else "left")

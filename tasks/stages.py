@@ -373,6 +373,8 @@ def evaluate_policies_task(model_dirs: dict[str, str], run_ids: dict[str, str], 
                       "post-training methods (test)")
     parent = TrackedRun(client, parent_run_id)
     parent.log_artifact(png, "plots")
+    for path in lambda_frontiers(reports, cfg.advantage.lam, out):
+        parent.log_artifact(path, "plots")
     parent.log_artifact(out, "policies")
     return {"reports": reports, "core_seconds": secs}
 
@@ -392,6 +394,26 @@ def reward_report_task(reward_dir: str, pref_dir: str, processed_dir: str, raw_d
     get_run_logger().info("reward ensemble on held-out pairs: accuracy %.4f, AUC %.4f (item-mean %.4f)",
                           e["pair_acc"], e["auc"], rep["naive"].get("item_mean_rating", {}).get("pair_acc", float("nan")))
     return _outputs({**rep, "core_seconds": secs}, out_dir, run)
+
+
+def lambda_frontiers(reports: dict[str, dict], lam: float, out: Path) -> list[Path]:
+    """Judged reward vs KL (and, on the simulator, true reward vs NDCG@10) on test: the A-SFT lambda
+    sweep as one curve (``asft`` and ``asft@lam=X`` policies), every other policy as a point."""
+    from asft.plots import frontier
+
+    def lam_of(name: str) -> float | None:
+        return lam if name == "asft" else float(name.split("=", 1)[1]) if name.startswith("asft@lam=") else None
+
+    paths = []
+    for (xk, yk, fname) in (("kl_ref", "judged_top10", "frontier_judged_kl.png"),
+                            ("ndcg@10", "true_top10", "frontier_true_ndcg.png")):
+        if yk not in reports["base"]["test"]:
+            continue
+        sweep = sorted((lam_of(n), r["test"]) for n, r in reports.items() if lam_of(n) is not None)
+        points = {"A-SFT (lambda)": [(t[xk], t[yk], f"{la:g}") for la, t in sweep]} if sweep else {}
+        points.update({n: [(r["test"][xk], r["test"][yk], n)] for n, r in reports.items() if lam_of(n) is None})
+        paths.append(frontier(points, out / fname, f"test: {yk} vs {xk}", xk, yk))
+    return paths
 
 
 def flat_report(rep: dict, prefix: str = "") -> dict[str, float]:

@@ -26,8 +26,8 @@ def test_retrain_flow_records_everything(prefect_server, tmp_path, tiny_override
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "run"
     result = retrain(data="simulator", output=str(out), config=str(REPO / "params.yaml"),
-                     overrides=[*tiny_overrides, f"tracking.mlflow_uri={uri}", "tracking.experiment=flow-test"],
-                     use_cache=False)
+                     overrides=[*tiny_overrides, f"tracking.mlflow_uri={uri}", "tracking.experiment=flow-test",
+                                "posttrain.lambda_sweep=[0.5]"], use_cache=False)
 
     # metrics.json: per model, validation and test metrics under lower-case keys, plus dataset stats
     metrics = json.loads((out / "metrics.json").read_text())
@@ -51,7 +51,8 @@ def test_retrain_flow_records_everything(prefect_server, tmp_path, tiny_override
     assert parent.data.tags["processed_sha256"] == metrics["dataset"]["sha256"]
     assert abs(parent.data.metrics["base/test/ndcg_at_10"] - base["test"]["ndcg@10"]) < 1e-12
 
-    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+                and r.data.params.get("advantage.lam") != "0.5"}  # the lambda-sweep runs are checked below
     methods = ["asft", "sft", "dpo", "grpo"]  # params.yaml default
     assert set(children) == {"validate-raw", "preprocess", "preferences", "train-base", "evaluate-base",
                              "train-reward", "reward-report", "train-judge", "sample", "score", "advantages",
@@ -115,7 +116,7 @@ def test_retrain_flow_records_everything(prefect_server, tmp_path, tiny_override
     assert 0 < metrics["advantages"]["ess_share"] <= 1
     base_policy = metrics["policy_base"]["test"]
     assert abs(base_policy["kl_ref"]) < 1e-6 and abs(base_policy["ndcg@10"] - base["test"]["ndcg@10"]) < 1e-9
-    assert set(metrics["posttrain"]) == set(methods)
+    assert set(metrics["posttrain"]) == {*methods, "asft@lam=0.5"}  # + the lambda sweep
     for m in methods:
         rep = metrics["posttrain"][m]["test"]
         for key in ("ndcg@10", "high_rated/ndcg@10", "judged_top10", "judged_top1", "true_top10", "true_top1",
@@ -130,7 +131,10 @@ def test_retrain_flow_records_everything(prefect_server, tmp_path, tiny_override
         assert (out / f"models/posttrain/{m}/best/model.safetensors").is_file()
     asft_plots = {Path(a.path).name for a in client.list_artifacts(children["posttrain-asft"].info.run_id, "plots")}
     assert {"weights_hist.png", "advantages_hist.png", "training_curves.png"} <= asft_plots
-    assert "methods_test.png" in {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "plots")}
+    parent_plots = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"methods_test.png", "frontier_judged_kl.png", "frontier_true_ndcg.png"} <= parent_plots
+    lam_runs = [r for r in runs if r.data.tags.get("stage") == "posttrain-asft"]
+    assert sorted(r.data.params["advantage.lam"] for r in lam_runs) == ["0.5", "1.5"]
 
     # lineage for audits: code version, packages, seeds, model file hashes; datasets in the DVC cache
     from asft import datastore

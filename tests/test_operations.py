@@ -169,7 +169,7 @@ def test_audit_compare_metrics_exact_and_ignores_volatile():
 
 
 # -- comparison table -------------------------------------------------------------------------------------------
-def test_comparison_table_rows_per_run_and_method():
+def test_comparison_table_rows_per_run_and_method(tmp_path):
     from ops.compare import comparison_table
 
     def run(name, ndcg):
@@ -184,6 +184,10 @@ def test_comparison_table_rows_per_run_and_method():
     assert list(t["method"]) == ["base", "asft", "base", "asft"]
     assert t.loc[1, "ndcg@10"] == 0.3 and t.loc[1, "alias"] == "champion" and t.loc[0, "alias"] == ""
     assert t["judged_top10"].isna().all() and t.loc[0, "dataset"] == "abcdef12"
+    from asft.plots import run_method_bars
+
+    png = run_method_bars(t, ("ndcg@10", "judged_top10"), tmp_path / "c.png", "runs")
+    assert png.stat().st_size > 5_000
 
 
 # -- deployments ----------------------------------------------------------------------------------------------------
@@ -196,3 +200,33 @@ def test_prefect_yaml_defines_weekly_cpu_and_gpu_deployments():
     assert specs["retrain-weekly-gpu"]["work_pool"]["name"] == "asft-gpu"
     path, fn = weekly["entrypoint"].split(":")
     assert f"def {fn}(" in (REPO / path).read_text()
+
+
+def test_stage_task_retries_transient_errors_only(prefect_server):
+    from prefect import flow
+
+    from tasks.stages import stage_task
+
+    calls = {"io": 0, "bad": 0}
+
+    @stage_task("flaky-io", cache=False)
+    def flaky() -> dict:
+        calls["io"] += 1
+        if calls["io"] < 2:
+            raise ConnectionError("tracking server unreachable")
+        return {"ok": 1}
+
+    @stage_task("bad-data", cache=False)
+    def bad() -> dict:
+        calls["bad"] += 1
+        raise ValueError("interactions.csv, column user_id: 1 null")
+
+    @flow
+    def pipeline() -> dict:
+        res = flaky()
+        with pytest.raises(ValueError, match="user_id"):
+            bad()
+        return res
+
+    assert pipeline() == {"ok": 1}
+    assert calls == {"io": 2, "bad": 1}  # the I/O error was retried once, the data error never
