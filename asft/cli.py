@@ -263,7 +263,7 @@ def _dispatch(args) -> int:
         overrides = list(args.overrides)
         result = retrain(data=args.data, output=args.output,
                          config=args.config if Path(args.config).is_file() else None, overrides=overrides,
-                         use_cache=not args.no_cache, register=not args.no_register, audit_of=args.audit_of)
+                         use_cache=not args.no_cache, register_models=not args.no_register, audit_of=args.audit_of)
         _print_metrics("base model", {k: v for k, v in result["models"]["base"].items() if k != "train"})
         print(f"metrics: {Path(result['output_dir']) / 'metrics.json'}", file=sys.stderr)
         return 0

@@ -161,12 +161,12 @@ def retrain(
     config: str | None = "params.yaml",
     overrides: list[str] | None = None,
     use_cache: bool = True,
-    register: bool = True,
+    register_models: bool = True,
     audit_of: str | None = None,
 ) -> dict:
     """Retrain and post-train; ``output`` defaults to a fresh per-run directory under ``runs/``.
 
-    ``use_cache=False`` recomputes every stage; ``register=False`` (and audits, ``audit_of=RUN_ID``)
+    ``use_cache=False`` recomputes every stage; ``register_models=False`` (and audits, ``audit_of=RUN_ID``)
     never touch the model registry.
     """
     t_start = time.perf_counter()
@@ -194,7 +194,7 @@ def retrain(
     run = _Stages(uri, pid, use_cache)
     run.timings["flow_setup"] = time.perf_counter() - t_start
     reports = str(out / stages.REPORTS)
-    do_register = register and cfg.registry.enabled and not audit_of
+    do_register = register_models and cfg.registry.enabled and not audit_of
     try:
         lin = _record_lineage(parent, cfg, out)
         raw = run("validate_raw", "validate-raw", ingest_task, cfg_path, str(out / stages.RAW), reports, uri, pid)

@@ -77,8 +77,12 @@ def git_info(cwd: str | Path = ".") -> dict[str, str]:
 class TrackedRun:
     """A thin handle on one MLflow run with explicit ids."""
 
+    FLUSH_EVERY_S = 10.0
+
     def __init__(self, client: MlflowClient, run_id: str):
         self.client, self.run_id = client, run_id
+        self._pending: list[Metric] = []
+        self._flushed_at = time.monotonic()
 
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
@@ -108,8 +112,19 @@ class TrackedRun:
             self.client.log_artifact(self.run_id, str(p), artifact_path)
 
     def on_log(self, metrics: dict[str, float], step: int) -> None:
-        """Trainer callback: metrics with steps."""
-        self.log_metrics(metrics, step)
+        """Trainer callback: metrics with steps, buffered so training does not wait on the tracking
+        store at every step (sent every ``FLUSH_EVERY_S`` seconds and when the stage ends)."""
+        ts = int(time.time() * 1000)
+        self._pending += [Metric(mlflow_key(k), float(v), ts, step) for k, v in metrics.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        if time.monotonic() - self._flushed_at > self.FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        items, self._pending = self._pending, []
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        self._flushed_at = time.monotonic()
 
 
 def start_parent(cfg: Config, run_name: str, tags: dict[str, Any]) -> TrackedRun:
@@ -132,9 +147,11 @@ def stage_run(tracking_uri: str, parent_run_id: str, stage: str, tags: dict | No
     try:
         yield tr
     except BaseException as e:
+        tr.flush()
         tr.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
         client.set_terminated(run.info.run_id, "FAILED")
         raise
+    tr.flush()
     client.set_terminated(run.info.run_id, "FINISHED")
 
 
