@@ -145,11 +145,11 @@ def _record_lineage(parent, cfg, out: Path) -> dict:
     return lin
 
 
-def _commit_dataset(parent, name: str, path: str, out: Path) -> str:
+def _commit_dataset(parent, name: str, res: dict, out: Path) -> str:
     """Store a dataset version in the DVC cache (what ``dvc push`` uploads) with a ``.dvc`` pointer."""
-    md5 = datastore.commit(path, lineage.dvc_cache_dir())
+    md5 = datastore.commit(res[f"{name}_dir"], lineage.dvc_cache_dir())
     datastore.pointer_file(md5, name, out / "dvc" / f"{name}.dvc")
-    parent.set_tags({f"dvc.{name}.md5": md5})
+    parent.set_tags({f"dvc.{name}.md5": md5, f"{name}_sha256": res["sha256"]})
     return md5
 
 
@@ -198,13 +198,13 @@ def retrain(
     try:
         lin = _record_lineage(parent, cfg, out)
         raw = run("validate_raw", "validate-raw", ingest_task, cfg_path, str(out / stages.RAW), reports, uri, pid)
-        datasets = {"raw": _commit_dataset(parent, "raw", raw["raw_dir"], out)}
+        datasets = {"raw": _commit_dataset(parent, "raw", raw, out)}
         stats = run("preprocess", "preprocess", preprocess_task, raw["raw_dir"], cfg_path, str(out / stages.PROCESSED),
                     reports, uri, pid)
-        datasets["processed"] = _commit_dataset(parent, "processed", stats["processed_dir"], out)
+        datasets["processed"] = _commit_dataset(parent, "processed", stats, out)
         prefs = run("preferences", "preferences", preferences_task, raw["raw_dir"], stats["processed_dir"], cfg_path,
                     str(out / stages.PREFERENCES), reports, uri, pid)
-        datasets["preferences"] = _commit_dataset(parent, "preferences", prefs["preferences_dir"], out)
+        datasets["preferences"] = _commit_dataset(parent, "preferences", prefs, out)
 
         run.current = "train_base"
         base_key = lineage.task_key("train-base", cfg, {"processed_dir": stats["processed_dir"]})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,8 +27,9 @@ LINEAGE_TAG_PREFIXES = ("git_", "dvc.")
 
 
 def mlflow_key(key: str) -> str:
-    """MLflow metric names cannot contain '@': ndcg@10 -> ndcg_at_10."""
-    return key.replace("@", "_at_")
+    """MLflow names allow only alphanumerics, ``_ - . : /`` and spaces: ndcg@10 -> ndcg_at_10,
+    asft@lam=0.5 -> asft_at_lam_0.5."""
+    return re.sub(r"[^\w\-. :/]", "_", key.replace("@", "_at_"))
 
 
 def resolve_tracking_uri(cfg: Config) -> str:
@@ -102,7 +104,7 @@ class TrackedRun:
                 self.log_metrics(vals, step, prefix=f"{split}/")
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(mlflow_key(k), str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         p = Path(path)
