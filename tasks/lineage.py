@@ -86,12 +86,6 @@ def input_hashes(paths: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def stage_key(stage: str, cfg: Config, inputs: dict[str, Any], extra: dict | None = None) -> str:
-    doc = {"stage": stage, "inputs": inputs, "params": stage_params(stage, cfg), "code": code_version(),
-           **(extra or {})}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def source_hash(cfg: Config) -> str | None:
     """The DVC hash of the raw source when it is a path (new files -> new key); None for the simulator."""
     if cfg.data.source == "simulator":
@@ -101,10 +95,11 @@ def source_hash(cfg: Config) -> str | None:
 
 def task_key(stage: str, cfg: Config, paths: dict[str, Any], values: dict[str, Any] | None = None) -> str:
     """The cache key of a stage task (also used to match the champion's base model)."""
-    extra = {"values": values or {}}
+    doc = {"stage": stage, "inputs": input_hashes(paths), "params": stage_params(stage, cfg),
+           "code": code_version(), "values": values or {}}
     if stage == "validate-raw":
-        extra["source"] = source_hash(cfg)
-    return f"{stage}-" + stage_key(stage, cfg, input_hashes(paths), extra)
+        doc["source"] = source_hash(cfg)
+    return f"{stage}-" + hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def digest(hashes: dict[str, str]) -> str:

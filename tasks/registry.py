@@ -119,10 +119,6 @@ def champion_base(client: MlflowClient, name: str, base_key: str, dst: str | Pat
                                            "train_seconds")}}
 
 
-def set_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:
-    client.set_registered_model_alias(name, alias, version)
-
-
 def write_decision(path: str | Path, decision: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -478,8 +478,8 @@ def promote_task(method: str, model_dir: str, valid_report: dict, reward_dir: st
                                         {**common, "recommender_version": rec.version},
                                         "Bradley-Terry reward ensemble; pyfunc: (history, items) -> rewards")
         client.set_model_version_tag(rc.recommender_model, rec.version, "reward_version", rew.version)
-        registry.set_alias(client, rc.recommender_model, decision.alias, rec.version)
-        registry.set_alias(client, rc.reward_model, decision.alias, rew.version)
+        client.set_registered_model_alias(rc.recommender_model, decision.alias, rec.version)
+        client.set_registered_model_alias(rc.reward_model, decision.alias, rew.version)
         result = {**decision.to_dict(), "reason": reason, "recommender_version": rec.version,
                   "reward_version": rew.version, "champion_version_before": champ.version if champ else None}
         path = registry.write_decision(out / "promotion.json", result)

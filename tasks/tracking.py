@@ -91,10 +91,14 @@ class TrackedRun:
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None, prefix: str = "") -> None:
+    @staticmethod
+    def _metrics(metrics: dict[str, float], step: int | None, prefix: str = "") -> list[Metric]:
         ts = int(time.time() * 1000)
-        items = [Metric(mlflow_key(prefix + k), float(v), ts, step or 0) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        return [Metric(mlflow_key(prefix + k), float(v), ts, step or 0) for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, prefix: str = "") -> None:
+        items = self._metrics(metrics, step, prefix)
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
 
@@ -116,9 +120,7 @@ class TrackedRun:
     def on_log(self, metrics: dict[str, float], step: int) -> None:
         """Trainer callback: metrics with steps, buffered so training does not wait on the tracking
         store at every step (sent every ``FLUSH_EVERY_S`` seconds and when the stage ends)."""
-        ts = int(time.time() * 1000)
-        self._pending += [Metric(mlflow_key(k), float(v), ts, step) for k, v in metrics.items()
-                          if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        self._pending += self._metrics(metrics, step)
         if time.monotonic() - self._flushed_at > self.FLUSH_EVERY_S:
             self.flush()
 
