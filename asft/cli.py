@@ -310,9 +310,7 @@ def _dispatch(args) -> int:
                                          _best(args.base) if args.base else None, cfg, args.output)
         print(json.dumps(rep, indent=2))
     elif cmd == "train-base":
-        from asft.training.sft import train_base
-
-        summary = train_base(args.processed, cfg, args.output, resume=not args.no_resume)
+        summary = stages.stage_train_base(args.processed, cfg, args.output, resume=not args.no_resume)
         print(json.dumps(summary, indent=2))
     elif cmd == "train-judge":
         summary = stages.stage_train_judge(args.processed, args.preferences, _best(args.base), cfg, args.output,

@@ -135,6 +135,10 @@ class TrainConfig(_Section):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'. Multi-GPU: see README.")
     num_threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch default).")
     checkpoint_every: int = Field(1, ge=1, description="Write a resumable checkpoint every N epochs.")
+    checkpoint_steps: int = Field(
+        0, ge=0, description="Also write one every N optimizer steps inside an epoch (0 = epoch ends only); a "
+        "resumed run restarts at that step with the same data order, so it ends where an uninterrupted run would."
+    )
 
 
 class EvalConfig(_Section):

@@ -8,15 +8,20 @@ Run directory layout::
     DIR/raw/            canonical interactions.parquet (+ catalog.parquet, simulator/), validation.json
     DIR/processed/      sequences/train/valid/test parquet, vocab.json, stats.json
     DIR/preferences/    pairs.parquet, stats.json (+ judges.json on the simulator)
-    DIR/models/base/    checkpoint/ (resumable), best/ (save_pretrained + item vocab)
-    DIR/models/reward/  member_K/{checkpoint,best}/, ensemble.json, train_summary.json
+    DIR/models/base/    best/ (save_pretrained + item vocab), train_summary.json
+    DIR/models/reward/  member_K/best/, ensemble.json, train_summary.json
     DIR/models/judge/   the held-out judge ensemble (other preference fold, other seeds)
     DIR/candidates/     sampled/ candidates from pi_ref; scored/ with ensemble rewards
     DIR/advantages/     advantages.parquet, weights.json, histograms (A-SFT weights)
-    DIR/models/posttrain/<method>/  best/ (save_pretrained), checkpoint/, train_summary.json
+    DIR/models/posttrain/<method>/  best/ (save_pretrained), train_summary.json
     DIR/reports/        gx/<suite>/ data docs, reward/ report and plots, policies/<method>.json,
                         validation_failure.json
     DIR/metrics.json    validation and test metrics per model, plus dataset statistics
+
+Training stages (base, reward, judge, post-training) run in a resumable work directory (checkpoints:
+model, optimizer, scheduler, RNG states, data position, best model so far) and publish their output
+directory atomically when they finish (:func:`asft.utils.staged_output`); a killed run resumes from
+its last checkpoint and ends with the same models.
 
 Every dataset is validated (Great Expectations suites in :mod:`asft.data.expectations`) before it is
 published; a failure raises :class:`asft.data.validation.DataValidationError` and nothing is written.
@@ -33,7 +38,7 @@ import pandas as pd
 
 from asft.config import Config
 from asft.data.schema import InteractionData
-from asft.utils import atomic_dir, dir_sha256, write_json
+from asft.utils import atomic_dir, dir_sha256, rebase_paths, staged_output, write_json
 
 RAW, PROCESSED, PREFERENCES = "raw", "processed", "preferences"
 BASE_MODEL, REWARD_MODEL, REPORTS = "models/base", "models/reward", "reports"
@@ -162,11 +167,19 @@ def stage_preferences(raw_dir: str | Path, processed_dir: str | Path, cfg: Confi
 
 def stage_train_reward(processed_dir: str | Path, pref_dir: str | Path, base_model_dir: str | Path, cfg: Config,
                        out_dir: str | Path, on_log: Callable[[dict, int], None] | None = None,
-                       progress: bool = True, resume: bool = True) -> dict:
+                       progress: bool = True, resume: bool = True, work_dir: str | Path | None = None) -> dict:
     from asft.training.reward import train_reward_ensemble
 
-    return train_reward_ensemble(processed_dir, pref_dir, base_model_dir, cfg, out_dir, on_log=on_log,
-                                 progress=progress, resume=resume)
+    return _resumable(out_dir, work_dir, resume, lambda work: train_reward_ensemble(
+        processed_dir, pref_dir, base_model_dir, cfg, work, on_log=on_log, progress=progress, resume=resume))
+
+
+def _resumable(out_dir: str | Path, work_dir: str | Path | None, resume: bool, train: Callable[[Path], dict]) -> dict:
+    """Run a training stage in a resumable work directory; ``out_dir`` is published atomically at the end
+    (:func:`asft.utils.staged_output`). A crashed run leaves no ``out_dir``; the next run resumes."""
+    with staged_output(out_dir, work_dir, resume) as work:
+        summary = train(work)
+    return rebase_paths(summary, work, out_dir)
 
 
 def stage_reward_report(reward_dir: str | Path, pref_dir: str | Path, processed_dir: str | Path,
@@ -179,10 +192,12 @@ def stage_reward_report(reward_dir: str | Path, pref_dir: str | Path, processed_
 
 
 def stage_train_base(processed_dir: str | Path, cfg: Config, out_dir: str | Path,
-                     on_log: Callable[[dict, int], None] | None = None, progress: bool = True) -> dict:
+                     on_log: Callable[[dict, int], None] | None = None, progress: bool = True, resume: bool = True,
+                     work_dir: str | Path | None = None) -> dict:
     from asft.training.sft import train_base
 
-    summary = train_base(processed_dir, cfg, out_dir, on_log=on_log, progress=progress)
+    summary = _resumable(out_dir, work_dir, resume, lambda work: train_base(processed_dir, cfg, work, on_log=on_log,
+                                                                            progress=progress, resume=resume))
     summary["model_dir"] = str(Path(out_dir) / "best")
     return summary
 
@@ -195,13 +210,13 @@ def stage_evaluate(model_dir: str | Path, processed_dir: str | Path, cfg: Config
 
 def stage_train_judge(processed_dir: str | Path, pref_dir: str | Path, base_model_dir: str | Path, cfg: Config,
                       out_dir: str | Path, on_log: Callable[[dict, int], None] | None = None,
-                      progress: bool = True, resume: bool = True) -> dict:
+                      progress: bool = True, resume: bool = True, work_dir: str | Path | None = None) -> dict:
     """The held-out judge: a reward ensemble on the other preference fold with other seeds."""
     from asft.training.reward import train_reward_ensemble
 
-    return train_reward_ensemble(processed_dir, pref_dir, base_model_dir, cfg, out_dir, on_log=on_log,
-                                 progress=progress, resume=resume, fold=cfg.judge.fold, members=cfg.judge.members,
-                                 seed=cfg.seed + cfg.judge.seed_offset, kind="bt-judge-ensemble")
+    return _resumable(out_dir, work_dir, resume, lambda work: train_reward_ensemble(
+        processed_dir, pref_dir, base_model_dir, cfg, work, on_log=on_log, progress=progress, resume=resume,
+        fold=cfg.judge.fold, members=cfg.judge.members, seed=cfg.seed + cfg.judge.seed_offset, kind="bt-judge-ensemble"))
 
 
 def stage_sample(processed_dir: str | Path, ref_dir: str | Path, cfg: Config, out_dir: str | Path,
@@ -273,12 +288,13 @@ def stage_advantages(scored_dir: str | Path, cfg: Config, out_dir: str | Path) -
 def stage_posttrain(method: str, processed_dir: str | Path, ref_dir: str | Path, reward_dir: str | Path | None,
                     scored_dir: str | Path | None, adv_dir: str | Path | None, cfg: Config, out_dir: str | Path,
                     on_log: Callable[[dict, int], None] | None = None, progress: bool = True,
-                    resume: bool = True) -> dict:
+                    resume: bool = True, work_dir: str | Path | None = None) -> dict:
     from asft.posttrain import PostTrainInputs, run_method
 
     inputs = PostTrainInputs(Path(processed_dir), Path(ref_dir), Path(reward_dir) if reward_dir else None,
                              Path(scored_dir) if scored_dir else None, Path(adv_dir) if adv_dir else None)
-    return run_method(method, cfg, inputs, out_dir, on_log=on_log, progress=progress, resume=resume)
+    return _resumable(out_dir, work_dir, resume, lambda work: run_method(method, cfg, inputs, work, on_log=on_log,
+                                                                        progress=progress, resume=resume))
 
 
 def stage_evaluate_policy(model_dir: str | Path, ref_dir: str | Path, processed_dir: str | Path,

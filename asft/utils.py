@@ -41,6 +41,84 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def staged_output(out_dir: str | Path, work_dir: str | Path | None = None, resume: bool = True) -> Iterator[Path]:
+    """Run a long (training) stage in a resumable work directory and publish ``out_dir`` atomically.
+
+    The stage writes everything, checkpoints included, under the yielded work directory. On success
+    its contents, less ``checkpoint/`` directories, are copied into a temporary sibling of ``out_dir``
+    and renamed over it, and the work directory is removed; on a crash (or ``kill -9``) ``out_dir`` is
+    untouched and the work directory keeps the last checkpoints, from which the next run resumes.
+
+    ``work_dir`` defaults to the hidden sibling ``.NAME.work``; the orchestration passes one keyed by
+    the stage's inputs, params and code (so any later run of the same stage resumes). The work
+    directory is locked (``flock``, released by the OS if the process dies): a concurrent run of the
+    same stage gets a private work directory instead of sharing checkpoints. ``resume=False`` clears
+    an existing work directory first.
+    """
+    from filelock import FileLock, Timeout
+
+    out = Path(out_dir)
+    work = Path(work_dir) if work_dir is not None else out.parent / f".{out.name}.work"
+    work.parent.mkdir(parents=True, exist_ok=True)
+    rank, world = dist_rank()
+    lock = FileLock(f"{work}.lock") if world == 1 else None  # one distributed job = one run: no lock
+    try:
+        if lock is not None:
+            lock.acquire(timeout=0)
+    except Timeout:
+        lock = None
+        work = out.parent / f".{out.name}.work-{uuid.uuid4().hex[:8]}"
+    try:
+        if not resume and work.exists() and rank == 0:
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        yield work
+        if rank != 0:  # the main process publishes (after the trainer's final barrier)
+            return
+        with atomic_dir(out) as tmp:
+            shutil.copytree(work, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint"))
+            for f in tmp.glob("*.json"):  # summaries name the final location, not the work directory
+                f.write_text(f.read_text().replace(str(work), str(out)))
+        shutil.rmtree(work, ignore_errors=True)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def dist_rank() -> tuple[int, int]:
+    """(rank, world size) of this process in a ``torchrun``/``accelerate launch`` job; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rebase_paths(obj, old: str | Path, new: str | Path):
+    """``obj`` (a JSON-able summary) with every string path under ``old`` moved under ``new``."""
+    old, new = str(old), str(new)
+    if isinstance(obj, str):
+        return new + obj[len(old):] if obj == old or obj.startswith(old + os.sep) else obj
+    if isinstance(obj, dict):
+        return {k: rebase_paths(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [rebase_paths(v, old, new) for v in obj]
+    return obj
+
+
+def link_tree(src: str | Path, dst: str | Path) -> None:
+    """Mirror ``src`` into ``dst`` with hard links (copies across file systems). Safe for trees whose
+    files are only ever replaced, never modified in place (what :func:`atomic_dir` produces)."""
+    src, dst = Path(src), Path(dst)
+    for p in src.rglob("*"):
+        q = dst / p.relative_to(src)
+        if p.is_dir():
+            q.mkdir(parents=True, exist_ok=True)
+            continue
+        q.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(p, q)
+        except OSError:
+            shutil.copy2(p, q)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,7 @@ from tasks.stages import (
 from tasks.tracking import record_cached_stage, start_parent
 
 RUNS_DIR = "runs"
+WORK_DIR = ".work"  # under RUNS_DIR: resumable work directories of training stages
 METRIC_TIMING_KEYS = ("seconds", "_s", "per_s", "timing", "flow_", "time")
 
 
@@ -192,6 +193,10 @@ def retrain(
     parent.log_params(cfg.flat())
     parent.log_artifact(cfg_path)
     run = _Stages(uri, pid, use_cache)
+    # Training stages checkpoint into work directories keyed by their inputs, params and code: a rerun
+    # after a crash resumes them. Without the cache (audits, --no-cache) everything starts afresh in
+    # private work directories.
+    train_kw = (str(Path(RUNS_DIR).resolve() / WORK_DIR), True) if use_cache else (None, False)
     run.timings["flow_setup"] = time.perf_counter() - t_start
     reports = str(out / stages.REPORTS)
     do_register = register_models and cfg.registry.enabled and not audit_of
@@ -212,17 +217,18 @@ def retrain(
                                                                      cfg.registry.reuse_champion_base) else None
         if base is None:
             base = run("train_base", "train-base", train_base_task, stats["processed_dir"], cfg_path,
-                       str(out / stages.BASE_MODEL), uri, pid)
+                       str(out / stages.BASE_MODEL), uri, pid, *train_kw)
         base_run_id = base.get("base_run_id") or base["stage_run_id"]
         base_metrics = run("evaluate", "evaluate-base", evaluate_task, base["model_dir"], stats["processed_dir"],
                            cfg_path, "base", uri, pid)
         reward = run("train_reward", "train-reward", train_reward_task, stats["processed_dir"],
-                     prefs["preferences_dir"], base["model_dir"], cfg_path, str(out / stages.REWARD_MODEL), uri, pid)
+                     prefs["preferences_dir"], base["model_dir"], cfg_path, str(out / stages.REWARD_MODEL), uri, pid,
+                     *train_kw)
         report = run("reward_report", "reward-report", reward_report_task, reward["ensemble_dir"],
                      prefs["preferences_dir"], stats["processed_dir"], raw["raw_dir"], base["model_dir"], cfg_path,
                      str(out / stages.REPORTS / "reward"), uri, pid)
         judge = run("train_judge", "train-judge", train_judge_task, stats["processed_dir"], prefs["preferences_dir"],
-                    base["model_dir"], cfg_path, str(out / stages.JUDGE_MODEL), uri, pid)
+                    base["model_dir"], cfg_path, str(out / stages.JUDGE_MODEL), uri, pid, *train_kw)
         sampled = run("sample", "sample", sample_task, stats["processed_dir"], base["model_dir"], cfg_path,
                       str(out / stages.CANDIDATES), uri, pid)
         scored = run("score", "score", score_task, sampled["candidates_dir"], stats["processed_dir"], base["model_dir"],
@@ -233,7 +239,8 @@ def retrain(
         for method in cfg.posttrain.methods:
             post[method] = run(f"posttrain_{method}", f"posttrain-{method}", posttrain_task, method,
                                stats["processed_dir"], base["model_dir"], reward["ensemble_dir"], scored["scored_dir"],
-                               adv["advantages_dir"], cfg_path, str(out / stages.POSTTRAIN / method), uri, pid)
+                               adv["advantages_dir"], cfg_path, str(out / stages.POSTTRAIN / method), uri, pid,
+                               *train_kw)
         for lam in cfg.posttrain.lambda_sweep:
             if lam == cfg.advantage.lam or "asft" not in cfg.posttrain.methods:
                 continue
@@ -244,7 +251,7 @@ def retrain(
             post[f"asft@lam={lam:g}"] = run(
                 f"posttrain_asft_lam{lam:g}", "posttrain-asft", posttrain_task, "asft", stats["processed_dir"],
                 base["model_dir"], reward["ensemble_dir"], scored["scored_dir"], adv_l["advantages_dir"], str(lam_cfg),
-                str(out / stages.POSTTRAIN / f"asft_lam{lam:g}"), uri, pid)
+                str(out / stages.POSTTRAIN / f"asft_lam{lam:g}"), uri, pid, *train_kw)
         policies = run("evaluate_policies", "evaluate-policies", evaluate_policies_task,
                        {m: r["model_dir"] for m, r in post.items()}, {m: r["run_id"] for m, r in post.items()},
                        base["model_dir"], stats["processed_dir"], reward["ensemble_dir"], judge["ensemble_dir"],

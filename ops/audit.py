@@ -33,7 +33,8 @@ from asft import datastore
 from tasks import lineage
 
 VOLATILE = ("timings_s", "core_seconds", "mlflow", "output_dir", "lineage", "promotion", "train_seconds",
-            "seconds", "eval_seconds", "tokens_per_s", "per_s", "run_id", "_dir", "out_md5")
+            "seconds", "eval_seconds", "tokens_per_s", "per_s", "run_id", "_dir", "out_md5",
+            "resumed_from_epoch", "docs")
 
 
 def _volatile(path: str) -> bool:

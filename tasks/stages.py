@@ -26,7 +26,7 @@ from asft import stages
 from asft.config import load_config
 from asft.plots import metric_bars, metric_panels, training_curves
 from asft.utils import _json_default, dvc_md5
-from tasks.lineage import StageCache
+from tasks.lineage import StageCache, task_key
 from tasks.tracking import stage_run
 
 RETRIES = 3
@@ -99,6 +99,13 @@ def _outputs(res: dict, out_dir: str | Path, run) -> dict:
 
 def _cfg(config_path: str):
     return load_config(config_path)
+
+
+def _work_dir(work_root: str | None, stage: str, cfg, paths: dict, values: dict | None = None) -> Path | None:
+    """The resumable work directory of a training stage: keyed like its cache entry (inputs' DVC hashes,
+    params, code), so any later run of the same stage, e.g. ``retrain`` after a crash, resumes from
+    its checkpoints; a changed input, param or code starts afresh in another directory."""
+    return None if work_root is None else Path(work_root) / task_key(stage, cfg, paths, values)
 
 
 def _timed(fn, *args, **kwargs):
@@ -183,12 +190,15 @@ def preprocess_task(raw_dir: str, config_path: str, out_dir: str, reports_dir: s
 
 
 @stage_task("train-base", path_args=("processed_dir",))
-def train_base_task(processed_dir: str, config_path: str, out_dir: str, tracking_uri: str, parent_run_id: str) -> dict:
+def train_base_task(processed_dir: str, config_path: str, out_dir: str, tracking_uri: str, parent_run_id: str,
+                    work_root: str | None = None, resume: bool = True) -> dict:
     cfg = _cfg(config_path)
+    work = _work_dir(work_root, "train-base", cfg, {"processed_dir": processed_dir})
     with stage_run(tracking_uri, parent_run_id, "train-base") as run:
         run.log_params({k: v for k, v in cfg.flat().items() if k.split(".")[0] in ("model", "train", "seed")})
         summary, summary["core_seconds"] = _timed(stages.stage_train_base, processed_dir, cfg, out_dir,
-                                                  on_log=run.on_log)
+                                                  on_log=run.on_log, resume=resume, work_dir=work)
+        run.log_metrics({"resumed_from_epoch": summary["resumed_from_epoch"]})
         run.log_metrics({k: summary[k] for k in ("best_metric", "best_epoch", "epochs_run", "steps", "tokens_per_s",
                                                  "train_seconds", "eval_seconds", "n_params")})
         hist = json.loads((Path(out_dir) / "train_summary.json").read_text())["history"]
@@ -241,14 +251,19 @@ def preferences_task(raw_dir: str, processed_dir: str, config_path: str, out_dir
 
 
 def _train_ensemble(stage: str, stage_fn, processed_dir: str, pref_dir: str, base_model_dir: str, config_path: str,
-                    out_dir: str, tracking_uri: str, parent_run_id: str, params_prefixes: tuple[str, ...]) -> dict:
+                    out_dir: str, tracking_uri: str, parent_run_id: str, params_prefixes: tuple[str, ...],
+                    work_root: str | None, resume: bool) -> dict:
     cfg = _cfg(config_path)
+    work = _work_dir(work_root, stage, cfg, {"processed_dir": processed_dir, "pref_dir": pref_dir,
+                                             "base_model_dir": base_model_dir})
     with stage_run(tracking_uri, parent_run_id, stage) as run:
         run.log_params({k: v for k, v in cfg.flat().items() if k.startswith(params_prefixes) or k == "seed"})
-        summary, secs = _timed(stage_fn, processed_dir, pref_dir, base_model_dir, cfg, out_dir, on_log=run.on_log)
+        summary, secs = _timed(stage_fn, processed_dir, pref_dir, base_model_dir, cfg, out_dir, on_log=run.on_log,
+                               resume=resume, work_dir=work)
         for m in summary["members"]:
             run.log_metrics({"best_metric": m["best_metric"], "best_epoch": m["best_epoch"],
-                             "epochs_run": m["epochs_run"]}, prefix=f"member_{m['member']}/")
+                             "epochs_run": m["epochs_run"], "resumed_from_epoch": m["resumed_from_epoch"]},
+                            prefix=f"member_{m['member']}/")
         run.log_metrics({"train_seconds": summary["train_seconds"]})
         run.log_metrics(summary["centring"], prefix="centring/")
         hist = json.loads((Path(out_dir) / "train_summary.json").read_text())["histories"]
@@ -265,18 +280,20 @@ def _train_ensemble(stage: str, stage_fn, processed_dir: str, pref_dir: str, bas
 
 @stage_task("train-reward", path_args=("processed_dir", "pref_dir", "base_model_dir"))
 def train_reward_task(processed_dir: str, pref_dir: str, base_model_dir: str, config_path: str, out_dir: str,
-                      tracking_uri: str, parent_run_id: str) -> dict:
+                      tracking_uri: str, parent_run_id: str,
+                      work_root: str | None = None, resume: bool = True) -> dict:
     """The training reward ensemble (reward.fold of the preference data)."""
     return _train_ensemble("train-reward", stages.stage_train_reward, processed_dir, pref_dir, base_model_dir,
-                           config_path, out_dir, tracking_uri, parent_run_id, ("reward.",))
+                           config_path, out_dir, tracking_uri, parent_run_id, ("reward.",), work_root, resume)
 
 
 @stage_task("train-judge", path_args=("processed_dir", "pref_dir", "base_model_dir"))
 def train_judge_task(processed_dir: str, pref_dir: str, base_model_dir: str, config_path: str, out_dir: str,
-                     tracking_uri: str, parent_run_id: str) -> dict:
+                     tracking_uri: str, parent_run_id: str,
+                     work_root: str | None = None, resume: bool = True) -> dict:
     """The held-out judge ensemble (judge.fold, other seeds): evaluation only."""
     return _train_ensemble("train-judge", stages.stage_train_judge, processed_dir, pref_dir, base_model_dir,
-                           config_path, out_dir, tracking_uri, parent_run_id, ("judge.", "reward."))
+                           config_path, out_dir, tracking_uri, parent_run_id, ("judge.", "reward."), work_root, resume)
 
 
 @stage_task("sample", path_args=("processed_dir", "ref_dir"))
@@ -322,15 +339,19 @@ def advantages_task(scored_dir: str, config_path: str, out_dir: str, tracking_ur
 @stage_task("posttrain", path_args=("processed_dir", "ref_dir", "reward_dir", "scored_dir", "adv_dir"),
             value_args=("method",), task_run_name="posttrain-{method}")
 def posttrain_task(method: str, processed_dir: str, ref_dir: str, reward_dir: str, scored_dir: str, adv_dir: str,
-                   config_path: str, out_dir: str, tracking_uri: str, parent_run_id: str) -> dict:
+                   config_path: str, out_dir: str, tracking_uri: str, parent_run_id: str, work_root: str | None = None,
+                   resume: bool = True) -> dict:
     """One post-training method in its own nested MLflow run (tag ``method``), so methods compare side
     by side; the run id is returned so evaluation logs into the same run."""
     cfg = _cfg(config_path)
+    work = _work_dir(work_root, "posttrain", cfg, {"processed_dir": processed_dir, "ref_dir": ref_dir,
+                                                   "reward_dir": reward_dir, "scored_dir": scored_dir,
+                                                   "adv_dir": adv_dir}, {"method": method})
     with stage_run(tracking_uri, parent_run_id, f"posttrain-{method}", tags={"method": method}) as run:
         run.log_params({"method": method, **{k: v for k, v in cfg.flat().items()
                                              if k.startswith(("posttrain.", "advantage.", "sampling."))}})
         summary, secs = _timed(stages.stage_posttrain, method, processed_dir, ref_dir, reward_dir, scored_dir, adv_dir,
-                               cfg, out_dir, on_log=run.on_log)
+                               cfg, out_dir, on_log=run.on_log, resume=resume, work_dir=work)
         run.log_metrics(flat_report({k: v for k, v in summary.items() if k not in ("rounds",)}), prefix="train/")
         hist = json.loads((Path(out_dir) / "train_summary.json").read_text())["history"]
         run.log_artifact(training_curves(hist, Path(out_dir) / "training_curves.png", f"{method}"), "plots")

@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -134,8 +135,40 @@ class TrackedRun:
 def start_parent(cfg: Config, run_name: str, tags: dict[str, Any]) -> TrackedRun:
     uri, exp_id = setup_experiment(cfg)
     client = MlflowClient(uri)
-    run = client.create_run(exp_id, run_name=run_name, tags={"kind": "retrain", **git_info(), **tags})
+    close_dead_runs(client, exp_id)
+    run = client.create_run(exp_id, run_name=run_name, tags={"kind": "retrain", **git_info(), **tags,
+                                                             "host": socket.gethostname(), "pid": str(os.getpid())})
     return TrackedRun(client, run.info.run_id)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_dead_runs(client: MlflowClient, exp_id: str) -> list[str]:
+    """Retrain runs left RUNNING by a process on this host that no longer exists (``kill -9``, OOM,
+    power loss) are marked KILLED, with their stage runs, so the store shows what happened. Returns
+    their ids. Runs of live processes and of other hosts are left alone."""
+    host = socket.gethostname().replace("'", "")
+    dead = []
+    for r in client.search_runs([exp_id], f"attributes.status = 'RUNNING' and tags.host = '{host}'",
+                                max_results=200):
+        pid = r.data.tags.get("pid", "")
+        if not pid.isdigit() or _alive(int(pid)) or r.data.tags.get("mlflow.parentRunId"):
+            continue
+        children = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{r.info.run_id}' and "
+                                                "attributes.status = 'RUNNING'", max_results=500)
+        for c in [*children, r]:
+            client.set_tag(c.info.run_id, "terminated_reason", f"process {pid} on {host} died while running")
+            client.set_terminated(c.info.run_id, "KILLED")
+        dead.append(r.info.run_id)
+    return dead
 
 
 @contextlib.contextmanager

@@ -281,3 +281,61 @@ def test_resume_false_starts_over(tmp_path):
     assert r2.resumed_from_epoch == 1 and r2.steps == r.steps and r2.history == r.history
     for k, v in params(m).items():
         assert torch.equal(params(m2)[k], v), k
+
+
+class _CrashAfter(list):
+    """A dataset that dies (like a killed process) after ``n`` examples have been read."""
+
+    def __init__(self, items, n):
+        super().__init__(items)
+        self.left = n
+
+    def __getitem__(self, i):
+        self.left -= 1
+        if self.left < 0:
+            raise KeyboardInterrupt("simulated crash")
+        return super().__getitem__(i)
+
+
+def _run_saving(cfg, out_dir, windows, valid):
+    model = fresh_model(cfg)
+    trainer = make_trainer(model, cfg, out_dir, evaluate_fn=lambda m: evaluate_table(m, valid, [10], True, 64).metrics,
+                           save_best_fn=lambda m, p: m.save_pretrained(p, safe_serialization=True), progress=False)
+    return model, trainer.fit(windows, resume=True)
+
+
+def test_mid_epoch_crash_resumes_at_the_same_batch_with_rng(tmp_path):
+    """Step checkpoints record the position inside the epoch and the RNG states (dropout on): a run that
+    dies mid-epoch and is resumed ends bit-identical to one that never stopped, best model included."""
+    windows = make_windows(40)
+    valid = _valid_table()
+    cfg = make_cfg("train.epochs=3", "model.dropout=0.2", "train.checkpoint_steps=2")
+    m_full, r_full = _run_saving(cfg, tmp_path / "full", windows, valid)
+    with pytest.raises(KeyboardInterrupt):
+        _run_saving(cfg, tmp_path / "crash", _CrashAfter(windows, 40 + 8 * 3 + 4), valid)  # dies in epoch 2
+    state = json.loads((tmp_path / "crash" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["epoch"] == 1 and state["batch"] == 3 and state["step"] == 8
+    assert (tmp_path / "crash" / "checkpoint" / "best" / "model.safetensors").is_file()
+    torch.manual_seed(123)  # the resumed run must not depend on the global RNG state it starts with
+    m_res, r_res = _run_saving(cfg, tmp_path / "crash", windows, valid)
+    assert r_res.resumed_from_epoch == 1 and r_res.steps == r_full.steps
+    assert r_res.history == r_full.history and r_res.best_epoch == r_full.best_epoch
+    for k, v in params(m_full).items():
+        assert torch.equal(params(m_res)[k], v), k
+    from safetensors.torch import load_file
+
+    best_full = load_file(tmp_path / "full" / "best" / "model.safetensors")
+    best_res = load_file(tmp_path / "crash" / "best" / "model.safetensors")
+    assert best_full.keys() == best_res.keys() and all(torch.equal(best_full[k], best_res[k]) for k in best_full)
+
+
+def test_resume_with_another_world_size_mid_epoch_is_refused(tmp_path):
+    windows = make_windows(40)
+    cfg = make_cfg("train.epochs=2", "train.checkpoint_steps=2")
+    with pytest.raises(KeyboardInterrupt):
+        _run_saving(cfg, tmp_path, _CrashAfter(windows, 24), _valid_table())
+    st = tmp_path / "checkpoint" / "trainer_state.json"
+    state = json.loads(st.read_text())
+    st.write_text(json.dumps({**state, "world": 2}))
+    with pytest.raises(RuntimeError, match="same number"):
+        _run_saving(cfg, tmp_path, windows, _valid_table())

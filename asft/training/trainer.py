@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from asft.config import TrainConfig
-from asft.utils import atomic_dir, write_json
+from asft.utils import atomic_dir, link_tree, write_json
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -82,12 +83,14 @@ def _rng_state() -> dict:
     }
 
 
-def _set_rng_state(d: dict, torch_state: torch.Tensor) -> None:
+def _set_rng_state(d: dict, torch_state: torch.Tensor, cuda_states: list[torch.Tensor] | None = None) -> None:
     py = d["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = d["numpy"]
     np.random.set_state(("MT19937", np.array(n["key"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(torch_state)
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
 
 
 class Trainer:
@@ -152,6 +155,10 @@ class Trainer:
         return self.out_dir / "checkpoint"
 
     def save_checkpoint(self, state: dict) -> None:
+        """Everything needed to continue exactly: model, optimizer, scheduler, RNG states (Python, NumPy,
+        torch, CUDA), the data position (epoch, batch within it) and the best model so far (hard links
+        to ``best/``). Written to a temporary directory and renamed, so a crash leaves the previous
+        checkpoint intact."""
         if not self.acc.is_main_process:
             return
         with atomic_dir(self.ckpt_dir) as tmp:
@@ -160,9 +167,14 @@ class Trainer:
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(torch.get_rng_state(), tmp / "torch_rng.pt")
+            if torch.cuda.is_available():
+                torch.save(torch.cuda.get_rng_state_all(), tmp / "cuda_rng.pt")
+            if self.best_dir.is_dir():
+                link_tree(self.best_dir, tmp / "best")
             write_json(tmp / "trainer_state.json", {**state, "rng": _rng_state()})
 
     def load_checkpoint(self) -> dict | None:
+        """Restore a checkpoint written by :meth:`save_checkpoint` (tensors only: ``weights_only`` loads)."""
         if not (self.ckpt_dir / "trainer_state.json").is_file():
             return None
         from safetensors.torch import load_file
@@ -176,8 +188,29 @@ class Trainer:
         self.optimizer.load_state_dict(torch.load(self.ckpt_dir / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(self.ckpt_dir / "scheduler.pt", weights_only=True))
         state = json.loads((self.ckpt_dir / "trainer_state.json").read_text())
-        _set_rng_state(state["rng"], torch.load(self.ckpt_dir / "torch_rng.pt", weights_only=True))
+        cuda_file = self.ckpt_dir / "cuda_rng.pt"
+        _set_rng_state(state["rng"], torch.load(self.ckpt_dir / "torch_rng.pt", weights_only=True),
+                       torch.load(cuda_file, weights_only=True) if cuda_file.is_file() else None)
+        if self.acc.is_main_process:
+            # The best model as of the checkpoint (a later best/ from the crashed run is discarded).
+            if (self.ckpt_dir / "best").is_dir():
+                with atomic_dir(self.best_dir) as tmp:
+                    link_tree(self.ckpt_dir / "best", tmp)
+            elif self.best_dir.exists():
+                shutil.rmtree(self.best_dir)
+        self.acc.wait_for_everyone()
         return state
+
+    @property
+    def best_dir(self) -> Path:
+        return self.out_dir / "best"
+
+    def save_best(self) -> None:
+        """``save_best_fn`` into a temporary directory renamed over ``best/`` (never half-written)."""
+        if self.save_best_fn is None or not self.acc.is_main_process:
+            return
+        with atomic_dir(self.best_dir) as tmp:
+            self.save_best_fn(self.acc.unwrap_model(self.model), tmp)
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, examples: Sequence) -> dict[str, float]:
@@ -219,24 +252,34 @@ class Trainer:
     def fit(self, dataset: Sequence, resume: bool = True) -> TrainResult:
         cfg = self.cfg
         state = self.load_checkpoint() if resume else None
-        start_epoch = 0
+        start_epoch = skip = 0
         best, best_epoch, bad, step, history = -math.inf, -1, 0, 0, []
-        tokens, train_s, eval_s = 0, 0.0, 0.0
+        tokens, train_s, eval_s, ep_loss, ep_count = 0, 0.0, 0.0, 0.0, 0.0
+        if state and state.get("batch") and state.get("world", 1) != self.world:
+            raise RuntimeError(f"{self.ckpt_dir}: written mid-epoch by {state['world']} process(es); resume with "
+                               f"the same number (now {self.world}) or start over (--no-resume)")
         if state:
-            start_epoch = state["epoch"]
+            start_epoch, skip = state["epoch"], state.get("batch", 0)
             best, best_epoch, bad, step = state["best"], state["best_epoch"], state["bad"], state["step"]
             history, tokens, train_s, eval_s = state["history"], state["tokens"], state["train_s"], state["eval_s"]
-            self._log(f"resuming from epoch {start_epoch} (step {step})")
+            ep_loss, ep_count = state.get("ep_loss", 0.0), state.get("ep_count", 0.0)
+            self._log(f"resuming from epoch {start_epoch}, batch {skip} (step {step})")
         stopped = state.get("stopped", False) if state else False
         epoch = start_epoch
+
+        def checkpoint(batch: int = 0) -> None:
+            self.save_checkpoint({"epoch": epoch, "batch": batch, "step": step, "best": best,
+                                  "best_epoch": best_epoch, "bad": bad, "history": history, "tokens": tokens,
+                                  "train_s": train_s, "eval_s": eval_s, "stopped": stopped, "ep_loss": ep_loss,
+                                  "ep_count": ep_count, "world": self.world})
+
         while epoch < cfg.epochs and not stopped:
             batches = self.epoch_batches(len(dataset), epoch)
             t0 = time.perf_counter()
-            ep_loss, ep_count = 0.0, 0.0
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
                        disable=not (self.progress and self.acc.is_main_process and sys.stderr.isatty()),
-                       mininterval=1.0)
-            for idx in bar:
+                       mininterval=1.0, initial=skip)
+            for b, idx in enumerate(batches[skip:], start=skip):
                 out = self.train_step([dataset[int(i)] for i in idx])
                 step += 1
                 ep_loss += out["loss"] * out["count"]
@@ -244,12 +287,20 @@ class Trainer:
                 tokens += int(out["count"])
                 if step % 10 == 0:
                     self.on_log({"train/loss": out["loss"], "train/grad_norm": out["grad_norm"], "train/lr": out["lr"]}, step)
+                bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.4f}")
+                if cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0 and b + 1 < len(batches):
+                    train_s += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    checkpoint(b + 1)
+            bar.close()
+            skip = 0
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             train_s += time.perf_counter() - t0
             epoch += 1
             row: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": ep_loss / max(ep_count, 1)}
+            ep_loss, ep_count = 0.0, 0.0
             if self.evaluate_fn is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
                 t1 = time.perf_counter()
                 metrics = self.evaluate_fn(self.acc.unwrap_model(self.model))
@@ -258,8 +309,7 @@ class Trainer:
                 value = metrics[self.monitor]
                 if value > best:
                     best, best_epoch, bad = value, epoch, 0
-                    if self.save_best_fn is not None and self.acc.is_main_process:
-                        self.save_best_fn(self.acc.unwrap_model(self.model), self.out_dir / "best")
+                    self.save_best()
                 else:
                     bad += 1
                     stopped = bad >= cfg.patience
@@ -268,12 +318,11 @@ class Trainer:
             history.append(row)
             self.on_log({k: v for k, v in row.items() if k not in ("epoch", "step")}, epoch)
             if epoch % cfg.checkpoint_every == 0 or stopped or epoch == cfg.epochs:
-                self.save_checkpoint({"epoch": epoch, "step": step, "best": best, "best_epoch": best_epoch, "bad": bad,
-                                      "history": history, "tokens": tokens, "train_s": train_s, "eval_s": eval_s,
-                                      "stopped": stopped})
-        if self.evaluate_fn is None and self.save_best_fn is not None and self.acc.is_main_process:
-            self.save_best_fn(self.acc.unwrap_model(self.model), self.out_dir / "best")
+                checkpoint()
+        if self.evaluate_fn is None:
+            self.save_best()
             best_epoch = epoch
+        self.acc.wait_for_everyone()
         return TrainResult(best_metric=best, best_epoch=best_epoch, epochs_run=epoch, steps=step,
                            stopped_early=stopped, history=history, train_seconds=train_s, eval_seconds=eval_s,
                            tokens=tokens, resumed_from_epoch=start_epoch)
