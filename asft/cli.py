@@ -258,8 +258,9 @@ def _dispatch(args) -> int:
     if cmd == "retrain":
         cfg = _load_cfg(args, [f"data.source={args.data}"] if args.data else [])  # fail fast on bad config
         del cfg
-        from flows.retrain import retrain
+        from flows.retrain import ensure_prefect_api, retrain
 
+        ensure_prefect_api()
         overrides = list(args.overrides)
         result = retrain(data=args.data, output=args.output,
                          config=args.config if Path(args.config).is_file() else None, overrides=overrides,

@@ -64,6 +64,30 @@ def default_output_dir() -> Path:
     return Path(RUNS_DIR) / f"{start:%Y%m%d-%H%M%S}-{name}"
 
 
+def ensure_prefect_api() -> None:
+    """Start this process's Prefect API before the flow, one process at a time per ``PREFECT_HOME``.
+
+    Without a Prefect server (``PREFECT_API_URL`` unset) every ``retrain`` starts an ephemeral server
+    on the SQLite database in ``PREFECT_HOME``; two starting together on a new database both run its
+    migrations and one fails. The lock serialises the start (a few seconds); the flows then run
+    concurrently on the migrated database.
+    """
+    import os
+
+    from filelock import FileLock
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url:
+        return
+    home = Path(os.environ.get("PREFECT_HOME") or settings.home)
+    home.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(home / "ephemeral-server.lock"), timeout=600):
+        with get_client(sync_client=True) as client:
+            client.hello()
+
+
 def report_failure(flow_, flow_run, state) -> None:
     """Flow on_failure/on_crashed hook: one line naming the stage and the error (the place to plug a
     notification). The stage comes from ``failure.json`` written by the flow."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from asft.config import load_config
 from asft.plots import metric_bars, metric_panels, training_curves
 from asft.utils import _json_default, dvc_md5
 from tasks.lineage import StageCache, task_key
-from tasks.tracking import stage_run
+from tasks.tracking import stage_run, store_lock
 
 RETRIES = 3
 _NOT_TRANSIENT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
@@ -220,8 +221,9 @@ def evaluate_task(model_dir: str, processed_dir: str, config_path: str, model_na
         run.log_nested_metrics(metrics)
         run.log_metrics({"core_seconds": secs})
         keys = [f"{m}@{k}" for k in cfg.eval.ks for m in ("hr", "ndcg")] + ["mrr"]
-        png = Path(model_dir).parent / f"metrics_{model_name}.png"
-        run.log_artifact(metric_bars(metrics, keys, png, f"{model_name}: full-ranking metrics"), "plots")
+        with tempfile.TemporaryDirectory() as tmp:  # never inside the model's (published, hashed) directory
+            png = Path(tmp) / f"metrics_{model_name}.png"
+            run.log_artifact(metric_bars(metrics, keys, png, f"{model_name}: full-ranking metrics"), "plots")
     return _outputs({**metrics, "core_seconds": secs}, None, run)
 
 
@@ -473,7 +475,9 @@ def promote_task(method: str, model_dir: str, valid_report: dict, reward_dir: st
     rc = cfg.registry
     client = MlflowClient(tracking_uri)
     out = Path(out_dir)
-    with stage_run(tracking_uri, parent_run_id, "promote", tags={"method": method}) as run:
+    # One promotion at a time per local store: the gate reads the champion and moves the alias.
+    with store_lock(tracking_uri, "registry"), stage_run(tracking_uri, parent_run_id, "promote",
+                                                         tags={"method": method}) as run:
         champ = registry.alias_version(client, rc.recommender_model, registry.CHAMPION)
         champ_report, basis = None, "no champion"
         if champ is not None:

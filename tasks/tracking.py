@@ -49,18 +49,35 @@ def default_artifact_root(cfg: Config, uri: str) -> str | None:
     return None
 
 
+def store_lock(uri: str, what: str = "store"):
+    """A cross-process lock for a local SQLite store (``<db>.<what>.lock``); a no-op for servers, which
+    serialise writes themselves.
+
+    Two ``retrain`` runs on one SQLite file race where MLflow itself does not guard: creating the
+    schema of a new store (both run the migrations: "table ... already exists") and the
+    read-decide-write of the promotion gate (both would compare against the same champion).
+    """
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{db}.{what}.lock", timeout=600)
+
+
 def setup_experiment(cfg: Config) -> tuple[str, str]:
     """Point MLflow at the configured store; create the experiment if needed. -> (uri, experiment_id)."""
     uri = resolve_tracking_uri(cfg)
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        try:
-            exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=default_artifact_root(cfg, uri))
-        except mlflow.exceptions.MlflowException:  # created concurrently by another run
-            exp_id = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
-    else:
-        exp_id = exp.experiment_id
+    with store_lock(uri, "init"):  # the first client of a new SQLite store creates its schema
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        if exp is None:
+            exp_id = client.create_experiment(cfg.tracking.experiment,
+                                              artifact_location=default_artifact_root(cfg, uri))
+        else:
+            exp_id = exp.experiment_id
     return uri, exp_id
 
 
