@@ -316,6 +316,19 @@ def score_candidates(frame: pd.DataFrame, policy: torch.nn.Module, members: list
     return frame.assign(**out)
 
 
+def shard_by_batches(items: list[int], batch_size: int, rank: int, world: int) -> list[int]:
+    """This process's share of ``items``: every ``world``-th batch of ``batch_size``, starting at ``rank``.
+
+    Batch boundaries are those of a single process, and :func:`sample_candidates` seeds each batch's
+    random stream by its first window, so the shards together hold exactly the single-process rows.
+    """
+    out: list[int] = []
+    for b, s in enumerate(range(0, len(items), batch_size)):
+        if b % world == rank:
+            out.extend(items[s : s + batch_size])
+    return out
+
+
 def write_candidates(frame: pd.DataFrame, tmp_dir: Path) -> None:
     list_cols = [c for c in frame.columns if isinstance(frame[c].iloc[0], np.ndarray)] if len(frame) else []
     fields = []

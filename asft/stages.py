@@ -219,9 +219,45 @@ def stage_train_judge(processed_dir: str | Path, pref_dir: str | Path, base_mode
         fold=cfg.judge.fold, members=cfg.judge.members, seed=cfg.seed + cfg.judge.seed_offset, kind="bt-judge-ensemble"))
 
 
+def _processes():
+    """Accelerate's process state under ``torchrun``/``accelerate launch`` (sampling and scoring shard
+    across its processes; the process group is gloo on CPU, NCCL on GPUs); None for one process."""
+    from asft.utils import dist_rank
+
+    if dist_rank()[1] == 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _gather_frames(frame: pd.DataFrame, out_dir: str | Path, state) -> pd.DataFrame | None:
+    """Every process's candidate rows -> the main process, in window/position order (the single-process
+    order); None on the other processes. Shards go through the shared file system next to ``out_dir``."""
+    from asft.sampling import read_candidates, write_candidates
+
+    shards = Path(out_dir).parent / f".{Path(out_dir).name}.shards"
+    mine = shards / f"rank_{state.process_index}"
+    mine.mkdir(parents=True, exist_ok=True)
+    if len(frame):
+        write_candidates(frame, mine)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    parts = [read_candidates(d) for d in sorted(shards.glob("rank_*")) if any(d.iterdir())]
+    import shutil
+
+    shutil.rmtree(shards, ignore_errors=True)
+    return pd.concat(parts, ignore_index=True).sort_values(["window", "pos"], kind="stable").reset_index(drop=True)
+
+
 def stage_sample(processed_dir: str | Path, ref_dir: str | Path, cfg: Config, out_dir: str | Path,
                  progress: bool = True) -> dict:
-    """N candidates per training context from pi_ref (plus optional KV-cache slates)."""
+    """N candidates per training context from pi_ref (plus optional KV-cache slates).
+
+    Under ``torchrun``/``accelerate launch`` each process samples every world-th batch of contexts on
+    its own device and the main process writes the union: the same rows as one process."""
     from asft.data.preprocess import ProcessedData
     from asft.posttrain import load_policy
     from asft.sampling import (
@@ -229,6 +265,7 @@ def stage_sample(processed_dir: str | Path, ref_dir: str | Path, cfg: Config, ou
         sample_candidates,
         sampling_summary,
         save_sampling_meta,
+        shard_by_batches,
         write_candidates,
         write_slates,
     )
@@ -236,8 +273,20 @@ def stage_sample(processed_dir: str | Path, ref_dir: str | Path, cfg: Config, ou
     data = ProcessedData.open(processed_dir)
     tc = TrainContexts.from_processed(data)
     policy, _, _ = load_policy(ref_dir)
+    state = _processes()
+    windows, device = None, "cpu"
+    if state is not None:
+        windows = shard_by_batches(list(range(len(tc.windows))), cfg.sampling.batch_size, state.process_index,
+                                   state.num_processes)
+        device = state.device
+        policy.to(device)
     t0 = time.perf_counter()
-    frame = sample_candidates(policy, tc, cfg.sampling, cfg.seed, progress=progress)
+    frame = sample_candidates(policy, tc, cfg.sampling, cfg.seed, windows=windows, progress=progress, device=device)
+    if state is not None:
+        frame = _gather_frames(frame, out_dir, state)
+        if frame is None:
+            return {"candidates_dir": str(out_dir), "rank": state.process_index}
+        policy.to("cpu")
     summary = sampling_summary(frame, time.perf_counter() - t0, cfg.sampling.n_candidates)
     with atomic_dir(out_dir) as tmp:
         write_candidates(frame, tmp)
@@ -249,7 +298,8 @@ def stage_sample(processed_dir: str | Path, ref_dir: str | Path, cfg: Config, ou
 
 def stage_score(cand_dir: str | Path, processed_dir: str | Path, ref_dir: str | Path, reward_dir: str | Path,
                 cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
-    """Score the sampled candidates (and logged items) with the reward ensemble."""
+    """Score the sampled candidates (and logged items) with the reward ensemble; under a multi-process
+    launch each process scores every world-th batch of windows and the main process writes the union."""
     from asft.data.preprocess import ProcessedData
     from asft.models.reward import RewardEnsemble
     from asft.posttrain import load_policy
@@ -259,6 +309,7 @@ def stage_score(cand_dir: str | Path, processed_dir: str | Path, ref_dir: str | 
         sampling_summary,
         save_sampling_meta,
         score_candidates,
+        shard_by_batches,
         write_candidates,
     )
 
@@ -267,8 +318,24 @@ def stage_score(cand_dir: str | Path, processed_dir: str | Path, ref_dir: str | 
     policy, _, _ = load_policy(ref_dir)
     ens = RewardEnsemble.load(reward_dir)
     frame = read_candidates(cand_dir)
+    state = _processes()
+    device = "cpu"
+    if state is not None:
+        import numpy as np
+
+        mine = shard_by_batches(sorted(np.unique(frame["window"]).tolist()), cfg.sampling.batch_size,
+                                state.process_index, state.num_processes)
+        frame = frame[frame["window"].isin(mine)].reset_index(drop=True)
+        device = state.device
+        for m in (policy, *ens.members):
+            m.to(device)
     t0 = time.perf_counter()
-    scored = score_candidates(frame, policy, ens.members, tc, cfg.sampling, cfg.reward.kappa, progress=progress)
+    scored = score_candidates(frame, policy, ens.members, tc, cfg.sampling, cfg.reward.kappa, progress=progress,
+                              device=device)
+    if state is not None:
+        scored = _gather_frames(scored, out_dir, state)
+        if scored is None:
+            return {"scored_dir": str(out_dir), "rank": state.process_index}
     secs = time.perf_counter() - t0
     summary = sampling_summary(scored, secs, cfg.sampling.n_candidates)
     summary["candidates_scored_per_s"] = summary.pop("candidates_per_s")

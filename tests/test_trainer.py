@@ -339,3 +339,17 @@ def test_resume_with_another_world_size_mid_epoch_is_refused(tmp_path):
     st.write_text(json.dumps({**state, "world": 2}))
     with pytest.raises(RuntimeError, match="same number"):
         _run_saving(cfg, tmp_path, windows, _valid_table())
+
+
+@pytest.mark.parametrize("n", [33, 31, 32, 1])
+def test_epoch_batches_same_step_count_on_every_process(n):
+    """Under DDP each process must take part in every optimizer step (else the all-reduce hangs): equal
+    batch counts, shards that partition the epoch, the global batch of one process split in world parts."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(batch_size=8)
+    shards = [Trainer.epoch_batches(SimpleNamespace(cfg=cfg, seed=3, world=2, rank=r), n, 0) for r in (0, 1)]
+    single = Trainer.epoch_batches(SimpleNamespace(cfg=SimpleNamespace(batch_size=16), seed=3, world=1, rank=0), n, 0)
+    assert len(shards[0]) == len(shards[1]) == len(single)
+    for step, whole in enumerate(single):
+        assert sorted(np.concatenate([shards[0][step], shards[1][step]])) == sorted(whole)

@@ -124,8 +124,13 @@ class Trainer:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         if accelerator is None:
+            from accelerate.utils import DistributedDataParallelKwargs
+
             dev = cfg.device
-            accelerator = Accelerator(cpu=(dev == "cpu" or (dev == "auto" and not torch.cuda.is_available())))
+            # Under torchrun / accelerate launch: DDP (gloo on CPU, NCCL on GPUs). Parameters a loss does
+            # not touch (e.g. the base LM head inside a reward model) must not stall the gradient sync.
+            accelerator = Accelerator(cpu=(dev == "cpu" or (dev == "auto" and not torch.cuda.is_available())),
+                                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.acc = accelerator
         self.device = accelerator.device
         self.world = accelerator.num_processes
@@ -134,20 +139,22 @@ class Trainer:
             param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), fused=False
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_constant(cfg.warmup_steps))
-        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, self.optimizer, self.scheduler)
+        # The loss runs inside the (DDP-wrapped) module's forward, so losses may use any submodule of
+        # the model and DDP still synchronises the gradients; ``self.core`` is the bare model.
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(_LossModule(model, loss_fn), self.optimizer,
+                                                                         self.scheduler)
+        self.core = model
 
     # ------------------------------------------------------------------ data
     def epoch_batches(self, n: int, epoch: int) -> list[np.ndarray]:
-        """This process's batches for an epoch: a pure function of (seed, epoch, world, rank)."""
+        """This process's batches for an epoch: a pure function of (seed, epoch, world, rank).
+
+        Every process gets the same number of batches (one per optimizer step); in a last step smaller
+        than the number of processes a batch may be empty, and that process takes part with a zero-weight
+        step (see :meth:`train_step`) so the gradient all-reduce never waits for it."""
         perm = np.random.default_rng([self.seed, epoch]).permutation(n)
         per_step = self.cfg.batch_size * self.world
-        out = []
-        for s in range(0, n, per_step):
-            chunk = perm[s : s + per_step]
-            mine = chunk[self.rank :: self.world]
-            if len(mine):
-                out.append(mine)
-        return out
+        return [perm[s : s + per_step][self.rank :: self.world] for s in range(0, n, per_step)]
 
     # ------------------------------------------------------------------ checkpointing
     @property
@@ -162,8 +169,7 @@ class Trainer:
         if not self.acc.is_main_process:
             return
         with atomic_dir(self.ckpt_dir) as tmp:
-            model = self.acc.unwrap_model(self.model)
-            model.save_pretrained(tmp / "model", safe_serialization=True)
+            self.core.save_pretrained(tmp / "model", safe_serialization=True)
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(torch.get_rng_state(), tmp / "torch_rng.pt")
@@ -179,7 +185,7 @@ class Trainer:
             return None
         from safetensors.torch import load_file
 
-        model = self.acc.unwrap_model(self.model)
+        model = self.core
         weights = load_file(self.ckpt_dir / "model" / "model.safetensors", device=str(self.device))
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if unexpected or [m for m in missing if "lm_head" not in m]:
@@ -210,16 +216,18 @@ class Trainer:
         if self.save_best_fn is None or not self.acc.is_main_process:
             return
         with atomic_dir(self.best_dir) as tmp:
-            self.save_best_fn(self.acc.unwrap_model(self.model), tmp)
+            self.save_best_fn(self.core, tmp)
 
     # ------------------------------------------------------------------ one optimizer step
-    def train_step(self, examples: Sequence) -> dict[str, float]:
+    def train_step(self, examples: Sequence, dummy: bool = False) -> dict[str, float]:
+        """One optimizer step. ``dummy``: this process has no examples in this step (a last, small step
+        under DDP); it runs ``examples`` with weight 0, so it contributes nothing but joins the all-reduce."""
         cfg = self.cfg
         model = self.model
         model.train()
         n_micro = min(cfg.grad_accum, len(examples))
         micro = [self.collate_fn([examples[i] for i in idx]) for idx in np.array_split(np.arange(len(examples)), n_micro)]
-        local = torch.tensor(float(sum(self.count_fn(mb) for mb in micro)), device=self.device)
+        local = torch.tensor(0.0 if dummy else float(sum(self.count_fn(mb) for mb in micro)), device=self.device)
         total = self.acc.reduce(local, reduction="sum") if self.world > 1 else local
         normalizer = float(total.item())
         stats_sum: dict[str, float] = {}
@@ -228,7 +236,9 @@ class Trainer:
             mb = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
             ctx = self.acc.no_sync(model) if (i < len(micro) - 1 and self.world > 1) else _null()
             with ctx:
-                loss, stats = self.loss_fn(model, mb, normalizer)
+                loss, stats = model(mb, normalizer)
+                if dummy:
+                    loss, stats = loss * 0.0, {}
                 # DDP averages gradients over processes; the loss is already globally normalised.
                 self.acc.backward(loss * self.world)
             loss_total += float(loss.detach())
@@ -280,7 +290,8 @@ class Trainer:
                        disable=not (self.progress and self.acc.is_main_process and sys.stderr.isatty()),
                        mininterval=1.0, initial=skip)
             for b, idx in enumerate(batches[skip:], start=skip):
-                out = self.train_step([dataset[int(i)] for i in idx])
+                out = (self.train_step([dataset[int(i)] for i in idx]) if len(idx) else
+                       self.train_step([dataset[0]], dummy=True))
                 step += 1
                 ep_loss += out["loss"] * out["count"]
                 ep_count += out["count"]
@@ -303,7 +314,7 @@ class Trainer:
             ep_loss, ep_count = 0.0, 0.0
             if self.evaluate_fn is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
                 t1 = time.perf_counter()
-                metrics = self.evaluate_fn(self.acc.unwrap_model(self.model))
+                metrics = self.evaluate_fn(self.core)
                 eval_s += time.perf_counter() - t1
                 row.update({f"valid/{k}": v for k, v in metrics.items()})
                 value = metrics[self.monitor]
@@ -330,6 +341,18 @@ class Trainer:
     def _log(self, msg: str) -> None:
         if self.acc.is_main_process and self.progress:
             tqdm.write(msg, file=sys.stderr)
+
+
+class _LossModule(torch.nn.Module):
+    """``forward(batch, normalizer) = loss_fn(model, batch, normalizer)``: the unit DDP wraps."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: dict, normalizer: float):
+        return self.loss_fn(self.model, batch, normalizer)
 
 
 class _null:
