@@ -47,6 +47,19 @@ DEFAULT_CONFIG = "params.yaml"
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=DEFAULT_CONFIG, help="params.yaml (defaults used if it does not exist)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5")
+    # Used by the flow when it launches a stage under torchrun: the summary as JSON (main process), and the
+    # stage's resumable work directory.
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--work-dir", default=None, help=argparse.SUPPRESS)
+
+
+def _emit(args, summary: dict) -> None:
+    """Print a stage summary; with ``--result``, the main process also writes it there."""
+    from asft.utils import dist_rank, write_json
+
+    print(json.dumps(summary, indent=2, default=str))
+    if args.result and dist_rank()[0] == 0:
+        write_json(args.result, summary)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,31 +316,29 @@ def _dispatch(args) -> int:
     elif cmd == "preferences":
         print(json.dumps(stages.stage_preferences(args.raw, args.processed, cfg, args.output, args.docs), indent=2))
     elif cmd == "train-reward":
-        summary = stages.stage_train_reward(args.processed, args.preferences, _best(args.base), cfg, args.output,
-                                            resume=not args.no_resume)
-        print(json.dumps(summary, indent=2))
+        _emit(args, stages.stage_train_reward(args.processed, args.preferences, _best(args.base), cfg, args.output,
+                                              resume=not args.no_resume, work_dir=args.work_dir))
     elif cmd == "reward-report":
         rep = stages.stage_reward_report(args.reward, args.preferences, args.processed, args.raw,
                                          _best(args.base) if args.base else None, cfg, args.output)
         print(json.dumps(rep, indent=2))
     elif cmd == "train-base":
-        summary = stages.stage_train_base(args.processed, cfg, args.output, resume=not args.no_resume)
-        print(json.dumps(summary, indent=2))
+        _emit(args, stages.stage_train_base(args.processed, cfg, args.output, resume=not args.no_resume,
+                                            work_dir=args.work_dir))
     elif cmd == "train-judge":
-        summary = stages.stage_train_judge(args.processed, args.preferences, _best(args.base), cfg, args.output,
-                                           resume=not args.no_resume)
-        print(json.dumps(summary, indent=2))
+        _emit(args, stages.stage_train_judge(args.processed, args.preferences, _best(args.base), cfg, args.output,
+                                             resume=not args.no_resume, work_dir=args.work_dir))
     elif cmd == "sample":
-        print(json.dumps(stages.stage_sample(args.processed, _best(args.base), cfg, args.output), indent=2))
+        _emit(args, stages.stage_sample(args.processed, _best(args.base), cfg, args.output))
     elif cmd == "score":
-        print(json.dumps(stages.stage_score(args.candidates, args.processed, _best(args.base), args.reward, cfg,
-                                            args.output), indent=2))
+        _emit(args, stages.stage_score(args.candidates, args.processed, _best(args.base), args.reward, cfg,
+                                       args.output))
     elif cmd == "advantages":
         print(json.dumps(stages.stage_advantages(args.scored, cfg, args.output), indent=2))
     elif cmd == "posttrain":
-        summary = stages.stage_posttrain(args.method, args.processed, _best(args.base), args.reward, args.scored,
-                                         args.advantages, cfg, args.output, resume=not args.no_resume)
-        print(json.dumps({k: v for k, v in summary.items() if k != "rounds"}, indent=2, default=str))
+        _emit(args, stages.stage_posttrain(args.method, args.processed, _best(args.base), args.reward, args.scored,
+                                           args.advantages, cfg, args.output, resume=not args.no_resume,
+                                           work_dir=args.work_dir))
     elif cmd == "evaluate-policy":
         rep = stages.stage_evaluate_policy(_best(args.model), _best(args.base), args.processed, args.reward,
                                            args.judge, args.raw, cfg, args.output)

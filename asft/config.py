@@ -430,6 +430,18 @@ class RegistryConfig(_Section):
                                       " when its data hash, params and code version equal this run's.")
 
 
+class DistributedConfig(_Section):
+    """How the flow runs its training, sampling and scoring stages: in its own process, or launched under
+    ``torchrun`` as DDP over several local processes/GPUs (multi-node: see infra/k8s/README.md)."""
+
+    nproc_per_node: int = Field(
+        1, ge=0, description="Processes per stage on this machine: 1 = in the flow's process; N > 1 = the stage's "
+        "CLI command under `torchrun --standalone --nproc_per_node N` (DDP, NCCL on GPUs, gloo on CPU); "
+        "0 = one per visible GPU (1 without GPUs). Batch sizes are per process: divide them by N to keep "
+        "the single-process global batch."
+    )
+
+
 class Config(_Section):
     """The whole pipeline configuration (``params.yaml``)."""
 
@@ -449,6 +461,7 @@ class Config(_Section):
     posttrain: PostTrainConfig = Field(default_factory=PostTrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

@@ -83,9 +83,8 @@ def ensure_prefect_api() -> None:
         return
     home = Path(os.environ.get("PREFECT_HOME") or settings.home)
     home.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(home / "ephemeral-server.lock"), timeout=600):
-        with get_client(sync_client=True) as client:
-            client.hello()
+    with FileLock(str(home / "ephemeral-server.lock"), timeout=600), get_client(sync_client=True) as client:
+        client.hello()
 
 
 def report_failure(flow_, flow_run, state) -> None:

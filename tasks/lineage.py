@@ -64,7 +64,7 @@ def _get(tree: dict, dotted: str) -> Any:
 
 def stage_params(stage: str, cfg: Config) -> dict[str, Any]:
     tree = cfg.to_dict()
-    for section in ("tracking", "registry"):  # where results are logged, not what they are
+    for section in ("tracking", "registry", "distributed"):  # where/how results are made, not what they are
         tree.pop(section, None)
     tree["posttrain"] = {k: v for k, v in tree["posttrain"].items() if k not in ("methods", "champion_method")}
     keys = _dvc_params().get(DVC_STAGE.get(stage, ""), None)

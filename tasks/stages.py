@@ -109,6 +109,42 @@ def _work_dir(work_root: str | None, stage: str, cfg, paths: dict, values: dict 
     return None if work_root is None else Path(work_root) / task_key(stage, cfg, paths, values)
 
 
+def processes(cfg) -> int:
+    """Processes per distributed stage (``distributed.nproc_per_node``; 0 = one per visible GPU)."""
+    n = cfg.distributed.nproc_per_node
+    if n == 0:
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    return max(n, 1)
+
+
+def _staged(cfg, config_path: str, command: list[str], fn, *args, **kwargs) -> dict:
+    """Run a core stage in this process, or, with ``distributed.nproc_per_node`` > 1, its CLI command
+    under ``torchrun --standalone`` (DDP on this machine's GPUs, or gloo CPU processes) and read back the
+    summary the main process writes. Step metrics then come from the stage's history at the end."""
+    n = processes(cfg)
+    if n == 1:
+        return fn(*args, **kwargs)
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
+               "asft.cli", *command, "--config", config_path, "--result", str(result)]
+        if kwargs.get("work_dir"):
+            cmd += ["--work-dir", str(kwargs["work_dir"])]
+        if kwargs.get("resume") is False:
+            cmd.append("--no-resume")
+        get_run_logger().info("launching %s on %d processes: %s", command[0], n, " ".join(cmd))
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{command[0]} under torchrun ({n} processes) failed with exit code "
+                               f"{proc.returncode}:\n{proc.stderr[-4000:]}")
+        return json.loads(result.read_text())
+
+
 def _timed(fn, *args, **kwargs):
     """Run a core stage; return (result, seconds spent in the core, excluding tracking)."""
     t0 = time.perf_counter()
@@ -197,7 +233,9 @@ def train_base_task(processed_dir: str, config_path: str, out_dir: str, tracking
     work = _work_dir(work_root, "train-base", cfg, {"processed_dir": processed_dir})
     with stage_run(tracking_uri, parent_run_id, "train-base") as run:
         run.log_params({k: v for k, v in cfg.flat().items() if k.split(".")[0] in ("model", "train", "seed")})
-        summary, summary["core_seconds"] = _timed(stages.stage_train_base, processed_dir, cfg, out_dir,
+        summary, summary["core_seconds"] = _timed(_staged, cfg, config_path, ["train-base", "--processed", processed_dir,
+                                                                              "--output", out_dir],
+                                                  stages.stage_train_base, processed_dir, cfg, out_dir,
                                                   on_log=run.on_log, resume=resume, work_dir=work)
         run.log_metrics({"resumed_from_epoch": summary["resumed_from_epoch"]})
         run.log_metrics({k: summary[k] for k in ("best_metric", "best_epoch", "epochs_run", "steps", "tokens_per_s",
@@ -260,7 +298,9 @@ def _train_ensemble(stage: str, stage_fn, processed_dir: str, pref_dir: str, bas
                                              "base_model_dir": base_model_dir})
     with stage_run(tracking_uri, parent_run_id, stage) as run:
         run.log_params({k: v for k, v in cfg.flat().items() if k.startswith(params_prefixes) or k == "seed"})
-        summary, secs = _timed(stage_fn, processed_dir, pref_dir, base_model_dir, cfg, out_dir, on_log=run.on_log,
+        summary, secs = _timed(_staged, cfg, config_path, [stage, "--processed", processed_dir, "--preferences", pref_dir,
+                                                           "--base", base_model_dir, "--output", out_dir],
+                               stage_fn, processed_dir, pref_dir, base_model_dir, cfg, out_dir, on_log=run.on_log,
                                resume=resume, work_dir=work)
         for m in summary["members"]:
             run.log_metrics({"best_metric": m["best_metric"], "best_epoch": m["best_epoch"],
@@ -304,7 +344,9 @@ def sample_task(processed_dir: str, ref_dir: str, config_path: str, out_dir: str
     cfg = _cfg(config_path)
     with stage_run(tracking_uri, parent_run_id, "sample") as run:
         run.log_params({k: v for k, v in cfg.flat().items() if k.startswith("sampling.")})
-        res, secs = _timed(stages.stage_sample, processed_dir, ref_dir, cfg, out_dir)
+        res, secs = _timed(_staged, cfg, config_path, ["sample", "--processed", processed_dir, "--base", ref_dir,
+                                                       "--output", out_dir], stages.stage_sample, processed_dir,
+                           ref_dir, cfg, out_dir)
         run.log_metrics(flat_report(res))
         run.log_artifact(Path(out_dir) / "sampling.json")
     get_run_logger().info("sampled %s candidates for %s contexts (%.0f/s)", res["candidates"], res["contexts"],
@@ -317,7 +359,9 @@ def score_task(cand_dir: str, processed_dir: str, ref_dir: str, reward_dir: str,
                tracking_uri: str, parent_run_id: str) -> dict:
     cfg = _cfg(config_path)
     with stage_run(tracking_uri, parent_run_id, "score") as run:
-        res, secs = _timed(stages.stage_score, cand_dir, processed_dir, ref_dir, reward_dir, cfg, out_dir)
+        res, secs = _timed(_staged, cfg, config_path, ["score", "--candidates", cand_dir, "--processed", processed_dir,
+                                                       "--base", ref_dir, "--reward", reward_dir, "--output", out_dir],
+                           stages.stage_score, cand_dir, processed_dir, ref_dir, reward_dir, cfg, out_dir)
         run.log_metrics(flat_report(res))
         run.log_artifact(Path(out_dir) / "sampling.json")
     return _outputs({**res, "core_seconds": secs}, out_dir, run)
@@ -352,8 +396,12 @@ def posttrain_task(method: str, processed_dir: str, ref_dir: str, reward_dir: st
     with stage_run(tracking_uri, parent_run_id, f"posttrain-{method}", tags={"method": method}) as run:
         run.log_params({"method": method, **{k: v for k, v in cfg.flat().items()
                                              if k.startswith(("posttrain.", "advantage.", "sampling."))}})
-        summary, secs = _timed(stages.stage_posttrain, method, processed_dir, ref_dir, reward_dir, scored_dir, adv_dir,
-                               cfg, out_dir, on_log=run.on_log, resume=resume, work_dir=work)
+        cli = ["posttrain", "--method", method, "--processed", processed_dir, "--base", ref_dir, "--output", out_dir]
+        for flag, path in (("--reward", reward_dir), ("--scored", scored_dir), ("--advantages", adv_dir)):
+            cli += [flag, path] if path else []
+        summary, secs = _timed(_staged, cfg, config_path, cli, stages.stage_posttrain, method, processed_dir, ref_dir,
+                               reward_dir, scored_dir, adv_dir, cfg, out_dir, on_log=run.on_log, resume=resume,
+                               work_dir=work)
         run.log_metrics(flat_report({k: v for k, v in summary.items() if k not in ("rounds",)}), prefix="train/")
         hist = json.loads((Path(out_dir) / "train_summary.json").read_text())["history"]
         run.log_artifact(training_curves(hist, Path(out_dir) / "training_curves.png", f"{method}"), "plots")

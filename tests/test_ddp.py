@@ -54,7 +54,7 @@ def torchrun(setup, *args: str, overrides: list[str]) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "asft.cli", *args, "--config", str(setup["dir"] / "params.yaml"), *overrides]
-    p = subprocess.run(cmd, cwd=setup["dir"], env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd, cwd=setup["dir"], env=env, capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0, p.stderr[-5000:]
 
 
@@ -123,3 +123,24 @@ def test_asft_two_processes_match_one(setup):
     np.testing.assert_allclose(_losses(h2), _losses(h1), rtol=RTOL)
     curves = {"base": None, "asft": {"1 process": _losses(h1).tolist(), "2 processes": _losses(h2).tolist()}}
     (d / "curves.json").write_text(json.dumps(curves))
+
+
+def test_retrain_flow_launches_stages_under_torchrun(prefect_server, tmp_path):
+    """``distributed.nproc_per_node=2``: the flow runs base, reward, judge, sampling, scoring and A-SFT as
+    2-process torchrun jobs (gloo here, NCCL on a GPU worker) and finishes as usual."""
+    from conftest import TINY
+    from mlflow.tracking import MlflowClient
+
+    from flows.retrain import retrain
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = retrain(output=str(tmp_path / "run"), config=None, register_models=False,
+                  overrides=[*TINY, "distributed.nproc_per_node=2", "train.batch_size=8", "reward.train.batch_size=16",
+                             "posttrain.train.batch_size=8", "reward.members=1", "posttrain.methods=[asft]",
+                             f"tracking.mlflow_uri={store}", "tracking.experiment=ddp-flow"])
+    assert res["models"]["base"]["test"]["ndcg@10"] > 0
+    assert (tmp_path / "run" / "models" / "posttrain" / "asft" / "best" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "run" / "models" / "base" / "train_summary.json").read_text())["steps"] > 0
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("ddp-flow").experiment_id])
+    assert {r.info.status for r in runs} == {"FINISHED"}
