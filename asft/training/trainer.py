@@ -141,8 +141,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_constant(cfg.warmup_steps))
         # The loss runs inside the (DDP-wrapped) module's forward, so losses may use any submodule of
         # the model and DDP still synchronises the gradients; ``self.core`` is the bare model.
-        self.model, self.optimizer, self.scheduler = accelerator.prepare(_LossModule(model, loss_fn), self.optimizer,
-                                                                         self.scheduler)
+        # The scheduler is not prepared: Accelerate would step it once per process per optimizer step
+        # (it assumes a sharded dataloader with fewer steps), warming up N times faster under DDP.
+        self.model, self.optimizer = accelerator.prepare(_LossModule(model, loss_fn), self.optimizer)
         self.core = model
 
     # ------------------------------------------------------------------ data
