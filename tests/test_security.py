@@ -18,6 +18,7 @@ Every malicious payload here is live: :func:`test_payload_is_live` shows that un
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import shlex
@@ -575,3 +576,14 @@ def test_unknown_config_keys_are_refused(tmp_path):
     for ov in ("train.evil=1", "model.__init__=x", "evil.section.key=1"):
         with pytest.raises(ConfigError):
             load_config(None, [ov])
+
+
+def test_reward_ensemble_refuses_member_dirs_outside_itself(tmp_path):
+    from asft.models.reward import ENSEMBLE_FILE, RewardEnsemble
+
+    ens = tmp_path / "ensemble"
+    ens.mkdir()
+    for bad in (["../elsewhere/best"], ["/etc"], []):
+        (ens / ENSEMBLE_FILE).write_text(json.dumps({"member_dirs": bad}))
+        with pytest.raises(ValueError, match="member_dirs"):
+            RewardEnsemble.load(ens)

@@ -171,8 +171,15 @@ class RewardEnsemble:
         if not info_path.is_file():
             raise FileNotFoundError(f"{path}: not a reward ensemble (no {ENSEMBLE_FILE})")
         info = json.loads(info_path.read_text())
-        members = [load_reward_model(path / m, device) for m in info["member_dirs"]]
-        vocab = ItemVocab.load(path / info["member_dirs"][0] / VOCAB_FILE)
+        dirs = info.get("member_dirs")
+        if not isinstance(dirs, list) or not dirs or not all(isinstance(m, str) for m in dirs):
+            raise ValueError(f"{info_path}: 'member_dirs' must be a non-empty list of member directories")
+        root = path.resolve()
+        for m in dirs:  # an ensemble only ever loads weights from inside its own directory
+            if not (path / m).resolve().is_relative_to(root):
+                raise ValueError(f"{info_path}: member_dirs entry '{m}' points outside {path}")
+        members = [load_reward_model(path / m, device) for m in dirs]
+        vocab = ItemVocab.load(path / dirs[0] / VOCAB_FILE)
         return cls(members, vocab, info.get("kappa", 1.0), info.get("centring"), info)
 
     def score_all(self, contexts: list[np.ndarray], standardize: bool = False, batch_size: int = 512) -> EnsembleScores:
