@@ -148,6 +148,8 @@ def test_killed_stage_leaves_nothing_half_written_and_next_run_resumes(chain, st
 
 def test_resumed_chain_ends_with_the_uninterrupted_metrics(chain):
     cmp = compare_metrics(chain["reference"], chain["final"])
+    print(f"RESUME compared={cmp['compared']} numeric={cmp['numeric']} mismatched={len(cmp['mismatched'])} "
+          f"killed_at={ {k: [st['step'] for st in v['states']] for k, v in chain['killed'].items()} }")
     assert cmp["compared"] > 100 and not cmp["mismatched"], cmp["mismatched"][:10]
     assert chain["final"]["lineage"]["model_sha256"] == chain["reference"]["lineage"]["model_sha256"]
     assert chain["final"]["datasets"] == chain["reference"]["datasets"]
