@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from asft.data.paths import ROOTS_ENV, require_data_root, resolve_inside
 
 
 class ConfigError(ValueError):
@@ -28,17 +38,24 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    """Where the interaction log comes from and how to read it."""
+    """Where the interaction log comes from and how to read it.
+
+    Paths are contained: ``source`` must resolve inside the project, ``../shared/data`` or a directory
+    listed in the environment variable ``ASFT_DATA_ROOTS``; the files named below must resolve inside
+    ``source`` (no absolute paths, no ``..`` or symlink escapes)."""
 
     source: str = Field(
         "simulator",
-        description="'simulator' for the built-in simulator, or a path to a data directory or file.",
+        description="'simulator' for the built-in simulator, or a path to a data directory or file. It must"
+        f" resolve (after '..' and symlinks) inside the project root, ../shared/data or a directory listed in"
+        f" the environment variable {ROOTS_ENV} (os.pathsep-separated).",
     )
     format: Literal["auto", "movielens-100k", "movielens-dat", "movielens-csv", "recbole", "generic"] = Field(
         "auto", description="Input format; 'auto' detects it from the files in the directory."
     )
     interactions_file: str | None = Field(
-        None, description="generic format: interactions file (CSV or Parquet) inside `source`, or absolute."
+        None, description="generic/recbole format: interactions file (CSV or Parquet), a path relative to"
+        " `source` that must stay inside it (absolute paths and '..'/symlink escapes are refused)."
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
@@ -47,11 +64,40 @@ class DataConfig(_Section):
     order_column: str | None = Field(
         None, description="generic format: column giving the event order when there is no timestamp."
     )
-    items_file: str | None = Field(None, description="generic format: optional item catalog file.")
+    items_file: str | None = Field(None, description="generic format: optional item catalog file, relative to"
+                                   " `source` and inside it like `interactions_file`.")
     item_columns: dict[str, str] = Field(
         default_factory=dict, description="generic format: canonical catalog column -> source column."
     )
-    sep: str | None = Field(None, description="generic format: CSV delimiter (default ',').")
+    sep: str | None = Field(None, description="generic format: CSV delimiter, one character (default ',').")
+
+    @field_validator("source")
+    @classmethod
+    def _source_contained(cls, v: str) -> str:
+        if v != "simulator":
+            require_data_root(v, "data.source")
+        return v
+
+    @field_validator("interactions_file", "items_file")
+    @classmethod
+    def _file_inside_source(cls, v: str | None, info: ValidationInfo) -> str | None:
+        source = info.data.get("source")
+        if v is None or source is None or source == "simulator":
+            return v
+        src = Path(source)
+        try:
+            base = src.parent if src.is_file() else src
+        except (OSError, ValueError):
+            base = src
+        resolve_inside(base, v, f"data.{info.field_name}")
+        return v
+
+    @field_validator("sep")
+    @classmethod
+    def _one_char(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) != 1 or v in "\r\n\"\x00"):
+            raise ValueError(f"data.sep must be a single character other than a quote, NUL or newline, got {v!r}")
+        return v
 
 
 class SimulatorConfig(_Section):
@@ -220,10 +266,18 @@ class PreferenceConfig(_Section):
         description="Optional CSV/Parquet of externally collected judgments (e.g. human assessors), merged as"
         " source 'human' (or the file's `source` column) and validated like every other pair. Columns: user_id,"
         " context_end (the context is the user's first context_end events), chosen_item, rejected_item"
-        " (raw item ids), optional source and margin.",
+        " (raw item ids), optional source and margin. Like data.source it must resolve inside the project,"
+        f" ../shared/data or a directory in {ROOTS_ENV}.",
     )
     valid_share: float = Field(0.1, ge=0, lt=0.5, description="Share of users whose pairs form the valid split.")
     test_share: float = Field(0.1, ge=0, lt=0.5, description="Share of users whose pairs form the test split.")
+
+    @field_validator("extra_pairs_file")
+    @classmethod
+    def _pairs_contained(cls, v: str | None) -> str | None:
+        if v is not None:
+            require_data_root(v, "preferences.extra_pairs_file")
+        return v
 
 
 class RewardTrainConfig(TrainConfig):
@@ -513,41 +567,76 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any, origin: str) -> None:
     cur[parts[-1]] = value
 
 
+def _safe_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load`` whose every failure is a ConfigError naming ``what`` (never a bare traceback):
+    syntax errors, python/* tags, invalid !!int/!!float/!!timestamp values, integers beyond Python's
+    digit limit, nesting too deep for the parser."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{what}: YAML nested too deeply") from None
+    except (ValueError, TypeError, OverflowError, MemoryError) as e:
+        raise ConfigError(f"{what}: YAML value cannot be read: {type(e).__name__}: {str(e)[:200]}") from None
+
+
 def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
     """Parse ``key=value`` strings; values are read as YAML scalars/lists (safe loader only)."""
     out = []
     for ov in overrides or []:
+        if not isinstance(ov, str):
+            raise ConfigError(f"override {ov!r}: expected a key=value string, got {type(ov).__name__}")
         if "=" not in ov:
             raise ConfigError(f"override '{ov}': expected key=value")
         key, raw = ov.split("=", 1)
         key = key.strip()
         if not key:
             raise ConfigError(f"override '{ov}': empty key")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override '{ov}': value is not valid YAML ({e})") from e
+        if any(not p.strip() for p in key.split(".")):
+            raise ConfigError(f"override '{ov}': empty section name in key '{key}'")
+        value = _safe_yaml(raw, f"override '{ov}': value") if raw != "" else None
         out.append((key, value))
     return out
 
 
+def _read_config_file(p: Path) -> dict[str, Any]:
+    try:
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        data = p.read_bytes()
+    except (OSError, ValueError) as e:  # permissions, name too long, NUL byte in the path
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{p}: cannot read config file: {e}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{p}: not UTF-8 text (invalid byte at offset {e.start}, line {line})") from None
+    loaded = _safe_yaml(text, str(p))
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
+    bad = [k for k in loaded if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{p}: top-level keys must be strings, got {bad[0]!r} ({type(bad[0]).__name__})")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read ``params.yaml`` (or defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    """Read ``params.yaml`` (or defaults when ``path`` is None) and apply ``key=value`` overrides.
+
+    Every problem -- unreadable file, invalid YAML, unknown key, wrong type, out-of-range value, a data
+    path outside the allowed roots -- raises :class:`ConfigError` naming the file (or override) and key."""
     origin = str(path) if path else "<defaults>"
     raw: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
         try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
-        raw = copy.deepcopy(loaded)
+            raw = copy.deepcopy(_read_config_file(Path(path)))
+        except RecursionError:
+            raise ConfigError(f"{path}: YAML nested too deeply") from None
     for key, value in parse_overrides(overrides):
         _set_dotted(raw, key, value, f"{origin} override")
     try:
@@ -558,6 +647,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             loc = ".".join(str(x) for x in err["loc"])
             lines.append(f"  {loc}: {err['msg']}")
         raise ConfigError(f"{origin}: invalid configuration\n" + "\n".join(lines)) from None
+    except RecursionError:
+        raise ConfigError(f"{origin}: configuration nested too deeply") from None
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

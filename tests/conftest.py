@@ -10,6 +10,7 @@ import pytest
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="asft-prefect-home-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME  # never the user's home
+os.environ.setdefault("ASFT_DATA_ROOTS", tempfile.gettempdir())  # tests read data from tmp_path (under it)
 os.environ.setdefault("PREFECT_API_URL", "")  # no ambient server: the harness provides one
 if not os.environ["PREFECT_API_URL"]:
     del os.environ["PREFECT_API_URL"]

@@ -487,15 +487,35 @@ def _raw_prechecks(df: Any, catalog: Any, sample: int) -> list[Failure]:
                     detail=f"catalog is not a table: {type(catalog).__name__}",
                 )
             )
-        elif ITEM not in catalog.columns:
-            fails.append(
-                Failure(
-                    "expect_column_to_exist",
-                    f"catalog.{ITEM}",
-                    1,
-                    detail=f"have {[str(x) for x in catalog.columns][:20]}",
-                )
-            )
+        else:
+            fails += _catalog_prechecks(catalog, sample)
+    return fails
+
+
+def _catalog_prechecks(catalog: pd.DataFrame, sample: int) -> list[Failure]:
+    """The catalog's item_id: present once, str, not null, unique (one title/genres per item)."""
+    col = f"catalog.{ITEM}"
+    fails = _missing_columns(catalog, [ITEM], prefix="catalog.")
+    if fails:
+        return fails
+    ids = catalog[ITEM].reset_index(drop=True)
+    null = ids.isna().to_numpy(dtype=bool)
+    if null.any():
+        rows = _positions(null)
+        fails.append(Failure("expect_column_values_to_not_be_null", col, len(rows), rows[:sample], "missing catalog ids"))
+    wrong = (~null) & ~ids.map(lambda v: isinstance(v, str)).to_numpy(dtype=bool)
+    if wrong.any():
+        rows = _positions(wrong)
+        vals = [_short(v) for v in ids.iloc[rows[:5]]]
+        fails.append(Failure("expect_column_values_to_be_of_type", col, len(rows), rows[:sample],
+                             f"str expected, got {vals}"))
+        return fails
+    dup = (~null) & ids.duplicated(keep="first").to_numpy(dtype=bool)
+    if dup.any():
+        rows = _positions(dup)
+        vals = [_short(v) for v in ids.iloc[rows[:5]]]
+        fails.append(Failure("expect_column_values_to_be_unique", col, len(rows), rows[:sample],
+                             f"item ids listed more than once in the catalog: {vals}"))
     return fails
 
 

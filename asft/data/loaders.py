@@ -30,6 +30,7 @@ only after a failure, to find the offending line.
 from __future__ import annotations
 
 import ast
+import contextvars
 import csv
 import re
 from decimal import Decimal
@@ -43,6 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from asft.data.paths import PathContainmentError, inside, require_data_root, resolve_inside
 from asft.data.schema import (
     GENRES,
     ITEM,
@@ -87,20 +89,38 @@ _I64_MIN = Decimal(-(2**63))
 _I64_MAX = Decimal(2**63 - 1)
 _FIELDS_RE = re.compile(r"Expected (\d+) columns, got (\d+)")
 
+# The resolved data directory of the load in progress: every file opened must resolve inside it.
+_DATA_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar("asft_data_dir", default=None)
+
 
 # --------------------------------------------------------------------------------------------
 # Sources: one input file, read column by column, that can point at its own lines.
 # --------------------------------------------------------------------------------------------
 
 
-def _check_file(path: Path, what: str = "file") -> None:
-    if not path.exists():
-        raise DataFormatError(path, f"{what} not found")
-    if path.is_dir():
-        raise DataFormatError(path, f"expected a {what}, found a directory")
+def _check_contained(path: Path) -> None:
+    """Refuse a file that resolves (symlinks, '..') outside the data directory being loaded."""
+    root = _DATA_DIR.get()
+    if root is None:
+        return
     try:
+        real = path.resolve()
+    except (OSError, RuntimeError, ValueError) as e:
+        raise DataFormatError(path, f"cannot resolve path: {e}") from None
+    if not inside(real, root):
+        raise DataFormatError(path, f"resolves to {real}, outside the data directory {root} (a symlink or '..'"
+                              " escape); data files must live inside data.source")
+
+
+def _check_file(path: Path, what: str = "file") -> None:
+    try:
+        if not path.exists():
+            raise DataFormatError(path, f"{what} not found")
+        _check_contained(path)
+        if path.is_dir():
+            raise DataFormatError(path, f"expected a {what}, found a directory")
         size = path.stat().st_size
-    except OSError as e:  # pragma: no cover - permissions etc.
+    except OSError as e:  # permissions, name too long, ...
         raise DataFormatError(path, f"cannot read {what}: {e}") from None
     if size == 0:
         raise DataFormatError(path, "file is empty (0 bytes)")
@@ -134,6 +154,14 @@ class _Source:
 
     def read(self, cols: list[str]) -> None:
         raise NotImplementedError
+
+    def check_unique(self, cols: list[str]) -> None:
+        """A column to read that appears twice in the file is ambiguous."""
+        for c in cols:
+            k = self.columns.count(c)
+            if k > 1:
+                raise DataFormatError(self.path, f"column name {c!r} appears {k} times; rename the duplicates",
+                                      column=c)
 
     def col(self, name: str) -> pa.Array:
         return self._data[name]
@@ -192,16 +220,26 @@ class _TextSource(_Source):
     def _read_header(self) -> list[str]:
         try:
             with open(self.path, "rb") as fh:
-                for raw in fh:
-                    if raw.strip(b"\r\n"):
+                head = fh.read(2)
+                fh.seek(0)
+                if head in (b"\xff\xfe", b"\xfe\xff"):
+                    raise DataFormatError(self.path, "file is UTF-16 encoded; save it as UTF-8 (or latin-1)", line=1)
+                for number, raw in _physical_lines(fh):
+                    if raw:
                         break
                 else:
                     raise DataFormatError(self.path, "file holds only blank lines (no header, no data)")
         except OSError as e:
             raise DataFormatError(self.path, f"cannot read file: {e}") from None
-        line = self._decode(raw).rstrip("\r\n")
+        if b"\x00" in raw:
+            raise DataFormatError(self.path, "header line contains NUL bytes: a binary file, or text in UTF-16/32"
+                                  " (save it as UTF-8)", line=number)
+        line = self._decode(raw)
         if self.quoting:
-            names = next(csv.reader([line], delimiter=self.sep, quotechar='"', doublequote=True))
+            try:
+                names = next(csv.reader([line], delimiter=self.sep, quotechar='"', doublequote=True))
+            except csv.Error as e:
+                raise DataFormatError(self.path, f"cannot parse the header line: {e}", line=number) from None
         else:
             names = line.split(self.sep)
         return names
@@ -231,20 +269,34 @@ class _TextSource(_Source):
 
     def read(self, cols: list[str]) -> None:
         cols = list(dict.fromkeys(cols))
+        if self.header:
+            self.check_unique(cols)
         encodings = ["utf8", "latin-1"] if self.encoding == "utf8" else ["latin-1"]
         table = None
         for enc in encodings:
+            source: Any = str(self.path)
             try:
-                table = pacsv.read_csv(str(self.path), *self._options(cols, enc))
+                if enc == "latin-1" and self.header and self.encoding == "utf8" and self._starts_with_bom():
+                    # UTF-8 BOM, then bytes that are not UTF-8: read the rest as latin-1 without the BOM, so
+                    # the first column keeps the name the header was decoded with
+                    source = pa.OSFile(str(self.path))
+                    source.seek(3)
+                table = pacsv.read_csv(source, *self._options(cols, enc))
                 self.encoding = enc
                 break
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OSError) as e:
+            except (pa.ArrowException, OSError) as e:
                 msg = str(e)
                 if "UTF8" in msg and enc == "utf8":
                     continue
+                if "Empty CSV file" in msg:
+                    raise DataFormatError(self.path, "no data rows (only a header)" if self.header else
+                                          "no data rows (only blank lines)") from None
                 if _FIELDS_RE.search(msg):
                     self._fail_fields(msg)
                 raise DataFormatError(self.path, f"cannot parse file: {msg}") from None
+            finally:
+                if isinstance(source, pa.NativeFile):
+                    source.close()
         assert table is not None
         self.n = table.num_rows
         if self.n == 0:
@@ -252,6 +304,10 @@ class _TextSource(_Source):
                 self.path, "no data rows (only a header)" if self.header else "no data rows (only blank lines)"
             )
         self._data = {c: table.column(c) for c in cols}  # ChunkedArray: compute kernels take it as is
+
+    def _starts_with_bom(self) -> bool:
+        with open(self.path, "rb") as fh:
+            return fh.read(3) == b"\xef\xbb\xbf"
 
     # -- locating lines (error path only) ------------------------------------------------------
     def _iter_records(self):
@@ -271,8 +327,7 @@ class _TextSource(_Source):
         else:
             sep = self.field_sep.encode("latin-1" if self.encoding == "latin-1" else "utf-8")
             with open(self.path, "rb") as fh:
-                for i, raw in enumerate(fh, 1):
-                    raw = raw.rstrip(b"\r\n")
+                for i, raw in _physical_lines(fh):
                     if raw:
                         yield i, raw.count(sep) + 1
 
@@ -308,6 +363,19 @@ class _TextSource(_Source):
         return out
 
 
+def _physical_lines(fh):
+    """(1-based line number, content) of a binary file, with '\\n', '\\r\\n' and a lone '\\r' all ending a
+    line, as pyarrow's CSV reader counts them."""
+    number = 0
+    for raw in fh:
+        parts = raw.rstrip(b"\n").split(b"\r")
+        if raw.endswith(b"\r\n") or (len(parts) > 1 and parts[-1] == b""):
+            parts.pop()
+        for part in parts or [b""]:
+            number += 1
+            yield number, part
+
+
 class _ParquetSource(_Source):
     def __init__(self, path: Path):
         super().__init__(path)
@@ -319,6 +387,7 @@ class _ParquetSource(_Source):
 
     def read(self, cols: list[str]) -> None:
         cols = list(dict.fromkeys(cols))
+        self.check_unique(cols)
         try:
             table = pq.read_table(self.path, columns=cols)
         except Exception as e:  # noqa: BLE001
@@ -351,6 +420,9 @@ def _open_table(path: Path, sep: str | None) -> _Source:
     """A generic CSV/TSV/Parquet table."""
     if path.suffix.lower() in _PARQUET_SUFFIXES:
         return _ParquetSource(path)
+    if sep is not None and (not isinstance(sep, str) or len(sep) != 1 or sep in '\r\n"\x00'):
+        raise DataFormatError(path, f"data.sep must be a single character other than a quote, NUL or newline,"
+                              f" got {sep!r}")
     if sep is None:
         sep = "\t" if path.suffix.lower() == ".tsv" else ","
     return _TextSource(path, sep=sep, header=True, quoting=True)
@@ -382,19 +454,20 @@ def _ids(src: _Source, col: str, canon: str, *, integer: bool = False) -> pd.Ser
     arr = src.col(col)
     t = arr.type
     if pa.types.is_floating(t):  # e.g. integer ids stored as float because of nulls: 196.0 -> '196'
+        src.fail(col, f"missing {canon} (NaN)", _np_mask(pc.is_nan(arr)), arr)
         try:
             arr = pc.cast(pc.cast(arr, pa.int64()), pa.string())
-        except pa.ArrowInvalid:
+        except pa.ArrowException:
             arr = pc.cast(arr, pa.string())
     elif pa.types.is_binary(t) or pa.types.is_large_binary(t):
         try:
             arr = pc.cast(arr, pa.string())
-        except pa.ArrowInvalid:
+        except pa.ArrowException:
             raise DataFormatError(src.path, f"{canon} values are not valid UTF-8 text", column=col) from None
     elif not (pa.types.is_string(t) or pa.types.is_large_string(t)):
         try:
             arr = pc.cast(arr, pa.string())
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        except pa.ArrowException:
             raise DataFormatError(src.path, f"{canon} column has unsupported type {t}", column=col) from None
     src.fail(col, f"missing {canon} (null or empty)", _null_or_blank(arr), arr)
     if integer:
@@ -424,17 +497,31 @@ def _decimal_to_int64(texts: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return values[idx], overflow[idx], nonint[idx]
 
 
+_NS_PER = {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1}
+
+
+def _coarsest_unit(ticks: np.ndarray, unit: str, extra: dict) -> np.ndarray:
+    """Integer ticks of ``unit`` expressed in the coarsest of s/ms/us/ns that holds them exactly
+    (never finer than ``unit``, so nothing is multiplied and nothing overflows)."""
+    for u in ("s", "ms", "us", "ns"):
+        f = _NS_PER[u] // _NS_PER[unit]
+        if f >= 1 and (ticks % f == 0).all():
+            extra["timestamp_unit"] = u
+            return ticks // f
+    raise AssertionError  # pragma: no cover - f == 1 always divides
+
+
 def _iso_to_int64(src: _Source, col: str, texts: pa.Array, extra: dict) -> np.ndarray:
     try:
         dt = pd.to_datetime(texts.to_pandas(), utc=True, format="ISO8601")
-    except (ValueError, TypeError) as e:
+        values = dt.dt.tz_localize(None).to_numpy()  # datetime64 in pandas' unit (ns, or us/s far from 1970)
+        unit = np.datetime_data(values.dtype)[0]
+        if unit not in _NS_PER:
+            values, unit = values.astype("datetime64[s]"), "s"
+        ticks = values.astype(np.int64)
+    except (ValueError, TypeError, OverflowError) as e:  # OutOfBoundsDatetime is a ValueError
         raise DataFormatError(src.path, f"cannot parse date/time values: {e}", column=col) from None
-    ns = dt.dt.tz_localize(None).astype("datetime64[ns]").to_numpy().astype(np.int64)
-    for unit, div in (("s", 10**9), ("ms", 10**6), ("us", 10**3), ("ns", 1)):
-        if (ns % div == 0).all():
-            extra["timestamp_unit"] = unit
-            return ns // div
-    raise AssertionError  # pragma: no cover
+    return _coarsest_unit(ticks, unit, extra)
 
 
 def _timestamps(src: _Source, col: str, extra: dict, *, what: str = "timestamp") -> np.ndarray:
@@ -459,17 +546,20 @@ def _timestamps(src: _Source, col: str, extra: dict, *, what: str = "timestamp")
         src.fail(col, f"{what} is not an integer", nonint, arr)
         return vals
     if pa.types.is_timestamp(t) or pa.types.is_date(t):
-        ns = pc.cast(pc.cast(arr, pa.timestamp("ns")), pa.int64()).to_numpy(zero_copy_only=False)
-        for unit, div in (("s", 10**9), ("ms", 10**6), ("us", 10**3), ("ns", 1)):
-            if (ns % div == 0).all():
-                extra["timestamp_unit"] = unit
-                return ns // div
+        # ticks in the column's own unit: far-away dates do not fit nanoseconds (year > 2262)
+        if pa.types.is_timestamp(t):
+            unit, ticks = t.unit, pc.cast(arr, pa.int64())
+        elif pa.types.is_date32(t):
+            unit, ticks = "s", pc.multiply(pc.cast(pc.cast(arr, pa.int32()), pa.int64()), 86400)
+        else:
+            unit, ticks = "ms", pc.cast(arr, pa.int64())
+        return _coarsest_unit(ticks.to_numpy(zero_copy_only=False), unit, extra)
     if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
         raise DataFormatError(src.path, f"{what} column has unsupported type {t}", column=col)
     # Text. Fast path: plain integers.
     try:
         return pc.cast(arr, pa.int64()).to_numpy(zero_copy_only=False)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+    except pa.ArrowException:
         pass
     texts = pc.utf8_trim_whitespace(arr)
     is_num = _np_mask(pc.match_substring_regex(texts, _NUM_RE))
@@ -500,7 +590,8 @@ def _ratings(src: _Source, col: str) -> np.ndarray:
     arr = src.col(col)
     t = arr.type
     if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
-        return pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
+        # unsafe: an integer beyond 2**53 may round (the range check is validation's); never an exception
+        return pc.cast(arr, pa.float64(), safe=False).to_numpy(zero_copy_only=False)
     if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
         raise DataFormatError(src.path, f"rating column has unsupported type {t}", column=col)
     texts = pc.utf8_trim_whitespace(arr)
@@ -509,7 +600,7 @@ def _ratings(src: _Source, col: str) -> np.ndarray:
         texts = pc.if_else(pa.array(empty), pa.scalar(None, pa.string()), texts)
     try:
         return pc.cast(texts, pa.float64()).to_numpy(zero_copy_only=False)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+    except pa.ArrowException:
         pass
     ok = _np_mask(pc.match_substring_regex(texts, _NUM_RE)) | empty
     src.fail(col, "rating is not a number", ~ok, arr)
@@ -571,7 +662,8 @@ def _listlike_genre(value: Any) -> str | None:
     try:
         parsed = ast.literal_eval("[" + inner + "]")
         toks = _genre_tokens(parsed)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        "|".join(toks).encode("utf-8")  # escapes such as '\\ud800' make text no file can hold
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError, UnicodeEncodeError):
         toks = [a or b for a, b in re.findall(r"'([^']*)'|\"([^\"]*)\"", s)] or s.strip("[]").split(",")
         toks = [t.strip().strip("'\"").strip() for t in toks]
         toks = [t for t in toks if t]
@@ -783,8 +875,7 @@ def _load_recbole(path: Path, *, interactions_file=None, columns=None, order_col
     if not path.exists():
         raise DataFormatError(path, "no such file or directory")
     if interactions_file:
-        f = Path(interactions_file)
-        f = f if f.is_absolute() else (path if path.is_dir() else path.parent) / f
+        f = _spec_file(path if path.is_dir() else path.parent, interactions_file, "data.interactions_file")
     elif path.is_file():
         f = path
     else:
@@ -837,6 +928,15 @@ def _load_recbole(path: Path, *, interactions_file=None, columns=None, order_col
     return InteractionData(inter, items, source=str(path), format="recbole", extra=extra)
 
 
+def _spec_file(base: Path, rel: str, key: str) -> Path:
+    """A file named in the data spec: relative to the data directory and inside it."""
+    try:
+        resolve_inside(base, rel, key)
+    except PathContainmentError as e:
+        raise DataFormatError(base, str(e)) from None
+    return base / rel
+
+
 def _find_table(d: Path, word: str) -> list[Path]:
     return sorted(p for p in d.iterdir()
                   if p.is_file() and word in p.name.lower() and p.suffix.lower() in _TABLE_SUFFIXES)
@@ -856,8 +956,7 @@ def _load_generic(path: Path, *, interactions_file=None, columns=None, order_col
     base = path if path.is_dir() else path.parent
     auto = False
     if interactions_file:
-        f = Path(interactions_file)
-        f = f if f.is_absolute() else base / f
+        f = _spec_file(base, interactions_file, "data.interactions_file")
     elif path.is_file():
         f = path
     else:
@@ -908,8 +1007,7 @@ def _load_generic(path: Path, *, interactions_file=None, columns=None, order_col
     items = None
     item_path = None
     if items_file:
-        item_path = Path(items_file)
-        item_path = item_path if item_path.is_absolute() else base / item_path
+        item_path = _spec_file(base, items_file, "data.items_file")
     elif auto:
         cands = [p for p in _find_table(path, "items") if p != f]
         if len(cands) > 1:
@@ -990,11 +1088,25 @@ def load_dataset(path: str | Path, format: str = "auto", *, interactions_file: s
                  sep: str | None = None) -> InteractionData:
     """Load a dataset into canonical tables. See the module docstring for the formats."""
     path = Path(path)
+    try:
+        base = path if path.is_dir() else path.parent
+        root = base.resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # name too long, NUL byte, symlink loop
+        raise DataFormatError(path, f"cannot access data path: {e}") from None
+    token = _DATA_DIR.set(root)
+    try:
+        return _load(path, format, interactions_file=interactions_file, columns=columns, order_column=order_column,
+                     items_file=items_file, item_columns=item_columns, sep=sep)
+    finally:
+        _DATA_DIR.reset(token)
+
+
+def _load(path: Path, format: str, *, interactions_file, columns, order_column, items_file, item_columns,
+          sep) -> InteractionData:
     fmt = format
     if fmt == "auto":
         if interactions_file and path.is_dir():
-            f = Path(interactions_file)
-            fmt = detect_format(f if f.is_absolute() else path / f)
+            fmt = detect_format(_spec_file(path, interactions_file, "data.interactions_file"))
         else:
             fmt = detect_format(path)
     if fmt == "movielens-100k":
@@ -1016,6 +1128,10 @@ def load_from_config(data_cfg: DataConfig) -> InteractionData:
     if data_cfg.source == "simulator":
         raise DataFormatError("simulator", "data.source is 'simulator': generate data with asft.simulator; "
                               "load_from_config only reads files")
+    try:  # checked again here: the environment (ASFT_DATA_ROOTS) may have changed since validation
+        require_data_root(data_cfg.source, "data.source")
+    except PathContainmentError as e:
+        raise DataFormatError(data_cfg.source, str(e)) from None
     return load_dataset(
         data_cfg.source,
         data_cfg.format,

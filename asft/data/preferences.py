@@ -38,10 +38,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pac
 import pyarrow.parquet as pq
 
 from asft.config import Config, PreferenceConfig
+from asft.data.paths import PathContainmentError, require_data_root
 from asft.data.preprocess import NUM_SPECIAL, ProcessedData
+from asft.data.schema import DataFormatError
 from asft.utils import atomic_dir, write_json
 
 SOURCES = ("explicit", "implicit", "ranking", "best_of_n", "pairwise", "human")
@@ -112,8 +115,8 @@ def user_splits(n_users: int, cfg: PreferenceConfig, seed: int) -> tuple[np.ndar
     """Split users into train/valid/test (codes 0/1/2) and into two folds; a pure function of the seed."""
     rng = np.random.default_rng([seed, 0x5EED, 1])
     perm = rng.permutation(n_users)
-    n_test = int(round(cfg.test_share * n_users))
-    n_valid = int(round(cfg.valid_share * n_users))
+    n_test = round(cfg.test_share * n_users)
+    n_valid = round(cfg.valid_share * n_users)
     split = np.zeros(n_users, dtype=np.int8)
     split[perm[:n_test]] = 2
     split[perm[n_test : n_test + n_valid]] = 1
@@ -161,7 +164,7 @@ class SimulatedJudges:
     def __init__(self, cfg: PreferenceConfig, rng: np.random.Generator):
         jc = cfg.judge
         self.cfg, self.rng = jc, rng
-        n_lazy = int(round(jc.lazy_share * jc.n_judges))
+        n_lazy = round(jc.lazy_share * jc.n_judges)
         self.lazy = np.zeros(jc.n_judges, dtype=bool)
         self.lazy[rng.permutation(jc.n_judges)[:n_lazy]] = True
         self.hp_total = np.zeros(jc.n_judges, dtype=np.int64)
@@ -307,13 +310,16 @@ def build_preferences(
     pairs["split"] = np.where(known, np.asarray(SPLITS, dtype=object)[split[np.where(known, uidx, 0)]], "train")
     pairs["fold"] = np.where(known, fold[np.where(known, uidx, 0)], 0).astype(np.int8)
     pairs = pairs[list(PAIR_SCHEMA.names)]
-    table = pa.Table.from_pandas(pairs, schema=PAIR_SCHEMA, preserve_index=False)
 
     stats = _stats(pairs, sources, len(ctx_user_a), judge_audit)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        if validate_fn is not None:
+        if validate_fn is not None:  # before the int32/float32 conversion: validation names bad values
             stats["validation"] = validate_fn(pairs, tmp)
+        try:
+            table = pa.Table.from_pandas(pairs, schema=PAIR_SCHEMA, preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError) as e:
+            raise DataFormatError(Path(out_dir) / PAIRS_FILE, f"pairs do not fit the pair schema: {e}") from None
         pq.write_table(table, tmp / PAIRS_FILE)
         write_json(tmp / "stats.json", stats)
         if judge_audit is not None:
@@ -403,28 +409,80 @@ def _judge_context(buf: _PairBuffer, judges: SimulatedJudges, pc: PreferenceConf
         buf.add(u, c, t, ch, rj, src, margin, judge=j)
 
 
+_INT32 = (-(2**31), 2**31 - 1)
+
+
 def read_extra_pairs(path: str | Path, data: ProcessedData, seqs: pd.DataFrame, first_context_id: int) -> pd.DataFrame:
     """Externally collected judgments -> pair rows (tokens). Unknown users/items become -1 so that the
-    preference suite reports them (file, column, rows) instead of silently dropping them."""
-    from asft.data.schema import DataFormatError
+    preference suite reports them (file, column, rows) instead of silently dropping them.
 
+    A malformed file raises :class:`DataFormatError` naming the file, the column and the 0-based data
+    rows; the file must lie inside a data root (see :mod:`asft.data.paths`)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(path, "preferences.extra_pairs_file does not exist")
     try:
-        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype=str)
+        require_data_root(path, "preferences.extra_pairs_file")
+        exists = path.is_file()
+    except PathContainmentError as e:
+        raise DataFormatError(path, str(e)) from None
+    except (OSError, ValueError) as e:
+        raise DataFormatError(path, f"cannot access preferences.extra_pairs_file: {e}") from None
+    if not exists:
+        raise DataFormatError(path, "preferences.extra_pairs_file does not exist")
+    parquet = path.suffix.lower() in (".parquet", ".pq")
+    try:
+        if parquet:
+            names = pq.read_schema(path).names
+            dup = sorted({c for c in names if names.count(c) > 1})
+            if dup:
+                raise DataFormatError(path, f"duplicated column names {dup}")
+            df = pd.read_parquet(path)
+        else:
+            with open(path, "rb") as fh:
+                if fh.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+                    raise DataFormatError(path, "file is UTF-16 encoded; save it as UTF-8 (or latin-1)")
+            try:
+                df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8-sig")
+            except UnicodeDecodeError:  # like the interaction loaders: latin-1 when it is not UTF-8
+                df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="latin-1")
+    except DataFormatError:
+        raise
     except Exception as e:  # noqa: BLE001 - any reader failure is a malformed file
-        raise DataFormatError(path, f"cannot read judgments file: {type(e).__name__}: {e}") from None
+        what = "Parquet file (corrupt or truncated?)" if parquet else "CSV file"
+        raise DataFormatError(path, f"cannot read judgments {what}: {type(e).__name__}: {str(e)[:300]}") from None
+    dup = sorted({str(c) for c in df.columns[df.columns.duplicated()]})
+    if dup:
+        raise DataFormatError(path, f"duplicated column names {dup}")
     for col in EXTRA_COLUMNS:
         if col not in df.columns:
-            raise DataFormatError(path, f"missing column (have {list(df.columns)})", column=col)
+            raise DataFormatError(path, f"missing column (have {[str(c) for c in df.columns][:20]})", column=col)
     if df.empty:
         raise DataFormatError(path, "judgments file has no rows")
-    ends = pd.to_numeric(df["context_end"], errors="coerce")
-    bad = ends.isna() | (ends != ends.round())
+    df = df.reset_index(drop=True)
+
+    def numbers(col: str) -> pd.Series:
+        s = df[col]
+        if s.map(lambda v: isinstance(v, (list, tuple, dict, set, bytes, np.ndarray))).any():
+            return pd.Series(np.nan, index=df.index)
+        return pd.to_numeric(s.map(lambda v: v.strip() if isinstance(v, str) else v), errors="coerce")
+
+    def rows(mask: pd.Series | np.ndarray) -> list[int]:
+        return np.flatnonzero(np.asarray(mask, dtype=bool)).tolist()
+
+    for col in ("user_id", "context_end", "chosen_item", "rejected_item"):
+        s = df[col]
+        missing = s.isna().to_numpy(dtype=bool) | s.map(lambda x: isinstance(x, str) and not x.strip()).to_numpy(bool)
+        if missing.any():
+            raise DataFormatError(path, f"missing {col} (null or empty; 0-based data rows)", column=col,
+                                  rows=rows(missing))
+    ends = numbers("context_end").astype(np.float64)
+    v = ends.to_numpy()
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(v) | (v != np.round(v)) | (v < _INT32[0]) | (v > _INT32[1])
     if bad.any():
-        raise DataFormatError(path, "context_end must be an integer", column="context_end",
-                              rows=np.flatnonzero(bad.to_numpy()).tolist())
+        k = int(np.flatnonzero(bad)[0])
+        raise DataFormatError(path, f"context_end must be an integer (int32), e.g. row {k} has"
+                              f" {str(df['context_end'].iloc[k])[:40]!r} (0-based data rows)", column="context_end",
+                              rows=rows(bad))
     user_of = {str(u): i for u, i in zip(seqs["user_id"], seqs["user_idx"])}
     index = data.vocab._index
 
@@ -432,21 +490,95 @@ def read_extra_pairs(path: str | Path, data: ProcessedData, seqs: pd.DataFrame, 
         return [index.get(str(x), -1) for x in df[col]]
 
     n = len(df)
-    margin = pd.to_numeric(df["margin"], errors="coerce").fillna(1.0) if "margin" in df.columns else np.ones(n)
+    if "margin" in df.columns:
+        raw_margin = df["margin"]
+        margin = numbers("margin")
+        given = raw_margin.notna() & ~raw_margin.map(lambda x: isinstance(x, str) and not x.strip())
+        bad = (given & margin.isna()).to_numpy(dtype=bool)
+        if bad.any():
+            raise DataFormatError(path, "margin is not a number (leave it empty for 1; 0-based data rows)",
+                                  column="margin", rows=rows(bad))
+        margin = margin.fillna(1.0).to_numpy(dtype=np.float64)
+    else:
+        margin = np.ones(n)
+    if "source" in df.columns:
+        source = df["source"].map(lambda x: None if x is None or (isinstance(x, float) and np.isnan(x)) else str(x))
+        missing = source.isna().to_numpy(dtype=bool)
+        if missing.any():
+            raise DataFormatError(path, "missing source (null; leave the column out for 'human'; 0-based data rows)",
+                                  column="source", rows=rows(missing))
+        source = source.to_numpy(dtype=object)
+    else:
+        source = "human"
     end = ends.astype(np.int64).to_numpy()
     users = np.array([user_of.get(str(u), -1) for u in df["user_id"]], dtype=np.int64)
     return pd.DataFrame({
         "user_idx": users, "context_id": first_context_id + pd.factorize(pd.Series(list(zip(users, end))))[0],
         "context_end": end, "chosen": tok("chosen_item"), "rejected": tok("rejected_item"),
-        "source": df["source"].astype(str).to_numpy() if "source" in df.columns else "human",
-        "margin": np.asarray(margin, dtype=np.float64), "chosen_rating": np.nan, "rejected_rating": np.nan,
-        "judge": -1,
+        "source": source, "margin": margin, "chosen_rating": np.nan, "rejected_rating": np.nan, "judge": -1,
     })
 
 
+_NULLABLE = ("chosen_rating", "rejected_rating")
+
+
 def read_pairs(pref_dir: str | Path, split: str | None = None) -> pd.DataFrame:
-    df = pd.read_parquet(Path(pref_dir) / PAIRS_FILE)
+    """``pairs.parquet`` of a preference dataset, checked against :data:`PAIR_SCHEMA` on the way in.
+
+    A missing, unreadable or malformed file (missing or duplicated columns, types that do not convert
+    to the schema, nulls, splits or folds outside their sets) raises :class:`DataFormatError` naming the
+    file, the column and the 0-based rows. Content checks against the processed data are the
+    preference suite's (:func:`asft.data.expectations.validate_preferences`)."""
+    path = Path(pref_dir) / PAIRS_FILE
+    try:
+        exists = path.is_file()
+    except (OSError, ValueError) as e:
+        raise DataFormatError(path, f"cannot access preference pairs: {e}") from None
+    if not exists:
+        raise DataFormatError(path, "preference pairs file not found (run the preferences stage first)")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for broken files
+        raise DataFormatError(path, f"not a readable Parquet file (corrupt or truncated?): {type(e).__name__}:"
+                              f" {str(e)[:300]}") from None
+    names = table.column_names
+    dup = sorted({c for c in names if names.count(c) > 1})
+    if dup:
+        raise DataFormatError(path, f"duplicated column names {dup}")
+    cols = {}
+    for field in PAIR_SCHEMA:
+        if field.name not in names:
+            raise DataFormatError(path, f"missing column (have {names[:20]})", column=field.name)
+        col = table.column(field.name)
+        if col.type != field.type:
+            try:
+                col = col.cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+                raise DataFormatError(path, f"type {table.column(field.name).type} does not convert to"
+                                      f" {field.type}: {str(e)[:200]}", column=field.name) from None
+        nulls = _null_rows(col) if field.name not in _NULLABLE else []
+        if nulls:
+            raise DataFormatError(path, f"null values in {field.name} (0-based rows)", column=field.name, rows=nulls)
+        if field.name == "context" and pac.list_flatten(col).null_count:
+            inner = [i for i, v in enumerate(col.to_pylist()) if any(x is None for x in v)]
+            if inner:
+                raise DataFormatError(path, "null token inside a context list (0-based rows)", column="context",
+                                      rows=inner[:20])
+        cols[field.name] = col
+    for name, allowed in (("split", list(SPLITS)), ("fold", [0, 1])):
+        ok = pac.is_in(cols[name], value_set=pa.array(allowed, type=PAIR_SCHEMA.field(name).type))
+        bad = np.flatnonzero(~ok.to_numpy(zero_copy_only=False))
+        if len(bad):
+            raise DataFormatError(path, f"{name} outside {allowed}, e.g. {cols[name][int(bad[0])].as_py()!r}"
+                                  " (0-based rows)", column=name, rows=bad[:20].tolist())
+    df = pa.table(cols, schema=PAIR_SCHEMA).to_pandas()
     return df if split is None else df[df["split"] == split].reset_index(drop=True)
+
+
+def _null_rows(col) -> list[int]:
+    if col.null_count == 0:
+        return []
+    return np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False)).tolist()[:20]
 
 
 def load_stats(pref_dir: str | Path) -> dict:
