@@ -73,11 +73,15 @@ def staged_output(out_dir: str | Path, work_dir: str | Path | None = None, resum
         if not resume and work.exists() and rank == 0:
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
+        if rank == 0:  # temporaries of a writer that was killed mid-write (we hold the lock: nobody else writes)
+            for stale in [*work.rglob(".*.tmp-*"), *work.rglob(".*.old-*")]:
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         yield work
         if rank != 0:  # the main process publishes (after the trainer's final barrier)
             return
         with atomic_dir(out) as tmp:
-            shutil.copytree(work, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint"))
+            shutil.copytree(work, tmp, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("checkpoint", ".*.tmp-*", ".*.old-*"))
             for f in tmp.glob("*.json"):  # summaries name the final location, not the work directory
                 f.write_text(f.read_text().replace(str(work), str(out)))
         shutil.rmtree(work, ignore_errors=True)

@@ -353,3 +353,24 @@ def test_epoch_batches_same_step_count_on_every_process(n):
     assert len(shards[0]) == len(shards[1]) == len(single)
     for step, whole in enumerate(single):
         assert sorted(np.concatenate([shards[0][step], shards[1][step]])) == sorted(whole)
+
+
+def test_staged_output_publishes_atomically_without_checkpoints_or_stale_temporaries(tmp_path):
+    """A writer killed mid-write leaves ``.X.tmp-*``: the next run removes it, and the published output
+    holds neither checkpoints nor temporaries; a failing stage publishes nothing and keeps its work."""
+    from asft.utils import staged_output
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    (work / "member_0" / ".checkpoint.tmp-dead").mkdir(parents=True)
+    with pytest.raises(RuntimeError), staged_output(out, work) as w:
+        (w / "checkpoint").mkdir()
+        raise RuntimeError("crash")
+    assert not out.exists() and (work / "checkpoint").is_dir()
+    with staged_output(out, work) as w:
+        assert not list(w.rglob(".*.tmp-*"))
+        (w / "best").mkdir()
+        (w / "best" / "model.safetensors").write_bytes(b"x")
+        (w / "summary.json").write_text(json.dumps({"model_dir": str(w / "best")}))
+    assert sorted(p.name for p in out.iterdir()) == ["best", "member_0", "summary.json"]
+    assert json.loads((out / "summary.json").read_text())["model_dir"] == str(out / "best")
+    assert not work.exists()
