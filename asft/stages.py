@@ -30,6 +30,7 @@ published; a failure raises :class:`asft.data.validation.DataValidationError` an
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -246,8 +247,6 @@ def _gather_frames(frame: pd.DataFrame, out_dir: str | Path, state) -> pd.DataFr
     if not state.is_main_process:
         return None
     parts = [read_candidates(d) for d in sorted(shards.glob("rank_*")) if any(d.iterdir())]
-    import shutil
-
     shutil.rmtree(shards, ignore_errors=True)
     return pd.concat(parts, ignore_index=True).sort_values(["window", "pos"], kind="stable").reset_index(drop=True)
 

@@ -75,7 +75,10 @@ def staged_output(out_dir: str | Path, work_dir: str | Path | None = None, resum
         work.mkdir(parents=True, exist_ok=True)
         if rank == 0:  # temporaries of a writer that was killed mid-write (we hold the lock: nobody else writes)
             for stale in [*work.rglob(".*.tmp-*"), *work.rglob(".*.old-*")]:
-                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
         yield work
         if rank != 0:  # the main process publishes (after the trainer's final barrier)
             return

@@ -503,19 +503,20 @@ def _catalog_prechecks(catalog: pd.DataFrame, sample: int) -> list[Failure]:
     if null.any():
         rows = _positions(null)
         fails.append(Failure("expect_column_values_to_not_be_null", col, len(rows), rows[:sample], "missing catalog ids"))
-    wrong = (~null) & ~ids.map(lambda v: isinstance(v, str)).to_numpy(dtype=bool)
-    if wrong.any():
-        rows = _positions(wrong)
+
+    def flag(mask: np.ndarray, expectation: str, message: str) -> bool:
+        if not mask.any():
+            return False
+        rows = _positions(mask)
         vals = [_short(v) for v in ids.iloc[rows[:5]]]
-        fails.append(Failure("expect_column_values_to_be_of_type", col, len(rows), rows[:sample],
-                             f"str expected, got {vals}"))
+        fails.append(Failure(expectation, col, len(rows), rows[:sample], f"{message}{vals}"))
+        return True
+
+    if flag((~null) & ~ids.map(lambda v: isinstance(v, str)).to_numpy(dtype=bool),
+            "expect_column_values_to_be_of_type", "str expected, got "):
         return fails
-    dup = (~null) & ids.duplicated(keep="first").to_numpy(dtype=bool)
-    if dup.any():
-        rows = _positions(dup)
-        vals = [_short(v) for v in ids.iloc[rows[:5]]]
-        fails.append(Failure("expect_column_values_to_be_unique", col, len(rows), rows[:sample],
-                             f"item ids listed more than once in the catalog: {vals}"))
+    flag((~null) & ids.duplicated(keep="first").to_numpy(dtype=bool), "expect_column_values_to_be_unique",
+         "item ids listed more than once in the catalog: ")
     return fails
 
 
