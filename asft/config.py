@@ -154,6 +154,11 @@ class ModelConfig(_Section):
     n_layer: int = Field(2, ge=1, description="Transformer blocks.")
     n_head: int = Field(2, ge=1, description="Attention heads.")
     n_embd: int = Field(64, ge=8, description="Hidden size; item embeddings are tied to the output layer.")
+    backbone: Literal["gpt2", "llama"] = Field(
+        "gpt2", description="Transformer blocks, built from a `transformers` config: 'gpt2' (learned positions,"
+        " LayerNorm, GELU MLP; dropout on embeddings, residuals and attention, as SASRec) or 'llama' (RoPE,"
+        " RMSNorm, SwiGLU; `dropout` applies to attention only, as Llama has no other dropout)."
+    )
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout on embeddings, residuals and attention.")
     n_positions: int | None = Field(None, description="Position table size; defaults to preprocess.max_len.")
 
@@ -173,7 +178,12 @@ class TrainConfig(_Section):
     lr: float = Field(2e-3, gt=0, description="AdamW peak learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases/LayerNorm).")
     betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas.")
-    warmup_steps: int = Field(50, ge=0, description="Linear warmup steps, then constant.")
+    warmup_steps: int = Field(50, ge=0, description="Linear warmup steps, then `lr_schedule`.")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="After warmup: 'constant', or 'cosine'/'linear' decay to min_lr_ratio x lr at the"
+        " last step of `epochs` (early stopping may end the run before).")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final learning rate of a decaying schedule, as a"
+                                " share of `lr`.")
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0 = off).")
     eval_every: int = Field(1, ge=1, description="Evaluate on validation every N epochs.")
     patience: int = Field(5, ge=1, description="Early stopping: evaluations without validation improvement.")
@@ -185,6 +195,17 @@ class TrainConfig(_Section):
         0, ge=0, description="Also write one every N optimizer steps inside an epoch (0 = epoch ends only); a "
         "resumed run restarts at that step with the same data order, so it ends where an uninterrupted run would."
     )
+
+
+class BaseTrainConfig(TrainConfig):
+    """Next-item SFT of the base model: the trainer's fields plus the objective's."""
+
+    mask_history: bool = Field(
+        True, description="Train the history-masked next-item policy: items the user already consumed (in the"
+        " window or before it) are excluded from the training softmax, as they are at evaluation and serving"
+        " (a repeated target stays valid). false = the plain full softmax over the catalog.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the next-item cross-entropy,"
+                                   " spread over the items the softmax allows.")
 
 
 class EvalConfig(_Section):
@@ -504,7 +525,7 @@ class Config(_Section):
     simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    train: BaseTrainConfig = Field(default_factory=BaseTrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     preferences: PreferenceConfig = Field(default_factory=PreferenceConfig)

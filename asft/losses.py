@@ -46,6 +46,29 @@ def sft_loss(logits: torch.Tensor, targets: torch.Tensor, normalizer: float | No
     return weighted_nll(target_log_probs(logits, targets), None, normalizer)
 
 
+def masked_sft_loss(logits: torch.Tensor, targets: torch.Tensor, banned: torch.Tensor | None = None,
+                    label_smoothing: float = 0.0, normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Next-item SFT of the *history-masked* policy: ``banned`` [N, V] items (already consumed, special
+    tokens) are removed from each row's softmax; a banned target is kept (a repeat consumption stays a
+    valid label). With ``label_smoothing`` eps the per-row loss is ``(1 - eps) * NLL(target) +
+    eps * mean over allowed items of -log p``. ``banned`` None and eps 0 is :func:`sft_loss`."""
+    logits = logits.float()
+    if banned is not None:
+        banned = banned.clone()
+        banned[torch.arange(len(targets), device=banned.device), targets] = False
+        logits = logits.masked_fill(banned, float("-inf"))
+    logp = torch.log_softmax(logits, dim=-1)
+    nll = -logp.gather(1, targets.view(-1, 1)).squeeze(1)
+    if label_smoothing > 0:
+        if banned is None:
+            uniform = -logp.mean(dim=-1)
+        else:
+            allowed = (~banned).sum(dim=-1).clamp_min(1)
+            uniform = -logp.masked_fill(banned, 0.0).sum(dim=-1) / allowed
+        nll = (1.0 - label_smoothing) * nll + label_smoothing * uniform
+    return _normalise(nll.sum(), normalizer, nll.numel())
+
+
 def _normalise(total: torch.Tensor, normalizer: float | torch.Tensor | None, count: int) -> torch.Tensor:
     denom = count if normalizer is None else normalizer
     if isinstance(denom, torch.Tensor):

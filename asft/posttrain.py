@@ -52,7 +52,7 @@ from asft.advantages import Weights, compute_weights
 from asft.config import Config
 from asft.data.preprocess import NUM_SPECIAL, ProcessedData
 from asft.losses import dpo_loss, entropy_rows, group_advantages, ipo_loss, policy_gradient_loss, weighted_nll
-from asft.models.recommender import load_recommender, save_recommender
+from asft.models.recommender import backbone, load_recommender, save_recommender
 from asft.policy_eval import PolicyScorer
 from asft.sampling import (
     TrainContexts,
@@ -136,7 +136,7 @@ def context_log_probs(model, batch: dict) -> torch.Tensor:
     """log pi(.|s) at the batch's distinct contexts: [C, V]. With a ``hist_mask`` in the batch this is
     the history-masked policy (the distribution recommendations and candidates are drawn from);
     without, the full softmax of SFT."""
-    h = model.transformer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    h = backbone(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     logits = model.lm_head(h[batch["ctx_b"], batch["ctx_t"]]).float()
     if "hist_mask" in batch:
         logits = logits.masked_fill(batch["hist_mask"], float("-inf"))
@@ -275,12 +275,12 @@ def make_online_loss(method: str, cfg: Config, ref, members: list | None) -> Cal
     def loss_fn(model, batch: dict, normalizer: float):
         ids, am, b, t = batch["input_ids"], batch["attention_mask"], batch["ctx_b"], batch["ctx_t"]
         banned = batch["hist_mask"]
-        h = model.transformer(input_ids=ids, attention_mask=am).last_hidden_state[b, t]
+        h = backbone(model)(input_ids=ids, attention_mask=am).last_hidden_state[b, t]
         logits = model.lm_head(h).float().masked_fill(banned, float("-inf"))
         logp_all = torch.log_softmax(logits, dim=-1)
         c = logits.shape[0]
         with torch.no_grad():
-            rh = ref.transformer(input_ids=ids, attention_mask=am).last_hidden_state[b, t]
+            rh = backbone(ref)(input_ids=ids, attention_mask=am).last_hidden_state[b, t]
             ref_all = torch.log_softmax(ref.lm_head(rh).float().masked_fill(banned, float("-inf")), dim=-1)
             rows = torch.arange(c, device=logits.device).repeat_interleave(g)
             if method == "rec_r1":

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from asft.config import Config, SamplingConfig
 from asft.data.preprocess import NUM_SPECIAL, PAD, ProcessedData
 from asft.evaluation import pad_right
+from asft.models.recommender import backbone
 
 CANDIDATES_FILE = "candidates.parquet"
 SLATES_FILE = "slates.parquet"
@@ -196,7 +197,7 @@ def position_rewards(members: list[torch.nn.Module], ids: torch.Tensor, am: torc
     ``[B, T, V]`` with special tokens at -inf (std 0). Members are centred per context over the catalog."""
     per = []
     for m in members:
-        h = m.transformer(input_ids=ids, attention_mask=am).last_hidden_state
+        h = backbone(m)(input_ids=ids, attention_mask=am).last_hidden_state
         r = m.rewards(h)[..., NUM_SPECIAL:].float()
         per.append(r - r.mean(dim=-1, keepdim=True))
     stack = torch.stack(per)
@@ -365,7 +366,7 @@ def sample_slates(model: torch.nn.Module, contexts: list[np.ndarray], k: int, ge
     context plus items 1..j-1, reusing the KV cache (one new token per step). Items already in the
     context or the slate are masked. Returns (slates [B, K], log-probs [B, K] of each pick)."""
     model.eval()
-    n_pos = model.config.n_positions
+    n_pos = model.config.max_position_embeddings
     ctx = [np.asarray(c, dtype=np.int64)[-(n_pos - k):] for c in contexts]
     dev = next(model.parameters()).device
     lens = torch.tensor([len(c) for c in ctx])
@@ -380,7 +381,7 @@ def sample_slates(model: torch.nn.Module, contexts: list[np.ndarray], k: int, ge
     seen = torch.zeros(len(ctx), vocab, dtype=torch.bool, device=dev)
     if mask_history:
         seen.scatter_(1, ids, True)
-    out = model.transformer(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True)
+    out = backbone(model)(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True)
     cache, h = out.past_key_values, out.last_hidden_state[:, -1]
     last_pos = pos[:, -1:]
     picks, logps = [], []
@@ -392,7 +393,7 @@ def sample_slates(model: torch.nn.Module, contexts: list[np.ndarray], k: int, ge
         seen.scatter_(1, a, True)
         am = torch.cat([am, torch.ones_like(a)], dim=1)
         last_pos = last_pos + 1
-        out = model.transformer(input_ids=a, attention_mask=am, position_ids=last_pos, past_key_values=cache,
+        out = backbone(model)(input_ids=a, attention_mask=am, position_ids=last_pos, past_key_values=cache,
                                 use_cache=True)
         cache, h = out.past_key_values, out.last_hidden_state[:, -1]
     return torch.cat(picks, 1).cpu().numpy(), torch.cat(logps, 1).cpu().numpy()
@@ -403,7 +404,7 @@ def slate_logprobs(model: torch.nn.Module, contexts: list[np.ndarray], slates: n
                    mask_history: bool = True) -> np.ndarray:
     """Log-probs of given slates recomputed without a cache (one full forward per step): the reference
     for :func:`sample_slates`."""
-    n_pos = model.config.n_positions
+    n_pos = model.config.max_position_embeddings
     k = slates.shape[1]
     out = np.zeros(slates.shape)
     for r, c in enumerate(contexts):
@@ -411,7 +412,7 @@ def slate_logprobs(model: torch.nn.Module, contexts: list[np.ndarray], slates: n
         for j in range(k):
             seq = np.concatenate([c, slates[r, :j]])
             ids = torch.from_numpy(seq)[None]
-            logits = model.lm_head(model.transformer(input_ids=ids).last_hidden_state[:, -1])
+            logits = model.lm_head(backbone(model)(input_ids=ids).last_hidden_state[:, -1])
             seen = torch.zeros_like(logits, dtype=torch.bool)
             if mask_history:
                 seen[0, ids[0]] = True

@@ -50,7 +50,7 @@ class Recommender:
         from asft.models.recommender import load_recommender
 
         model, vocab, meta = load_recommender(model_dir, device)
-        max_len = int(meta.get("max_len") or model.config.n_positions)
+        max_len = int(meta.get("max_len") or model.config.max_position_embeddings)
         return cls(model, vocab, max_len, device)
 
     @torch.no_grad()
@@ -111,7 +111,7 @@ class RewardScorer:
             if unknown:
                 raise ValueError(f"row {row}: candidate items not in the catalog: {unknown[:10]}")
             cands.append(toks)
-        max_len = int(self.ensemble.members[0].config.n_positions)
+        max_len = int(self.ensemble.members[0].config.max_position_embeddings)
         scores = self.ensemble.score_all([t[-max_len:] for t in encoded])
         out = []
         for row, toks in enumerate(cands):

@@ -30,12 +30,12 @@ from asft.config import load_config
 from asft.data.preprocess import ProcessedData
 from asft.models.recommender import build_model
 from asft.training.sft import collate_windows, count_targets, make_trainer, sft_batch_loss
-from asft.training.trainer import param_groups, warmup_constant
+from asft.training.trainer import lr_factor, param_groups
 
 
 def bare_loop(model, windows, cfg, batches_per_epoch) -> tuple[float, int]:
     opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_constant(cfg.train.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.train.warmup_steps))
     model.train()
     tokens = 0
     t0 = time.perf_counter()

@@ -1,7 +1,8 @@
 """The base generative recommender: a decoder-only transformer whose tokens are catalog items.
 
-Built with ``transformers`` from a config in code (GPT-2 blocks: learned positions, pre-LayerNorm,
-item embeddings tied to the output layer, as in SASRec), never downloaded. Saved with
+Built with ``transformers`` from a config in code, never downloaded; ``model.backbone`` chooses the
+blocks: GPT-2 (learned positions, pre-LayerNorm, GELU MLP, dropout everywhere, as in SASRec) or
+Llama (RoPE, RMSNorm, SwiGLU). Item embeddings are tied to the output layer in both. Saved with
 ``save_pretrained`` (safetensors) plus the item vocabulary, so
 ``AutoModelForCausalLM.from_pretrained(dir)`` loads it with plain ``transformers``.
 
@@ -15,7 +16,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedModel
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig, PreTrainedModel
 
 from asft.config import ModelConfig
 from asft.data.preprocess import BOS, EOS, NUM_SPECIAL, PAD, ItemVocab
@@ -26,10 +27,35 @@ VOCAB_FILE = "item_vocab.json"
 
 def build_model(cfg: ModelConfig, vocab_size: int, max_len: int, seed: int | None = None) -> PreTrainedModel:
     """A fresh, randomly initialised generative recommender."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size, max_len))
+
+
+def hf_config(cfg: ModelConfig, vocab_size: int, max_len: int) -> PretrainedConfig:
+    """The ``transformers`` config of the chosen backbone."""
     n_pos = cfg.n_positions or max_len
     if n_pos < max_len:
         raise ValueError(f"model.n_positions ({n_pos}) < preprocess.max_len ({max_len})")
-    hf_cfg = GPT2Config(
+    if cfg.backbone == "llama":
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=cfg.n_embd,
+            intermediate_size=4 * cfg.n_embd,
+            num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head,
+            num_key_value_heads=cfg.n_head,
+            max_position_embeddings=n_pos,
+            hidden_act="silu",
+            attention_dropout=cfg.dropout,
+            rms_norm_eps=1e-6,
+            pad_token_id=PAD,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+            tie_word_embeddings=True,
+            use_cache=False,
+        )
+    return GPT2Config(
         vocab_size=vocab_size,
         n_positions=n_pos,
         n_embd=cfg.n_embd,
@@ -46,14 +72,21 @@ def build_model(cfg: ModelConfig, vocab_size: int, max_len: int, seed: int | Non
         tie_word_embeddings=True,
         use_cache=False,
     )
-    if seed is not None:
-        torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(hf_cfg)
+
+
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer stack without its head (GPT-2's ``transformer``, Llama's ``model``)."""
+    return getattr(model, "module", model).base_model
+
+
+def item_embeddings(model: torch.nn.Module) -> torch.Tensor:
+    """The (tied) item embedding table [V, H]."""
+    return backbone(model).get_input_embeddings().weight
 
 
 def last_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Hidden state at the last real (non-pad) position of each right-padded sequence: [B, H]."""
-    hidden = model.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     last = attention_mask.sum(dim=1).clamp_min(1) - 1
     return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
 
@@ -66,13 +99,13 @@ def next_item_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_
 
 def all_position_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Next-item logits at every position of each sequence: [B, T, V] (the causal prefix up to t)."""
-    return model.lm_head(model.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state)
+    return model.lm_head(backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state)
 
 
 def position_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     positions: torch.Tensor | None = None) -> torch.Tensor:
     """Logits at every real position (flattened, [N_real, V]); avoids the LM head on padding."""
-    hidden = model.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     sel = attention_mask.bool() if positions is None else positions
     return model.lm_head(hidden[sel])
 

@@ -1,6 +1,6 @@
 """Bradley-Terry reward models on the generative backbone, and their ensemble (METHODS.md section 4).
 
-A member is the base recommender's GPT-2 backbone with the LM head replaced by a *shallow reward
+A member is the base recommender's backbone (GPT-2 or Llama) with the LM head replaced by a *shallow reward
 head*: for a context ``x`` with last hidden state ``h(x)`` and item ``a`` with embedding ``e_a``
 (the backbone's item embedding table),
 
@@ -32,22 +32,22 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2Model, GPT2PreTrainedModel
+from transformers import AutoModel, GPT2PreTrainedModel, LlamaPreTrainedModel, PretrainedConfig
 
 from asft.data.preprocess import NUM_SPECIAL, ItemVocab
 from asft.evaluation import pad_right
-from asft.models.recommender import VOCAB_FILE, last_hidden
+from asft.models.recommender import VOCAB_FILE, backbone, item_embeddings, last_hidden
 
 ENSEMBLE_FILE = "ensemble.json"
 
 
-class RewardModel(GPT2PreTrainedModel):
-    """GPT-2 backbone + shallow reward head (+ optional rating head). Loadable with ``from_pretrained``."""
+class _RewardHeads:
+    """Backbone + shallow reward head (+ optional rating head); mixed into a backbone's PreTrainedModel so
+    that ``save_pretrained`` / ``from_pretrained`` work with plain ``transformers``."""
 
-    def __init__(self, config: GPT2Config):
-        super().__init__(config)
-        h = config.n_embd
-        self.transformer = GPT2Model(config)
+    def _build(self, config: PretrainedConfig) -> None:
+        h = config.hidden_size
+        setattr(self, self.base_model_prefix, AutoModel.from_config(config))
         self.reward_proj = nn.Linear(h, h, bias=False)
         self.reward_bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.has_rating_head = bool(getattr(config, "reward_rating_head", False))
@@ -60,15 +60,16 @@ class RewardModel(GPT2PreTrainedModel):
     @classmethod
     def from_base(cls, base: nn.Module, head_init_scale: float = 0.0, rating_head: bool = False,
                   rating_mean: float = 0.0) -> RewardModel:
-        """A reward model whose backbone is a copy of ``base``'s (a GPT-2 LM-head recommender)."""
-        cfg = GPT2Config.from_dict(base.config.to_dict())
+        """A reward model whose backbone is a copy of ``base``'s (a GPT-2 or Llama LM-head recommender)."""
+        klass = reward_class(base.config.model_type)
+        cfg = type(base.config).from_dict(base.config.to_dict())
         cfg.reward_rating_head = bool(rating_head)
         cfg.reward_rating_mean = float(rating_mean)
-        cfg.architectures = [cls.__name__]
-        model = cls(cfg)
-        model.transformer.load_state_dict(base.transformer.state_dict())
+        cfg.architectures = [klass.__name__]
+        model = klass(cfg)
+        backbone(model).load_state_dict(backbone(base).state_dict())
         with torch.no_grad():
-            model.reward_proj.weight.copy_(torch.eye(cfg.n_embd) * head_init_scale)
+            model.reward_proj.weight.copy_(torch.eye(cfg.hidden_size) * head_init_scale)
             model.reward_bias.zero_()
             if rating_head:
                 model.rating_proj.weight.zero_()
@@ -81,15 +82,41 @@ class RewardModel(GPT2PreTrainedModel):
 
     def rewards(self, hidden: torch.Tensor) -> torch.Tensor:
         """Reward of every vocabulary token for each context: [B, V] (special tokens are meaningless)."""
-        return self.reward_proj(hidden) @ self.transformer.wte.weight.T + self.reward_bias
+        return self.reward_proj(hidden) @ item_embeddings(self).T + self.reward_bias
 
     def ratings(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.has_rating_head:
             raise ValueError("this reward model has no rating head")
-        return self.rating_proj(hidden) @ self.transformer.wte.weight.T + self.rating_bias + self.rating_offset
+        return self.rating_proj(hidden) @ item_embeddings(self).T + self.rating_bias + self.rating_offset
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.rewards(self.hidden(input_ids, attention_mask))
+
+
+class RewardModel(_RewardHeads, GPT2PreTrainedModel):
+    """GPT-2 backbone + reward heads. Loadable with ``from_pretrained``."""
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__(config)
+        self._build(config)
+
+
+class LlamaRewardModel(_RewardHeads, LlamaPreTrainedModel):
+    """Llama backbone + reward heads. Loadable with ``from_pretrained``."""
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__(config)
+        self._build(config)
+
+
+REWARD_CLASSES = {"gpt2": RewardModel, "llama": LlamaRewardModel}
+
+
+def reward_class(model_type: str) -> type:
+    try:
+        return REWARD_CLASSES[model_type]
+    except KeyError:
+        raise ValueError(f"no reward model for backbone '{model_type}'; known: {sorted(REWARD_CLASSES)}") from None
 
 
 def save_reward_model(model: RewardModel, vocab: ItemVocab, out_dir: str | Path, meta: dict | None = None) -> Path:
@@ -106,7 +133,8 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> R
     path = Path(path)
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"{path}: no model.safetensors (refusing to load any other weight format)")
-    model = RewardModel.from_pretrained(path, use_safetensors=True).to(device)
+    model_type = json.loads((path / "config.json").read_text()).get("model_type", "gpt2")
+    model = reward_class(model_type).from_pretrained(path, use_safetensors=True).to(device)
     model.eval()
     return model
 

@@ -30,7 +30,14 @@ from asft.evaluation import pad_right
 from asft.losses import bradley_terry_loss, squared_error_loss
 from asft.metrics import pairwise_accuracy, pairwise_auc
 from asft.models.recommender import load_recommender
-from asft.models.reward import ENSEMBLE_FILE, RewardEnsemble, RewardModel, save_reward_model, score_contexts
+from asft.models.reward import (
+    ENSEMBLE_FILE,
+    RewardEnsemble,
+    RewardModel,
+    load_reward_model,
+    save_reward_model,
+    score_contexts,
+)
 from asft.training.trainer import Trainer
 from asft.utils import atomic_write_text, seed_everything, write_json
 
@@ -188,7 +195,7 @@ def train_reward_ensemble(
         s.update(member=k, seed=seed, tokens_per_s=res.tokens_per_s, history=res.history)
         summaries.append(s)
         names.append(f"{name}/best")
-    ens = RewardEnsemble([RewardModel.from_pretrained(out_dir / n, use_safetensors=True).eval() for n in names],
+    ens = RewardEnsemble([load_reward_model(out_dir / n) for n in names],
                          vocab, rc.kappa)
     centring = centring_stats(ens, train_groups, rc.centring_contexts, base_seed)
     info = {"kind": kind, "fold": fold, "member_dirs": names, "kappa": rc.kappa, "centring": centring,

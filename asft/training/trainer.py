@@ -68,9 +68,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
+def lr_factor(warmup_steps: int, schedule: str = "constant", total_steps: int = 0,
+              min_ratio: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier after ``step`` optimizer steps: linear warmup to 1, then constant, or a cosine /
+    linear decay that reaches ``min_ratio`` at ``total_steps``."""
     def f(step: int) -> float:
-        return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant" or total_steps <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+        return min_ratio + (1.0 - min_ratio) * shape
 
     return f
 
@@ -138,7 +147,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), fused=False
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_constant(cfg.warmup_steps))
+        self.total_steps = 0  # set by fit() from the dataset size; decaying schedules read it
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(cfg.warmup_steps, cfg.lr_schedule, self.total_steps,
+                                                   cfg.min_lr_ratio)(step))
         # The loss runs inside the (DDP-wrapped) module's forward, so losses may use any submodule of
         # the model and DDP still synchronises the gradients; ``self.core`` is the bare model.
         # The scheduler is not prepared: Accelerate would step it once per process per optimizer step
@@ -262,6 +274,7 @@ class Trainer:
     # ------------------------------------------------------------------ fit
     def fit(self, dataset: Sequence, resume: bool = True) -> TrainResult:
         cfg = self.cfg
+        self.total_steps = cfg.epochs * math.ceil(len(dataset) / (cfg.batch_size * self.world))
         state = self.load_checkpoint() if resume else None
         start_epoch = skip = 0
         best, best_epoch, bad, step, history = -math.inf, -1, 0, 0, []
