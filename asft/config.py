@@ -227,8 +227,11 @@ class EvalConfig(_Section):
 class ValidationConfig(_Section):
     """Great Expectations data checks (raw interactions, processed sequences, preference pairs)."""
 
-    rating_min: float = Field(1.0, description="Lowest valid rating (explicit feedback).")
-    rating_max: float = Field(5.0, description="Highest valid rating.")
+    rating_min: float | None = Field(
+        None, description="Lowest valid rating (explicit feedback). None: the format's own scale -- MovieLens"
+        " u.data / ratings.dat whole stars 1-5, ratings.csv half stars 0.5-5 (values off the half-star grid"
+        " fail) -- and 1 for formats that define none (generic, recbole).")
+    rating_max: float | None = Field(None, description="Highest valid rating. None: the format's own (5).")
     min_history_mostly: float = Field(
         0.5,
         ge=0,

@@ -102,7 +102,7 @@ def persisted_report(report: dict) -> dict:
 def _validate_raw_data(data: InteractionData, cfg: Config, docs_dir: str | Path | None) -> dict:
     from asft.data.expectations import validate_raw
 
-    return validate_raw(data.interactions, data.items, cfg, data.source or "interactions", docs_dir)
+    return validate_raw(data.interactions, data.items, cfg, data.source or "interactions", docs_dir, fmt=data.format)
 
 
 def read_raw(raw_dir: str | Path) -> InteractionData:

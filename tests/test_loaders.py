@@ -467,3 +467,72 @@ def test_recbole_without_timestamp_uses_order_column(tmp_path: Path):
     assert "d.inter" in str(e) and "order_column" in str(e)
     data = load_dataset(tmp_path, order_column="pos")
     assert data.interactions["timestamp"].tolist() == [0, 1] and "rating" not in data.interactions
+
+
+# ---------------------------------------------------------------------------------------------- rating scales
+def _scale_rows(ratings: list[float]) -> list[tuple[int, int, float, int]]:
+    """Every rating of a scale, spread over users with >= 3 events each."""
+    return [(1 + i // 3, 100 + i, r, 1_000_000_000 + i) for i, r in enumerate(ratings * 3)]
+
+
+def _write_format(d: Path, fmt: str, rows) -> Path:
+    if fmt == "movielens-100k":
+        write(d / "u.data", "".join(f"{u}\t{i}\t{int(r)}\t{t}\n" for u, i, r, t in rows))
+    elif fmt == "movielens-dat":
+        write(d / "ratings.dat", "".join(f"{u}::{i}::{int(r)}::{t}\n" for u, i, r, t in rows))
+    elif fmt == "movielens-csv":
+        write(d / "ratings.csv", "userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},{r},{t}\n" for u, i, r, t in rows))
+    else:
+        write(d / "x.inter", "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+              + "".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows))
+    return d
+
+
+REAL_SCALES = {
+    "movielens-100k": [1, 2, 3, 4, 5],
+    "movielens-dat": [1, 2, 3, 4, 5],
+    "movielens-csv": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0],  # ml-latest / ml-20m / ml-25m
+    "recbole": [1, 2, 3, 4, 5],
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(REAL_SCALES))
+def test_each_format_real_rating_scale_passes_validation_with_defaults(fmt, tmp_path: Path):
+    from asft.config import load_config
+    from asft.data.expectations import validate_raw
+
+    d = _write_format(tmp_path / fmt, fmt, _scale_rows(REAL_SCALES[fmt]))
+    data = load_dataset(d)
+    assert data.format == fmt
+    assert sorted(data.interactions["rating"].unique()) == sorted(float(r) for r in REAL_SCALES[fmt])
+    rep = validate_raw(data.interactions, data.items, load_config(None), fmt, fmt=data.format)
+    assert rep["failed"] == 0, rep
+
+
+@pytest.mark.parametrize("fmt,bad", [("movielens-csv", 0.0), ("movielens-csv", 4.3), ("movielens-csv", 5.5),
+                                     ("movielens-100k", 6)])
+def test_ratings_off_the_format_scale_fail_by_name(fmt, bad, tmp_path: Path):
+    from asft.config import load_config
+    from asft.data.expectations import validate_raw
+    from asft.data.validation import DataValidationError
+
+    rows = _scale_rows(REAL_SCALES[fmt])
+    rows[4] = (*rows[4][:2], bad, rows[4][3])
+    data = load_dataset(_write_format(tmp_path / "d", fmt, rows))
+    with pytest.raises(DataValidationError) as e:
+        validate_raw(data.interactions, data.items, load_config(None), "bad", fmt=data.format)
+    assert "rating" in str(e.value) and fmt in str(e.value)
+
+
+def test_declared_rating_scale_wins(tmp_path: Path):
+    from asft.config import load_config
+    from asft.data.expectations import validate_raw
+    from asft.data.schema import rating_scale
+
+    assert rating_scale("movielens-csv") == (0.5, 5.0, 0.5)
+    assert rating_scale("generic") == (1.0, 5.0, None)
+    assert rating_scale("movielens-csv", rating_max=10) == (0.5, 10.0, None)
+    rows = [(u, i, r * 2, t) for u, i, r, t in _scale_rows(REAL_SCALES["movielens-csv"])]  # a 1-10 scale
+    data = load_dataset(_write_format(tmp_path / "d", "movielens-csv", rows))
+    cfg = load_config(None, ["validation.rating_min=1", "validation.rating_max=10"])
+    assert validate_raw(data.interactions, data.items, cfg, "ten", fmt=data.format)["failed"] == 0

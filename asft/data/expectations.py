@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from asft.config import Config
-from asft.data.schema import ITEM, RATING, REQUIRED_COLUMNS, TS, USER
+from asft.data.schema import ITEM, RATING, REQUIRED_COLUMNS, TS, USER, rating_scale
 from asft.data.validation import DataValidationError, Failure
 
 log = logging.getLogger(__name__)
@@ -526,12 +526,14 @@ def validate_raw(
     cfg: Config,
     dataset: str,
     docs_dir: str | Path | None = None,
+    fmt: str | None = None,
 ) -> dict:
     """Validate the canonical interaction table (see :mod:`asft.data.schema`).
 
     Expectations: required columns exist; >= 1 row; user_id, item_id, timestamp not null; ids not
     blank; timestamp int64 within [0, 2**62]; rating (when present with any value) not null and within
-    [rating_min, rating_max]; (user_id, item_id, timestamp) unique unless
+    the scale of the format ``fmt`` or the declared [rating_min, rating_max] (see
+    :func:`asft.data.schema.rating_scale`), on the format's grid when it has one; (user_id, item_id, timestamp) unique unless
     ``validation.allow_duplicate_events``; item_id in the catalog (when given); and, with
     ``mostly=validation.min_history_mostly``, each event belongs to a user with at least
     ``preprocess.min_user_events`` events (derived column ``user_event_count``).
@@ -541,6 +543,10 @@ def validate_raw(
     pre = _raw_prechecks(interactions, catalog, sample)
     k = int(cfg.preprocess.min_user_events)
     vcfg = cfg.validation
+    r_lo, r_hi, r_step = rating_scale(fmt, vcfg.rating_min, vcfg.rating_max)
+    declared = vcfg.rating_min is not None or vcfg.rating_max is not None
+    scale_note = "validation.rating_min/max" if declared else f"the {fmt or 'default'} scale; declare" \
+        " validation.rating_min/rating_max for another"
 
     if pre:
         frame = interactions.reset_index(drop=True) if isinstance(interactions, pd.DataFrame) else None
@@ -591,11 +597,18 @@ def validate_raw(
             exps.append(
                 E.ExpectColumnValuesToBeBetween(
                     column=RATING,
-                    min_value=vcfg.rating_min,
-                    max_value=vcfg.rating_max,
-                    **_m(f"rating outside [{vcfg.rating_min}, {vcfg.rating_max}]"),
+                    min_value=r_lo,
+                    max_value=r_hi,
+                    **_m(f"rating outside [{r_lo}, {r_hi}] ({scale_note})"),
                 )
             )
+            if r_step:
+                grid = [round(r_lo + i * r_step, 6) for i in range(int(round((r_hi - r_lo) / r_step)) + 1)]
+                exps.append(
+                    E.ExpectColumnValuesToBeInSet(
+                        column=RATING, value_set=grid, **_m(f"rating off the {fmt} scale {grid}")
+                    )
+                )
         if not vcfg.allow_duplicate_events:
             exps.append(
                 E.ExpectCompoundColumnsToBeUnique(
@@ -1204,7 +1217,8 @@ def validate_preferences(
     L = int(cfg.preprocess.max_len)
     root = Path(processed_dir)
     pre = _pair_prechecks(pairs, sample)
-    tables, _, vocab, pfails = _read_processed(root)
+    tables, pstats, vocab, pfails = _read_processed(root)
+    r_lo, r_hi, _ = rating_scale(pstats.get("format"), vcfg.rating_min, vcfg.rating_max)
     pfails = [
         Failure(f.expectation, f.column, f.count, f.sample_rows, f"processed dir: {f.detail}".rstrip(": "))
         for f in pfails
@@ -1329,15 +1343,15 @@ def validate_preferences(
             ),
             E.ExpectColumnValuesToBeBetween(
                 column="chosen_rating",
-                min_value=vcfg.rating_min,
-                max_value=vcfg.rating_max,
-                **_m(f"rating outside [{vcfg.rating_min}, {vcfg.rating_max}]"),
+                min_value=r_lo,
+                max_value=r_hi,
+                **_m(f"rating outside [{r_lo}, {r_hi}]"),
             ),
             E.ExpectColumnValuesToBeBetween(
                 column="rejected_rating",
-                min_value=vcfg.rating_min,
-                max_value=vcfg.rating_max,
-                **_m(f"rating outside [{vcfg.rating_min}, {vcfg.rating_max}]"),
+                min_value=r_lo,
+                max_value=r_hi,
+                **_m(f"rating outside [{r_lo}, {r_hi}]"),
             ),
             _all_true(E, "user_in_sequences", "user_idx not in sequences.parquet", "user_idx"),
             E.ExpectColumnValuesToBeBetween(

@@ -54,6 +54,28 @@ class DataFormatError(ValueError):
         super().__init__(msg)
 
 
+# The rating scale each format defines: (lowest, highest, step). MovieLens u.data / ratings.dat are
+# whole stars 1-5; ratings.csv (ml-latest, ml-20m, ml-25m, ml-32m) has half stars from 0.5.
+FORMAT_RATING_SCALES: dict[str, tuple[float, float, float | None]] = {
+    "movielens-100k": (1.0, 5.0, 1.0),
+    "movielens-dat": (1.0, 5.0, 1.0),
+    "movielens-csv": (0.5, 5.0, 0.5),
+    "simulator": (1.0, 5.0, 1.0),
+}
+DEFAULT_RATING_SCALE: tuple[float, float, float | None] = (1.0, 5.0, None)
+
+
+def rating_scale(fmt: str | None, rating_min: float | None = None, rating_max: float | None = None
+                 ) -> tuple[float, float, float | None]:
+    """The valid ratings of a dataset: ``(lowest, highest, step)``. Declared bounds win; otherwise the
+    format's own scale, and [1, 5] (any value in between) for formats that define none (generic,
+    recbole). ``step`` is set only when the format's scale applies unchanged."""
+    lo, hi, step = FORMAT_RATING_SCALES.get(fmt or "", DEFAULT_RATING_SCALE)
+    if rating_min is not None or rating_max is not None:
+        step = None
+    return (lo if rating_min is None else float(rating_min), hi if rating_max is None else float(rating_max), step)
+
+
 @dataclass
 class InteractionData:
     """A loaded dataset in canonical form."""
