@@ -21,6 +21,8 @@
                    --scored DIR/candidates/scored [--advantages DIR/advantages] --output DIR/models/posttrain/asft
     asft evaluate-policy --model DIR/models/posttrain/asft --base DIR/models/base --processed DIR/processed
                          [--reward DIR/models/reward] [--judge DIR/models/judge] [--raw DIR/raw] [--output F]
+    asft tune --data PATH --output DIR [--trials N]         Optuna search of base-model settings on the
+                                                            validation split; writes DIR/best.yaml (resumable)
     asft config [--config params.yaml] [key=value ...]      print the resolved configuration
 
 Operations (MLflow/Prefect; imported only when used):
@@ -72,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="recompute every stage (ignore the stage cache)")
     p.add_argument("--no-register", action="store_true", help="do not register models in the MLflow registry")
     p.add_argument("--audit-of", default=None, help=argparse.SUPPRESS)
+    _common(p)
+
+    p = sub.add_parser("tune", help="Optuna search of base-model settings (validation NDCG@10); writes best.yaml")
+    p.add_argument("--data", default=None, help="'simulator' or a data path (overrides data.source)")
+    p.add_argument("--output", default="runs/tune", help="study directory (SQLite study, best.yaml, trials.json)")
+    p.add_argument("--trials", type=int, default=None, help="trials to finish (default: tune.n_trials)")
     _common(p)
 
     p = sub.add_parser("deploy", help="create the Prefect deployment defined in prefect.yaml (cron schedule)")
@@ -280,6 +288,16 @@ def _dispatch(args) -> int:
                          use_cache=not args.no_cache, register_models=not args.no_register, audit_of=args.audit_of)
         _print_metrics("base model", {k: v for k, v in result["models"]["base"].items() if k != "train"})
         print(f"metrics: {Path(result['output_dir']) / 'metrics.json'}", file=sys.stderr)
+        return 0
+    if cmd == "tune":
+        _load_cfg(args, [f"data.source={args.data}"] if args.data else [])  # fail fast on bad config
+        from flows.retrain import ensure_prefect_api
+        from flows.tune import tune
+
+        ensure_prefect_api()
+        res = tune(data=args.data, output=args.output, config=args.config if Path(args.config).is_file() else None,
+                   overrides=list(args.overrides), n_trials=args.trials)
+        print(json.dumps(res, indent=2, default=str))
         return 0
     if cmd == "deploy":
         from flows.deploy import deploy

@@ -520,6 +520,64 @@ class DistributedConfig(_Section):
     )
 
 
+class SearchParam(_Section):
+    """One searched setting: a range (``low``..``high``, optionally on a log scale) or ``choices``."""
+
+    type: Literal["float", "int"] = Field("float", description="Value type of a range.")
+    low: float | None = Field(None, description="Lowest value of a range.")
+    high: float | None = Field(None, description="Highest value of a range.")
+    log: bool = Field(False, description="Sample the range on a log scale.")
+    choices: list[Any] | None = Field(None, description="Categorical values (instead of a range).")
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> SearchParam:
+        if self.choices is None and (self.low is None or self.high is None or self.low > self.high):
+            raise ValueError("a searched setting needs `choices` or a range low <= high")
+        if self.choices is not None and not self.choices:
+            raise ValueError("`choices` must not be empty")
+        return self
+
+
+def _default_space() -> dict[str, SearchParam]:
+    return {
+        "train.lr": SearchParam(low=3e-4, high=5e-3, log=True),
+        "train.weight_decay": SearchParam(low=1e-3, high=0.3, log=True),
+        "train.batch_size": SearchParam(choices=[32, 64, 128]),
+        "train.lr_schedule": SearchParam(choices=["constant", "cosine"]),
+        "train.label_smoothing": SearchParam(choices=[0.0, 0.1, 0.2]),
+        "model.dropout": SearchParam(low=0.1, high=0.6),
+        "model.n_embd": SearchParam(choices=[32, 64, 128]),
+        "model.n_layer": SearchParam(type="int", low=1, high=3),
+        "preprocess.max_len": SearchParam(choices=[50, 100, 200]),
+    }
+
+
+class TuneConfig(_Section):
+    """``asft tune``: Optuna search over base-model settings on validation (never test) NDCG@10."""
+
+    n_trials: int = Field(30, ge=1, description="Trials to finish (pruned ones count) across all workers.")
+    study_name: str = Field("asft-base", description="Optuna study name (resumed when it exists).")
+    storage: str | None = Field(None, description="Optuna storage URL (e.g. postgresql://...); None: SQLite file"
+                                " study.db in the tune output directory.")
+    sampler_seed: int = Field(2026, description="TPE sampler seed.")
+    startup_trials: int = Field(8, ge=1, description="Random trials before TPE models the search space.")
+    pruner: Literal["median", "hyperband", "none"] = Field(
+        "median", description="Stop a trial whose validation metric trails the median of earlier trials at the"
+        " same epoch ('median'), by successive halving ('hyperband'), or never ('none').")
+    pruner_warmup_epochs: int = Field(4, ge=0, description="Epochs a trial runs before it may be pruned.")
+    space: dict[str, SearchParam] = Field(default_factory=_default_space, description="Searched settings:"
+                                          " dotted config key -> range or choices.")
+
+    @field_validator("space")
+    @classmethod
+    def _keys_exist(cls, v: dict[str, SearchParam]) -> dict[str, SearchParam]:
+        known = Config().flat()
+        bad = [k for k in v if k not in known]
+        if bad:
+            raise ValueError(f"unknown setting(s) {bad} in tune.space (dotted config keys, e.g. train.lr)")
+        return v
+
+
 class Config(_Section):
     """The whole pipeline configuration (``params.yaml``)."""
 
@@ -540,6 +598,7 @@ class Config(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

@@ -1,0 +1,90 @@
+"""The ``tune`` flow: ingest (load + GX validation) -> Optuna study over base-model settings.
+
+One MLflow parent run per invocation (``kind=tune``) with a nested run per trial (its sampled values
+as params, validation metrics per epoch, the trial's state); the best values are logged and written
+to ``OUTPUT/best.yaml`` (usable as ``retrain --config``), and a Prefect table artifact lists the
+trials. Run the same command again (or on several workers against one ``tune.storage``) to resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from asft import stages
+from asft.config import load_config
+from asft.tuning import TRIALS_FILE, tune_base
+
+
+@task(name="ingest", task_run_name="ingest")
+def _ingest(cfg, raw_dir: str, docs_dir: str) -> dict:
+    if (Path(raw_dir) / "interactions.parquet").is_file():
+        return {"raw_dir": raw_dir, "reused": True}
+    return stages.stage_ingest(cfg, raw_dir, docs_dir)
+
+
+@task(name="tune-base", task_run_name="tune-base")
+def _tune(cfg, raw_dir: str, output: str, n_trials: int | None, parent_run_id: str | None, uri: str | None) -> dict:
+    logger = get_run_logger()
+    trial_logger = None
+    if parent_run_id:
+        from tasks.tracking import stage_run
+
+        @contextlib.contextmanager
+        def trial_logger(number: int, values: dict):
+            with stage_run(uri, parent_run_id, f"trial-{number:04d}", tags={"trial": str(number)}) as run:
+                run.log_params(values)
+                yield run.on_log
+
+    def log(msg: str) -> None:  # the console (Prefect's own console level is WARNING) and the Prefect UI
+        print(msg, file=sys.stderr, flush=True)
+        logger.info(msg)
+
+    return tune_base(raw_dir, cfg, output, n_trials=n_trials, trial_logger=trial_logger, log=log)
+
+
+@flow(name="tune", log_prints=False, validate_parameters=True)
+def tune(data: str | None = None, output: str = "runs/tune", config: str | None = "params.yaml",
+         overrides: list[str] | None = None, n_trials: int | None = None) -> dict:
+    """Tune the base model on ``data`` (validation split only); resumable."""
+    cfg = load_config(config if config and Path(config).is_file() else None,
+                      [*(overrides or []), *([f"data.source={data}"] if data else [])])
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    ingest = _ingest(cfg, str(out / "raw"), str(out / "docs"))
+    parent = uri = None
+    if cfg.tracking.enabled:
+        from tasks.tracking import start_parent
+
+        run = start_parent(cfg, f"tune-{out.name}", {"kind": "tune", "data_source": cfg.data.source})
+        parent, uri = run.run_id, run.client.tracking_uri
+        run.log_params({f"tune.{k}": v for k, v in cfg.tune.model_dump(mode="json", exclude={"space"}).items()})
+    try:
+        result = _tune(cfg, ingest["raw_dir"], str(out), n_trials, parent, uri)
+    except BaseException:
+        if parent:
+            run.client.set_terminated(parent, "FAILED")
+        raise
+    if parent:
+        run.log_metrics({"best_valid_" + cfg.train.monitor: result["best_value"], "trials": result["trials"],
+                         "pruned": result["pruned"]})
+        run.log_params({f"best.{k}": v for k, v in result["best_params"].items()})
+        run.log_artifact(result["best_file"])
+        run.log_artifact(out / TRIALS_FILE)
+        run.client.set_terminated(parent, "FINISHED")
+    import json
+
+    trials = json.loads((out / TRIALS_FILE).read_text())
+    create_table_artifact(key="tune-trials", description="Optuna trials (validation metric)",
+                          table=[{"trial": t["number"], "state": t["state"],
+                                  "value": None if t["value"] is None else round(t["value"], 4),
+                                  **{k: v for k, v in t["params"].items()}} for t in trials])
+    create_markdown_artifact(key="tune-best", description="best trial",
+                             markdown=f"**best {cfg.train.monitor} {result['best_value']:.4f}** (trial "
+                             f"{result['best_trial']}): `retrain --config {result['best_file']}`\n\n```yaml\n"
+                             f"{Path(result['best_file']).read_text()}```")
+    return result
