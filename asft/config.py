@@ -186,6 +186,10 @@ class TrainConfig(_Section):
                                 " share of `lr`.")
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0 = off).")
     eval_every: int = Field(1, ge=1, description="Evaluate on validation every N epochs.")
+    eval_steps: int = Field(0, ge=0, description="Also evaluate every N optimizer steps inside an epoch (0 = epoch"
+                            " ends only); early stopping and model choice consider every evaluation.")
+    eval_at_start: bool = Field(False, description="Evaluate the initial model before the first update, so that"
+                                " model choice may return it unchanged (post-training: pi_ref itself).")
     patience: int = Field(5, ge=1, description="Early stopping: evaluations without validation improvement.")
     monitor: str = Field("ndcg@10", description="Validation metric for early stopping and checkpoint choice.")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'. Multi-GPU: see README.")
@@ -400,7 +404,14 @@ class PolicyGradientConfig(_Section):
 
     group_size: int = Field(8, ge=2, description="G: actions sampled from the current policy per context.")
     clip: float = Field(0.2, gt=0, description="PPO ratio clip.")
-    kl_coef: float = Field(0.05, ge=0, description="beta: weight of the k3 KL estimate to pi_ref, added to the loss.")
+    kl_coef: float = Field(0.05, ge=0, description="beta: weight of the KL to pi_ref, added to the loss.")
+    kl_estimator: Literal["k3", "exact"] = Field(
+        "k3", description="'k3': exp(q)-q-1 at the sampled actions; 'exact': KL(pi || pi_ref) over the whole"
+        " (history-masked) catalogue at each context, from the full log-probabilities already computed.")
+    ppo_epochs: int = Field(
+        1, ge=1, description="Optimisation passes over each batch of sampled actions: pass 1 draws them from the"
+        " current policy (pi_old) and every pass weighs them by rho = pi / pi_old, so from pass 2 on the PPO clip"
+        " can bind (its rate is logged as clip_frac).")
     entropy_coef: float = Field(0.01, ge=0, description="Entropy bonus (subtracted from the loss).")
     std_eps: float = Field(1e-6, gt=0, description="GRPO: advantage = (R - mean) / (std + eps).")
 
@@ -429,6 +440,8 @@ class PostTrainTrainConfig(TrainConfig):
     lr: float = Field(5e-4, gt=0, description="AdamW peak learning rate.")
     warmup_steps: int = Field(10, ge=0, description="Linear warmup steps, then constant.")
     patience: int = Field(2, ge=1, description="Early stopping: evaluations without validation improvement.")
+    eval_at_start: bool = Field(True, description="Evaluate pi_ref before the first update: selection returns pi_ref"
+                                " itself when no evaluated checkpoint beats it (or all fail the NDCG guard).")
     monitor: str = Field(
         "selection",
         description="Validation metric for early stopping: 'selection' is the training ensemble's pessimistic"

@@ -143,13 +143,23 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.T
     return -torch.minimum(ratio * adv, ratio.clamp(1.0 - clip, 1.0 + clip) * adv)
 
 
+def clip_fraction(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip: float) -> torch.Tensor:
+    """Share of samples whose PPO clip binds (the clipped branch is the minimum, so their gradient is 0):
+    ``rho > 1 + c`` with ``A > 0``, or ``rho < 1 - c`` with ``A < 0``."""
+    ratio = torch.exp(logp.detach().float() - old_logp.float())
+    binds = ((ratio > 1.0 + clip) & (adv > 0)) | ((ratio < 1.0 - clip) & (adv < 0))
+    return binds.float().mean() if binds.numel() else torch.zeros(())
+
+
 def policy_gradient_loss(logp, old_logp, ref_logp, adv, clip: float, kl_coef: float,
-                         normalizer: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sum(PPO surrogate + kl_coef * k3) / normalizer`` over samples; the KL term is *added* (a penalty).
-    Returns (loss, per-sample k3)."""
-    k3 = kl_k3(logp, ref_logp)
-    total = (clipped_policy_loss(logp, old_logp, adv, clip) + kl_coef * k3).sum()
-    return _normalise(total, normalizer, logp.numel()), k3
+                         normalizer: float | torch.Tensor | None = None, kl: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum(PPO surrogate + kl_coef * KL) / normalizer`` over samples; the KL term is *added* (a penalty).
+    ``kl`` None: the per-sample k3 estimate at the sampled actions; otherwise a per-sample penalty given
+    by the caller (e.g. the exact full-catalogue KL of the sample's context). Returns (loss, per-sample KL)."""
+    kl = kl_k3(logp, ref_logp) if kl is None else kl
+    total = (clipped_policy_loss(logp, old_logp, adv, clip) + kl_coef * kl).sum()
+    return _normalise(total, normalizer, logp.numel()), kl
 
 
 # ---------------------------------------------------------------------------- distributions

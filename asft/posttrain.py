@@ -21,7 +21,8 @@ rft            rounds      best-of-N: keep the top share of each context's candi
 rft_asft       rounds      two-stage: filtered SFT (first keep_frac), then A-SFT
 dpo / ipo      pairwise    pairs of candidates whose ensemble intervals do not overlap
 rloo / grpo    online      G samples per context from the current policy, ensemble reward,
-                           group advantages, PPO clip, k3 KL to pi_ref *added*, entropy bonus
+                           group advantages, PPO clip over ``pg.ppo_epochs`` passes per sample,
+                           KL to pi_ref (k3 or exact) *added*, entropy bonus
 rec_r1         online      GRPO whose reward is NDCG@K of a sampled slate against the user's
                            real next training items (no reward model)
 =============  ==========  =================================================================
@@ -51,7 +52,16 @@ import torch
 from asft.advantages import Weights, compute_weights
 from asft.config import Config
 from asft.data.preprocess import NUM_SPECIAL, ProcessedData
-from asft.losses import dpo_loss, entropy_rows, group_advantages, ipo_loss, policy_gradient_loss, weighted_nll
+from asft.losses import (
+    clip_fraction,
+    dpo_loss,
+    entropy_rows,
+    group_advantages,
+    ipo_loss,
+    kl_rows,
+    policy_gradient_loss,
+    weighted_nll,
+)
 from asft.models.recommender import backbone, load_recommender, save_recommender
 from asft.policy_eval import PolicyScorer
 from asft.sampling import (
@@ -267,10 +277,18 @@ def plackett_luce_logp(logp: torch.Tensor, slates: torch.Tensor, rows: torch.Ten
 
 
 def make_online_loss(method: str, cfg: Config, ref, members: list | None) -> Callable:
+    """RLOO / GRPO / Rec-R1 loss. With ``pg.ppo_epochs`` K > 1 the trainer takes K optimizer steps on each
+    batch: the first pass samples the actions from the current policy and freezes them with their
+    log-probabilities (pi_old), their rewards and advantages; later passes reuse them, so the ratio
+    pi / pi_old moves away from 1 and the clip can bind (``clip_frac``)."""
     pg = cfg.posttrain.pg
     g = pg.group_size
     kind = "rloo" if method == "rloo" else "grpo"
     reward_key = 2 if cfg.advantage.reward == "pessimistic" else 0
+    frozen: dict[bytes, list] = {}  # micro-batch -> [passes left, acts, old logp, adv, reward]
+
+    def batch_key(batch: dict) -> bytes:
+        return b"".join(batch[k].cpu().numpy().tobytes() for k in ("input_ids", "ctx_b", "ctx_t"))
 
     def loss_fn(model, batch: dict, normalizer: float):
         ids, am, b, t = batch["input_ids"], batch["attention_mask"], batch["ctx_b"], batch["ctx_t"]
@@ -279,29 +297,45 @@ def make_online_loss(method: str, cfg: Config, ref, members: list | None) -> Cal
         logits = model.lm_head(h).float().masked_fill(banned, float("-inf"))
         logp_all = torch.log_softmax(logits, dim=-1)
         c = logits.shape[0]
+        rows = torch.arange(c, device=logits.device).repeat_interleave(g)
+        key = batch_key(batch) if pg.ppo_epochs > 1 else b""
         with torch.no_grad():
             rh = backbone(ref)(input_ids=ids, attention_mask=am).last_hidden_state[b, t]
-            ref_all = torch.log_softmax(ref.lm_head(rh).float().masked_fill(banned, float("-inf")), dim=-1)
-            rows = torch.arange(c, device=logits.device).repeat_interleave(g)
-            if method == "rec_r1":
-                k = cfg.posttrain.rec_r1.slate_size
-                acts = gumbel_topk(logits.detach()[rows], k)  # [C*G, K] slates, without replacement
-                reward = slate_ndcg(acts, batch["next_items"][rows]).view(c, g)
+            ref_logits = ref.lm_head(rh).float().masked_fill(banned, float("-inf"))
+            ref_all = torch.log_softmax(ref_logits, dim=-1)
+            if key in frozen:
+                entry = frozen[key]
+                entry[0] -= 1
+                _, acts, old_logp, adv, reward = entry
+                if entry[0] <= 0:
+                    del frozen[key]
             else:
-                acts = torch.multinomial(logp_all.detach().exp(), g, replacement=True)  # [C, G]
-                scores = position_rewards(members, ids, am, cfg.reward.kappa)[reward_key][b, t]
-                reward = scores.gather(1, acts)
-            adv = group_advantages(reward, kind, pg.std_eps)
+                if method == "rec_r1":
+                    k = cfg.posttrain.rec_r1.slate_size
+                    acts = gumbel_topk(logits.detach()[rows], k)  # [C*G, K] slates, without replacement
+                    reward = slate_ndcg(acts, batch["next_items"][rows]).view(c, g)
+                else:
+                    acts = torch.multinomial(logp_all.detach().exp(), g, replacement=True)  # [C, G]
+                    scores = position_rewards(members, ids, am, cfg.reward.kappa)[reward_key][b, t]
+                    reward = scores.gather(1, acts)
+                adv = group_advantages(reward, kind, pg.std_eps)
+                old_logp = None
         if method == "rec_r1":
             logp = plackett_luce_logp(logp_all, acts, rows).view(c, g)
             ref_lp = plackett_luce_logp(ref_all, acts, rows).view(c, g)
         else:
             logp, ref_lp = logp_all.gather(1, acts), ref_all.gather(1, acts)
-        loss, k3 = policy_gradient_loss(logp, logp.detach(), ref_lp, adv, pg.clip, pg.kl_coef, normalizer)
+        if old_logp is None:  # first pass: pi_old is the policy that drew the actions
+            old_logp = logp.detach()
+            if pg.ppo_epochs > 1:
+                frozen[key] = [pg.ppo_epochs - 1, acts, old_logp, adv, reward]
+        kl = kl_rows(logits, ref_logits)[:, None].expand(c, g) if pg.kl_estimator == "exact" else None
+        loss, kl_s = policy_gradient_loss(logp, old_logp, ref_lp, adv, pg.clip, pg.kl_coef, normalizer, kl=kl)
         ent = entropy_rows(logits)
         loss = loss - pg.entropy_coef * ent.sum() * g / normalizer
-        return loss, {"reward_sum": float(reward.sum()), "k3_sum": float(k3.detach().sum()),
-                      "entropy_sum": float(ent.detach().sum()) * g}
+        return loss, {"reward_sum": float(reward.sum()), "kl_sum": float(kl_s.detach().sum()),
+                      "entropy_sum": float(ent.detach().sum()) * g,
+                      "clip_frac_sum": float(clip_fraction(logp, old_logp, adv, pg.clip)) * c * g}
 
     return loss_fn
 
@@ -363,11 +397,12 @@ def run_method(method: str, cfg: Config, inputs: PostTrainInputs, out_dir: str |
     def save_best(m, path):
         save_recommender(m, vocab, path, meta=meta)
 
-    def trainer_for(model, examples_cfg, sub: Path, epochs: int | None = None) -> Trainer:
+    def trainer_for(model, examples_cfg, sub: Path, epochs: int | None = None, repeat: int = 1) -> Trainer:
         collate, loss_fn, count_fn = examples_cfg
         return Trainer(model, _train_cfg(cfg, epochs), sub, collate_fn=collate, loss_fn=loss_fn, count_fn=count_fn,
                        evaluate_fn=scorer.evaluate, save_best_fn=save_best, monitor=cfg.posttrain.train.monitor,
-                       seed=seed, on_log=on_log, progress=progress)
+                       seed=seed, on_log=on_log, progress=progress, name=f"posttrain-{method}",
+                       repeat_batches=repeat)
 
     family = FAMILY[method]
     extra: dict = {}
@@ -406,7 +441,7 @@ def run_method(method: str, cfg: Config, inputs: PostTrainInputs, out_dir: str |
         members = ens.members if ens is not None and method != "rec_r1" else None
         spec = (lambda ex: collate_examples(tc, ex, with_history=True, next_horizon=horizon),
                 make_online_loss(method, cfg, ref, members), lambda b: float(len(b["ctx_b"]) * cfg.posttrain.pg.group_size))
-        trainer = trainer_for(policy, spec, out_dir)
+        trainer = trainer_for(policy, spec, out_dir, repeat=cfg.posttrain.pg.ppo_epochs)
         ref.to(trainer.device)
         for m in members or []:
             m.to(trainer.device)
@@ -439,6 +474,7 @@ def run_method(method: str, cfg: Config, inputs: PostTrainInputs, out_dir: str |
         extra["best_round"] = best_r
     summary = _summarise(method, results, setup_s, extra)
     summary["base_valid"] = {"ndcg@10": scorer.base_ndcg}
+    summary["returned_ref"] = summary["best_epoch"] == 0  # no evaluated update beat pi_ref itself
     summary["model_dir"] = str(out_dir / "best")
     write_json(out_dir / "train_summary.json", {**summary, "history": [h for r in results for h in r.history]})
     return summary
@@ -446,7 +482,7 @@ def run_method(method: str, cfg: Config, inputs: PostTrainInputs, out_dir: str |
 
 def _summarise(method: str, results: list[TrainResult], setup_s: float, extra: dict) -> dict:
     best = max(results, key=lambda r: r.best_metric)
-    last = {k: v for k, v in best.history[best.best_epoch - 1].items()} if best.history and best.best_epoch > 0 else {}
+    last = next((dict(h) for h in best.history if h.get("epoch") == best.best_epoch), {})
     return {"method": method, "best_metric": best.best_metric, "best_epoch": best.best_epoch,
             "epochs_run": sum(r.epochs_run for r in results), "steps": sum(r.steps for r in results),
             "train_seconds": sum(r.train_seconds for r in results), "eval_seconds": sum(r.eval_seconds for r in results),

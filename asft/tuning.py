@@ -96,9 +96,13 @@ def open_study(cfg: Config, out_dir: Path):
         storage = RDBStorage(url, heartbeat_interval=30, grace_period=120,
                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(study_name=tc.study_name, storage=storage, direction="maximize", load_if_exists=True,
-                               sampler=optuna.samplers.TPESampler(seed=tc.sampler_seed, n_startup_trials=tc.startup_trials),
-                               pruner=make_pruner(tc.pruner, tc.pruner_warmup_epochs))
+    study = optuna.create_study(study_name=tc.study_name, storage=storage, direction="maximize", load_if_exists=True,
+                                pruner=make_pruner(tc.pruner, tc.pruner_warmup_epochs))
+    # Each worker (and each resumption) seeds its sampler with the number of trials it finds, so workers
+    # that join a running study draw different values, while one uninterrupted worker is reproducible.
+    seed = tc.sampler_seed + len(study.get_trials(deepcopy=False))
+    study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=tc.startup_trials)
+    return study
 
 
 def _finished(study) -> int:

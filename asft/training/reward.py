@@ -189,7 +189,7 @@ def train_reward_ensemble(
             if on_log else None
         trainer = Trainer(model, rc.train, mdir, collate_fn=collate_groups, loss_fn=loss_fn, count_fn=count_pairs,
                           evaluate_fn=evaluate_fn, save_best_fn=save_best, monitor=rc.train.monitor, seed=seed,
-                          on_log=member_log, progress=progress)
+                          on_log=member_log, progress=progress, name=f"{kind} member {k + 1}/{n_members}")
         res = trainer.fit(member_train, resume=resume)
         s = {k2: v for k2, v in asdict(res).items() if k2 != "history"}
         s.update(member=k, seed=seed, tokens_per_s=res.tokens_per_s, history=res.history)

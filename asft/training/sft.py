@@ -95,7 +95,7 @@ def make_trainer(model, cfg: Config, out_dir: Path, evaluate_fn=None, save_best_
     loss_fn = functools.partial(sft_batch_loss, label_smoothing=cfg.train.label_smoothing)
     return Trainer(model, cfg.train, out_dir, collate_fn=collate_windows, loss_fn=loss_fn,
                    count_fn=count_targets, evaluate_fn=evaluate_fn, save_best_fn=save_best_fn,
-                   monitor=cfg.train.monitor, seed=cfg.seed, on_log=on_log, progress=progress)
+                   monitor=cfg.train.monitor, seed=cfg.seed, on_log=on_log, progress=progress, name="train-base")
 
 
 def train_base(

@@ -119,6 +119,8 @@ class Trainer:
         on_log: LogFn | None = None,
         accelerator=None,
         progress: bool = True,
+        name: str = "",
+        repeat_batches: int = 1,
     ):
         from accelerate import Accelerator
 
@@ -130,6 +132,8 @@ class Trainer:
         self.seed = seed
         self.on_log = on_log or (lambda metrics, step: None)
         self.progress = progress
+        self.stage_name = f"{name}: " if name else ""  # console lines say which stage is training
+        self.repeat = max(1, int(repeat_batches))  # optimizer steps per batch (PPO epochs over one sample)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         if accelerator is None:
@@ -274,7 +278,7 @@ class Trainer:
     # ------------------------------------------------------------------ fit
     def fit(self, dataset: Sequence, resume: bool = True) -> TrainResult:
         cfg = self.cfg
-        self.total_steps = cfg.epochs * math.ceil(len(dataset) / (cfg.batch_size * self.world))
+        self.total_steps = cfg.epochs * math.ceil(len(dataset) / (cfg.batch_size * self.world)) * self.repeat
         state = self.load_checkpoint() if resume else None
         start_epoch = skip = 0
         best, best_epoch, bad, step, history = -math.inf, -1, 0, 0, []
@@ -290,6 +294,31 @@ class Trainer:
             self._log(f"resuming from epoch {start_epoch}, batch {skip} (step {step})")
         stopped = state.get("stopped", False) if state else False
         epoch = start_epoch
+        ep_stats: dict[str, float] = {}
+
+        def evaluate(row: dict[str, Any], label: str) -> None:
+            """Validation metrics into ``row``; best model and early-stopping bookkeeping."""
+            nonlocal best, best_epoch, bad, stopped, eval_s
+            t1 = time.perf_counter()
+            metrics = self.evaluate_fn(self.core)
+            eval_s += time.perf_counter() - t1
+            row.update({f"valid/{k}": v for k, v in metrics.items()})
+            value = metrics[self.monitor]
+            if value > best:
+                best, best_epoch, bad = value, row["epoch"], 0
+                self.save_best()
+            else:
+                bad += 1
+                stopped = bad >= cfg.patience
+            loss = f"loss {row['train_loss']:.4f} " if "train_loss" in row else ""
+            self._log(f"{label}: {loss}valid {self.monitor} {value:.4f} (best {best:.4f} @ {best_epoch})"
+                      f" [{train_s:.0f}s]")
+
+        if state is None and cfg.eval_at_start and self.evaluate_fn is not None:
+            row0: dict[str, Any] = {"epoch": 0, "step": 0}
+            evaluate(row0, f"{self.stage_name}before training")
+            history.append(row0)
+            self.on_log({k: v for k, v in row0.items() if k not in ("epoch", "step")}, 0)
 
         def checkpoint(batch: int = 0) -> None:
             self.save_checkpoint({"epoch": epoch, "batch": batch, "step": step, "best": best,
@@ -304,17 +333,35 @@ class Trainer:
                        disable=not (self.progress and self.acc.is_main_process and sys.stderr.isatty()),
                        mininterval=1.0, initial=skip)
             for b, idx in enumerate(batches[skip:], start=skip):
-                out = (self.train_step([dataset[int(i)] for i in idx]) if len(idx) else
-                       self.train_step([dataset[0]], dummy=True))
-                step += 1
-                ep_loss += out["loss"] * out["count"]
-                ep_count += out["count"]
-                tokens += int(out["count"])
-                if step % 10 == 0:
-                    self.on_log({"train/loss": out["loss"], "train/grad_norm": out["grad_norm"], "train/lr": out["lr"]}, step)
+                examples = [dataset[int(i)] for i in idx] if len(idx) else [dataset[0]]
+                for _ in range(self.repeat):
+                    out = self.train_step(examples, dummy=not len(idx))
+                    step += 1
+                    ep_loss += out["loss"] * out["count"]
+                    ep_count += out["count"]
+                    tokens += int(out["count"])
+                    for k, v in out.items():
+                        if k.endswith("_sum"):
+                            ep_stats[k] = ep_stats.get(k, 0.0) + v
+                    if step % 10 == 0:
+                        self.on_log({"train/loss": out["loss"], "train/grad_norm": out["grad_norm"],
+                                     "train/lr": out["lr"]}, step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.4f}")
-                if cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0 and b + 1 < len(batches):
+
+                def crossed(every: int) -> bool:  # a multiple of `every` steps was reached by this batch
+                    return bool(every) and (step - self.repeat) // every < step // every
+
+                if crossed(cfg.eval_steps) and b + 1 < len(batches) and self.evaluate_fn is not None:
+                    train_s += time.perf_counter() - t0
+                    row_s: dict[str, Any] = {"epoch": round(epoch + (b + 1) / len(batches), 4), "step": step}
+                    evaluate(row_s, f"{self.stage_name}step {step}")
+                    history.append(row_s)
+                    self.on_log({k: v for k, v in row_s.items() if k not in ("epoch", "step")}, step)
+                    t0 = time.perf_counter()
+                    if stopped:
+                        break
+                if crossed(cfg.checkpoint_steps) and b + 1 < len(batches):
                     train_s += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     checkpoint(b + 1)
@@ -325,21 +372,12 @@ class Trainer:
             train_s += time.perf_counter() - t0
             epoch += 1
             row: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": ep_loss / max(ep_count, 1)}
-            ep_loss, ep_count = 0.0, 0.0
-            if self.evaluate_fn is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-                t1 = time.perf_counter()
-                metrics = self.evaluate_fn(self.core)
-                eval_s += time.perf_counter() - t1
-                row.update({f"valid/{k}": v for k, v in metrics.items()})
-                value = metrics[self.monitor]
-                if value > best:
-                    best, best_epoch, bad = value, epoch, 0
-                    self.save_best()
-                else:
-                    bad += 1
-                    stopped = bad >= cfg.patience
-                self._log(f"epoch {epoch}: loss {row['train_loss']:.4f} valid {self.monitor} {value:.4f}"
-                          f" (best {best:.4f} @ {best_epoch}) [{train_s:.0f}s]")
+            # loss statistics summed over the epoch (``*_sum`` from the loss), per unit of the normaliser
+            row.update({f"train_{k[:-4]}": v / max(ep_count, 1) for k, v in ep_stats.items()})
+            ep_loss, ep_count, ep_stats = 0.0, 0.0, {}
+            if (self.evaluate_fn is not None and not stopped
+                    and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs)):
+                evaluate(row, f"{self.stage_name}epoch {epoch}/{cfg.epochs}")
             history.append(row)
             self.on_log({k: v for k, v in row.items() if k not in ("epoch", "step")}, epoch)
             if epoch % cfg.checkpoint_every == 0 or stopped or epoch == cfg.epochs:
