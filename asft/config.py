@@ -449,8 +449,8 @@ class PostTrainTrainConfig(TrainConfig):
     )
 
 
-POSTTRAIN_METHODS = ("sft", "rwr", "asft", "asft_logged", "asft_mix", "rft", "rft_asft", "dpo", "ipo", "rloo",
-                     "grpo", "rec_r1")
+POSTTRAIN_METHODS = ("sft", "rwr", "asft", "asft_logged", "asft_mix", "asft_full", "anchor_only", "rft", "rft_asft",
+                     "dpo", "ipo", "rloo", "grpo", "rec_r1")
 
 
 class PostTrainConfig(_Section):

@@ -69,6 +69,23 @@ def masked_sft_loss(logits: torch.Tensor, targets: torch.Tensor, banned: torch.T
     return _normalise(nll.sum(), normalizer, nll.numel())
 
 
+def tilted_target(ref_logits: torch.Tensor, advantages: torch.Tensor, lam: float) -> torch.Tensor:
+    """The KL-regularised optimum over the whole catalogue: ``pi*(a|s) = pi_ref(a|s) exp(A(s,a)/lam) / Z(s)``
+    per row (METHODS.md 5). ``-inf`` reference logits (masked items) get zero mass; any per-row
+    baseline in ``A`` cancels in ``Z``."""
+    return torch.softmax(ref_logits.float() + advantages.float() / lam, dim=-1)
+
+
+def soft_target_loss(logits: torch.Tensor, target: torch.Tensor, weight: float = 1.0,
+                     normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Full-catalogue A-SFT: ``sum_rows weight * (-sum_a target(a) log softmax(logits)(a)) / normalizer``
+    (a soft-target cross-entropy; items with zero target mass contribute nothing even where
+    ``logits`` is ``-inf``). Default normaliser: the number of rows times ``weight``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ce = -(target * torch.where(target > 0, logp, torch.zeros_like(logp))).sum(dim=-1)
+    return _normalise(weight * ce.sum(), normalizer, ce.numel() * weight)
+
+
 def _normalise(total: torch.Tensor, normalizer: float | torch.Tensor | None, count: int) -> torch.Tensor:
     denom = count if normalizer is None else normalizer
     if isinstance(denom, torch.Tensor):

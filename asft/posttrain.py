@@ -15,6 +15,11 @@ rwr            weighted    logged next items, w = r (linear; the rating, else th
 asft           weighted    N sampled candidates, w = transform(A/lambda) from ``advantage``
 asft_logged    weighted    logged (s, a, rating): exp((r - mean r)/lambda); no reward model
 asft_mix       weighted    sampled candidates + the logged item, all scored by the ensemble
+asft_full      full        full-catalogue A-SFT: soft-target cross-entropy to the exact tilted
+                           policy pi_ref * exp(A/lambda) / Z over every item (no sampling),
+                           A = ensemble reward / its centring std (``advantage.lam`` units)
+anchor_only    weighted    control: the same pi_ref candidates with uniform weights (+ anchor);
+                           what A-SFT gains over it is what the reward adds
 rft            rounds      best-of-N: keep the top share of each context's candidates, SFT on
                            them; each round re-samples from the current policy, with a rising
                            threshold (``rft.keep_fracs``)
@@ -60,6 +65,8 @@ from asft.losses import (
     ipo_loss,
     kl_rows,
     policy_gradient_loss,
+    soft_target_loss,
+    tilted_target,
     weighted_nll,
 )
 from asft.models.recommender import backbone, load_recommender, save_recommender
@@ -79,10 +86,11 @@ from asft.training.trainer import Trainer, TrainResult
 from asft.utils import seed_everything, write_json
 
 FAMILY = {"sft": "weighted", "rwr": "weighted", "asft": "weighted", "asft_logged": "weighted",
-          "asft_mix": "weighted", "rft": "rounds", "rft_asft": "rounds", "dpo": "pairwise", "ipo": "pairwise",
-          "rloo": "online", "grpo": "online", "rec_r1": "online"}
-SAMPLED_METHODS = {"asft", "asft_mix", "rft", "rft_asft"}  # trained on pi_ref's candidates (anchor applies)
-USES_REWARD_MODEL = {"rwr", "asft", "asft_mix", "rft", "rft_asft", "dpo", "ipo", "rloo", "grpo"}
+          "asft_mix": "weighted", "asft_full": "full", "anchor_only": "weighted", "rft": "rounds", "rft_asft": "rounds",
+          "dpo": "pairwise", "ipo": "pairwise", "rloo": "online", "grpo": "online", "rec_r1": "online"}
+# trained on pi_ref's candidates, or on the whole catalogue (the anchor applies)
+SAMPLED_METHODS = {"asft", "asft_mix", "asft_full", "anchor_only", "rft", "rft_asft"}
+USES_REWARD_MODEL = {"rwr", "asft", "asft_mix", "asft_full", "rft", "rft_asft", "dpo", "ipo", "rloo", "grpo"}
 
 
 # ---------------------------------------------------------------------------- examples and collation
@@ -187,6 +195,9 @@ def method_weights(method: str, frame: pd.DataFrame, cfg: Config, keep_frac: flo
     logged = frame["logged"].to_numpy(np.int64)[:, None]
     if method == "sft":
         return logged, compute_weights(np.zeros(logged.shape), adv, baseline="none", transform="ones")
+    if method == "anchor_only":
+        cands = stack(frame, "candidates").astype(np.int64)
+        return cands, compute_weights(np.zeros(cands.shape), adv, baseline="none", transform="ones")
     if method in ("rwr", "asft_logged"):
         rating = frame["logged_rating"].to_numpy(np.float64)
         has_rating = bool(np.isfinite(rating).all()) and len(rating) > 0
@@ -340,6 +351,36 @@ def make_online_loss(method: str, cfg: Config, ref, members: list | None) -> Cal
     return loss_fn
 
 
+def make_full_loss(cfg: Config, ref, members: list, reward_scale: float) -> Callable:
+    """Full-catalogue A-SFT: at each context the target is the exact tilted policy
+    ``pi_ref * exp(r / (scale * lambda)) / Z`` over the history-masked catalogue (``r`` the ensemble's
+    training reward, ``scale`` its centring std); each context weighs ``n_candidates`` (as many as the
+    sampled A-SFT's candidates) and the logged item ``anchor_weight``."""
+    n = float(cfg.sampling.n_candidates)
+    anchor = cfg.posttrain.anchor_weight
+    reward_key = 2 if cfg.advantage.reward == "pessimistic" else 0
+    lam = cfg.advantage.lam
+
+    def loss_fn(model, batch: dict, normalizer: float):
+        ids, am, b, t = batch["input_ids"], batch["attention_mask"], batch["ctx_b"], batch["ctx_t"]
+        banned = batch["hist_mask"]
+        h = backbone(model)(input_ids=ids, attention_mask=am).last_hidden_state[b, t]
+        logits = model.lm_head(h).float().masked_fill(banned, float("-inf"))
+        with torch.no_grad():
+            rh = backbone(ref)(input_ids=ids, attention_mask=am).last_hidden_state[b, t]
+            ref_logits = ref.lm_head(rh).float().masked_fill(banned, float("-inf"))
+            r = position_rewards(members, ids, am, cfg.reward.kappa)[reward_key][b, t] / reward_scale
+            target = tilted_target(ref_logits, torch.nan_to_num(r, neginf=0.0), lam)
+        loss = soft_target_loss(logits, target, n, normalizer)
+        if anchor > 0:
+            lp = torch.log_softmax(logits, dim=-1)[batch["row_ctx"], batch["item"]]
+            loss = loss + weighted_nll(lp, torch.full_like(lp, anchor), normalizer)
+        kl = kl_rows(logits.detach(), ref_logits)
+        return loss, {"kl_sum": float(kl.sum()) * (n + anchor)}
+
+    return loss_fn
+
+
 # ---------------------------------------------------------------------------- running a method
 @dataclass
 class PostTrainInputs:
@@ -445,6 +486,19 @@ def run_method(method: str, cfg: Config, inputs: PostTrainInputs, out_dir: str |
         ref.to(trainer.device)
         for m in members or []:
             m.to(trainer.device)
+        results = [trainer.fit(examples, resume=resume)]
+    elif family == "full":
+        examples = [Example(i, tc.positions(i), {"item": tc.windows[i][tc.positions(i) + 1]})
+                    for i in range(len(tc.windows))]
+        scale = float(ens.centring.get("std", 1.0)) or 1.0
+        per_ctx = cfg.sampling.n_candidates + cfg.posttrain.anchor_weight
+        spec = (lambda ex: collate_examples(tc, ex, with_history=True), make_full_loss(cfg, ref, ens.members, scale),
+                lambda bt: float(len(bt["ctx_b"]) * per_ctx))
+        trainer = trainer_for(policy, spec, out_dir)
+        ref.to(trainer.device)
+        for m in ens.members:
+            m.to(trainer.device)
+        extra["reward_scale"] = scale
         results = [trainer.fit(examples, resume=resume)]
     else:  # rounds: rft, rft_asft
         results, rounds = [], []
