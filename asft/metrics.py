@@ -102,3 +102,31 @@ def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         den = np.sqrt((ra * ra).sum() * (rb * rb).sum())
         out[i] = (ra * rb).sum() / den if den > 0 else np.nan
     return out
+
+
+def ndcg_per_user(ranks: np.ndarray, k: int = 10) -> np.ndarray:
+    """NDCG@k of each user's single held-out item: ``1/log2(rank+2)`` if rank < k else 0 (rank from 0)."""
+    r = np.asarray(ranks, dtype=np.float64)
+    return np.where(r < k, 1.0 / np.log2(r + 2.0), 0.0)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, float]:
+    """Mean paired difference ``a - b`` over users and its percentile bootstrap interval.
+
+    ``a`` and ``b`` are per-user values ``[U]`` or ``[S, U]`` (S seeds evaluated on the same U users):
+    users are resampled with replacement (the same users for every seed, keeping the pairing), and each
+    replicate is the mean over seeds and resampled users."""
+    a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need equal shapes, got {a.shape} and {b.shape}")
+    d = (a - b).mean(axis=0)  # per-user difference, averaged over seeds
+    u = d.shape[0]
+    rng = np.random.default_rng(seed)
+    reps = np.empty(n_boot)
+    for i in range(0, n_boot, 256):
+        idx = rng.integers(0, u, size=(min(256, n_boot - i), u))
+        reps[i : i + len(idx)] = d[idx].mean(axis=1)
+    lo, hi = np.quantile(reps, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "n_users": int(u), "n_seeds": int(a.shape[0]),
+            "excludes_zero": bool(lo > 0 or hi < 0)}

@@ -94,6 +94,22 @@ class PolicyScorer:
     def evaluate(self, model) -> dict[str, float]:
         return self.evaluate_logits(context_logits(model, self.inputs, self.batch_size))
 
+    def per_user(self, model) -> dict[str, np.ndarray]:
+        """Per-context values for paired comparisons: NDCG@10, rank, and the top-10 reward under the
+        judge and (simulator) the true utility; ``high_rated`` marks targets rated >= 4."""
+        from asft.metrics import ndcg_per_user
+
+        logits = context_logits(model, self.inputs, self.batch_size)
+        ranked = mask_items(mask_special(logits.clone()), self.histories, keep=self.targets)
+        ranks = ranks_from_scores(ranked, self.targets).numpy()
+        out = {"rank": ranks, "ndcg@10": ndcg_per_user(ranks, 10), "high_rated": self.high_rated.copy()}
+        top = torch.topk(self.masked(logits), 10, dim=1).indices.numpy()
+        rows = np.arange(len(top))[:, None]
+        for name, table in (("judged", self.judge), ("true", self.utility)):
+            if table is not None:
+                out[f"{name}_top10"] = table[rows, top].mean(axis=1)
+        return out
+
     def evaluate_logits(self, logits: torch.Tensor) -> dict[str, float]:
         ranked = mask_items(mask_special(logits.clone()), self.histories, keep=self.targets)
         ranks = ranks_from_scores(ranked, self.targets).numpy()

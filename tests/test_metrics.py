@@ -184,6 +184,10 @@ class FakeModel(torch.nn.Module):
         with torch.no_grad():
             self.lm_head.weight.copy_(table.T)  # one_hot(t) @ W.T = table[t]
 
+    @property
+    def base_model(self):  # as transformers' PreTrainedModel: the stack without the head
+        return self.transformer
+
 
 def test_evaluate_table_fake_model():
     V = 10
@@ -321,3 +325,22 @@ def test_spearman_rows_matches_definition():
     # with ties: ranks (1.5, 1.5, 3) vs (1, 2, 3): pearson of centred (-.5,-.5,1) and (-1,0,1)
     r = spearman_rows(np.array([[5.0, 5.0, 7.0]]), np.array([[1.0, 2.0, 3.0]]))[0]
     assert r == pytest.approx(1.5 / np.sqrt(1.5 * 2), rel=1e-9)
+
+
+def test_ndcg_per_user_and_paired_bootstrap():
+    from asft.metrics import ndcg_per_user, paired_bootstrap
+
+    assert np.allclose(ndcg_per_user(np.array([0, 1, 9, 10]), 10), [1.0, 1 / np.log2(3), 1 / np.log2(11), 0.0])
+    rng = np.random.default_rng(0)
+    b = rng.random(400)
+    same = paired_bootstrap(b, b, n_boot=500)
+    assert same["diff"] == 0 and same["lo"] == 0 and same["hi"] == 0 and not same["excludes_zero"]
+    up = paired_bootstrap(b + 0.05, b, n_boot=500)
+    assert up["diff"] == pytest.approx(0.05) and up["lo"] == pytest.approx(0.05) and up["excludes_zero"]
+    noisy = paired_bootstrap(b + rng.normal(0.0, 1.0, 400), b, n_boot=2000, seed=1)
+    assert noisy["lo"] < noisy["diff"] < noisy["hi"] and not noisy["excludes_zero"]
+    # seeds x users: the interval is over users, seeds averaged
+    two = paired_bootstrap(np.stack([b + 0.1, b]), np.stack([b, b]), n_boot=200)
+    assert two["diff"] == pytest.approx(0.05) and two["n_seeds"] == 2 and two["n_users"] == 400
+    with pytest.raises(ValueError):
+        paired_bootstrap(b, b[:10])
