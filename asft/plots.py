@@ -97,14 +97,18 @@ def metric_panels(metrics: dict[str, dict[str, float]], keys: list[str], path: s
 
 
 def frontier(points: dict[str, list[tuple[float, float, str]]], path: str | Path, title: str, xlabel: str,
-             ylabel: str) -> Path:
-    """Curves of (x, y, label) points, one per series (e.g. judged reward against KL over lambda)."""
+             ylabel: str, xscale: str = "linear") -> Path:
+    """Curves of (x, y, label) points, one per series (e.g. judged reward against KL over lambda);
+    ``xscale="symlog"`` spreads KL values that span several orders of magnitude (0 stays visible)."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for i, (name, pts) in enumerate(points.items()):
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         ax.plot(xs, ys, "o-", color=f"C{i % 10}", label=name)
         for x, y, lab in pts:
             ax.annotate(lab, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    if xscale == "symlog":
+        pos = [p[0] for pts in points.values() for p in pts if p[0] > 0]
+        ax.set_xscale("symlog", linthresh=min(pos) if pos else 1e-3)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
