@@ -63,8 +63,10 @@ TABLES = {
     "sim": {"methods": list(GRIDS), "noise": []},  # the simulator at medium judge noise (params.yaml)
     "ml100k": {"methods": ["asft", "asft_full", "asft_logged", "dpo", "grpo", "rft", "sft", "anchor_only"], "noise": []},
 }
-COMMON = ["posttrain.pg.kl_estimator=exact", "posttrain.pg.ppo_epochs=2", "train.num_threads=1",
-          "reward.train.num_threads=1", "posttrain.train.num_threads=1"]
+# Every method: evaluation before the first update and every --eval-steps optimizer steps, so selection
+# can stop inside the NDCG guard at a fine KL step; patience counts evaluations.
+COMMON = ["posttrain.pg.kl_estimator=exact", "posttrain.pg.ppo_epochs=2", "posttrain.train.patience=6", "train.num_threads=1", "reward.train.num_threads=1",
+          "posttrain.train.num_threads=1"]
 
 
 def log(msg: str) -> None:
@@ -89,6 +91,7 @@ def main() -> None:
     ap.add_argument("--grid-size", type=int, default=0, help="keep this many values per grid (0 = all)")
     ap.add_argument("--anchor", type=float, default=0.0, help="posttrain.anchor_weight for every method")
     ap.add_argument("--boot", type=int, default=2000)
+    ap.add_argument("--eval-steps", type=int, default=4, help="posttrain.train.eval_steps for every method")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     t_all = time.perf_counter()
@@ -100,7 +103,7 @@ def main() -> None:
                machine={"platform": platform.platform(), "cpus": os.cpu_count()})
     runs = res.setdefault("runs", {})
     methods = a.methods or TABLES[a.table]["methods"]
-    base_ov = [*a.overrides, *COMMON, f"posttrain.anchor_weight={a.anchor}",
+    base_ov = [*a.overrides, *COMMON, f"posttrain.anchor_weight={a.anchor}", f"posttrain.train.eval_steps={a.eval_steps}",
                *([f"data.source={a.data}"] if a.data else [])]
     cfg0 = load_config(a.config, base_ov)
     res["config"] = {"anchor_weight": a.anchor, "posttrain.train": cfg0.posttrain.train.model_dump(mode="json"),
