@@ -465,6 +465,11 @@ class PostTrainConfig(_Section):
     anchor_weight: float = Field(4.0, ge=0, description="Candidate-based methods (asft, asft_mix, rft, rft_asft):"
                                  " plain-SFT anchor on the logged next item, with this weight per context next to"
                                  " the N candidates whose weights average 1 (0 = off).")
+    anchor_scope: Literal["candidates", "all"] = Field(
+        "candidates", description="Which methods get the anchor: 'candidates' (those above and asft_full,"
+        " anchor_only) or 'all' (also DPO/IPO and RLOO/GRPO/Rec-R1, as an added plain-SFT term on the logged item"
+        " with coefficient anchor_weight / (n_candidates + anchor_weight), the anchor's share of the weighted"
+        " loss; sft, rwr and asft_logged train on logged items already).")
     ndcg_tolerance: float = Field(0.03, ge=0, le=1, description="Selection guard: valid NDCG@10 may drop at most"
                                   " this share below the base model's.")
     champion_method: str = Field("asft", description="The method whose model `retrain` registers (champion or"

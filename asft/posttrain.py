@@ -39,7 +39,9 @@ candidates were sampled from: pi_ref puts a third of its mass on already-consume
 fitting masked samples with the unmasked softmax drags that mass down through the shared
 embeddings and flattens the policy (measured: NDCG@10 0.69x the base for uniform weights). With
 ``posttrain.anchor_weight`` > 0 each context of the candidate-based methods (asft, asft_mix,
-rft, rft_asft) also gets its logged item with that weight (the candidates' weights average 1).
+asft_full, anchor_only, rft, rft_asft) also gets its logged item with that weight (the candidates'
+weights average 1); ``posttrain.anchor_scope=all`` adds the same anchor to DPO/IPO and the online
+methods as a plain-SFT term with the anchor's share of the weighted loss as its coefficient.
 """
 
 from __future__ import annotations
@@ -247,7 +249,16 @@ def preference_pairs(frame: pd.DataFrame, z: float, per_context: int, ref_col: s
     return pd.concat(rows, ignore_index=True)
 
 
-def make_pair_loss(kind: str, beta: float) -> Callable:
+def anchor_coef(cfg: Config, method: str) -> float:
+    """Coefficient of the added plain-SFT anchor term of the pairwise and online methods (0 unless
+    ``posttrain.anchor_scope`` is 'all'): the anchor's share of a candidate-based method's loss."""
+    pt = cfg.posttrain
+    if pt.anchor_scope != "all" or pt.anchor_weight <= 0 or FAMILY[method] not in ("pairwise", "online"):
+        return 0.0
+    return pt.anchor_weight / (cfg.sampling.n_candidates + pt.anchor_weight)
+
+
+def make_pair_loss(kind: str, beta: float, anchor: float = 0.0) -> Callable:
     fn = {"dpo": dpo_loss, "ipo": ipo_loss}[kind]
 
     def loss_fn(model, batch: dict, normalizer: float):
@@ -255,6 +266,8 @@ def make_pair_loss(kind: str, beta: float) -> Callable:
         rc = batch["row_ctx"]
         pw, pl = logp[rc, batch["chosen"]], logp[rc, batch["rejected"]]
         loss = fn(pw, pl, batch["ref_w"], batch["ref_l"], beta, normalizer)
+        if anchor > 0:  # mean over pairs of -log pi(logged item of the pair's context)
+            loss = loss + anchor * weighted_nll(logp[rc, batch["item"]], None, normalizer)
         h = (pw.detach() - batch["ref_w"]) - (pl.detach() - batch["ref_l"])
         return loss, {"margin_sum": float(h.sum()), "pair_correct": float((h > 0).sum())}
 
@@ -287,7 +300,7 @@ def plackett_luce_logp(logp: torch.Tensor, slates: torch.Tensor, rows: torch.Ten
     return (lp - torch.log1p(-before.clamp(max=1.0 - 1e-6))).sum(dim=1)
 
 
-def make_online_loss(method: str, cfg: Config, ref, members: list | None) -> Callable:
+def make_online_loss(method: str, cfg: Config, ref, members: list | None, anchor: float = 0.0) -> Callable:
     """RLOO / GRPO / Rec-R1 loss. With ``pg.ppo_epochs`` K > 1 the trainer takes K optimizer steps on each
     batch: the first pass samples the actions from the current policy and freezes them with their
     log-probabilities (pi_old), their rewards and advantages; later passes reuse them, so the ratio
@@ -344,6 +357,8 @@ def make_online_loss(method: str, cfg: Config, ref, members: list | None) -> Cal
         loss, kl_s = policy_gradient_loss(logp, old_logp, ref_lp, adv, pg.clip, pg.kl_coef, normalizer, kl=kl)
         ent = entropy_rows(logits)
         loss = loss - pg.entropy_coef * ent.sum() * g / normalizer
+        if anchor > 0:  # mean over contexts of -log pi(logged item); the normaliser counts C * G samples
+            loss = loss + anchor * g * weighted_nll(logp_all[batch["row_ctx"], batch["item"]], None, normalizer)
         return loss, {"reward_sum": float(reward.sum()), "kl_sum": float(kl_s.detach().sum()),
                       "entropy_sum": float(ent.detach().sum()) * g,
                       "clip_frac_sum": float(clip_fraction(logp, old_logp, adv, pg.clip)) * c * g}
@@ -468,20 +483,23 @@ def run_method(method: str, cfg: Config, inputs: PostTrainInputs, out_dir: str |
                                  ref_col="ref_logp_masked" if masked else "ref_logp")
         if pairs.empty:
             raise ValueError("no candidate pair has non-overlapping reward intervals; lower posttrain.dpo.z")
+        logged = np.array([tc.windows[w][p + 1] for w, p in zip(pairs["window"], pairs["pos"])], dtype=np.int64)
         examples = group_rows(pairs["window"].to_numpy(), pairs["pos"].to_numpy(),
-                              {k: pairs[k].to_numpy() for k in ("chosen", "rejected", "ref_w", "ref_l")})
+                              {**{k: pairs[k].to_numpy() for k in ("chosen", "rejected", "ref_w", "ref_l")},
+                               "item": logged})
         extra["pairs"] = {"pairs": len(pairs), "contexts_with_pairs": int(pairs[["window", "pos"]]
                                                                                .drop_duplicates().shape[0]),
                           "contexts": len(frame)}
-        spec = (lambda ex: collate_examples(tc, ex, with_history=masked), make_pair_loss(method, cfg.posttrain.dpo.beta),
-                count_rows)
+        spec = (lambda ex: collate_examples(tc, ex, with_history=masked),
+                make_pair_loss(method, cfg.posttrain.dpo.beta, anchor_coef(cfg, method)), count_rows)
         results = [trainer_for(policy, spec, out_dir).fit(examples, resume=resume)]
     elif family == "online":
         horizon = cfg.posttrain.rec_r1.horizon if method == "rec_r1" else 0
-        examples = [Example(i, tc.positions(i), {}) for i in range(len(tc.windows))]
+        examples = [Example(i, tc.positions(i), {"item": tc.windows[i][tc.positions(i) + 1]})
+                    for i in range(len(tc.windows))]
         members = ens.members if ens is not None and method != "rec_r1" else None
         spec = (lambda ex: collate_examples(tc, ex, with_history=True, next_horizon=horizon),
-                make_online_loss(method, cfg, ref, members), lambda b: float(len(b["ctx_b"]) * cfg.posttrain.pg.group_size))
+                make_online_loss(method, cfg, ref, members, anchor_coef(cfg, method)), lambda b: float(len(b["ctx_b"]) * cfg.posttrain.pg.group_size))
         trainer = trainer_for(policy, spec, out_dir, repeat=cfg.posttrain.pg.ppo_epochs)
         ref.to(trainer.device)
         for m in members or []:

@@ -111,3 +111,39 @@ def test_selection_returns_pi_ref_when_every_update_hurts(pipeline):
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
     assert np.isfinite(s["best_metric"])
+
+
+@pytest.mark.parametrize("method", ["dpo", "grpo"])
+def test_anchor_for_all_methods_adds_the_logged_sft_term(pipeline, method):
+    from asft.posttrain import anchor_coef
+
+    root, _, inputs = pipeline
+    on = load_config(None, [*TINY, "posttrain.train.epochs=1", "posttrain.anchor_scope=all",
+                            "posttrain.anchor_weight=4"])
+    off = load_config(None, [*TINY, "posttrain.train.epochs=1"])
+    assert anchor_coef(on, method) == pytest.approx(4 / (on.sampling.n_candidates + 4))
+    assert anchor_coef(off, method) == 0.0 and anchor_coef(on, "asft") == 0.0
+    s = run_method(method, on, inputs, root / f"anchor-{method}", progress=False, resume=False)
+    assert s["steps"] > 0 and (root / f"anchor-{method}" / "best" / "model.safetensors").is_file()
+
+
+def test_pair_loss_anchor_term_by_hand():
+    from asft.posttrain import make_pair_loss
+
+    class Fixed(torch.nn.Module):
+        pass
+
+    import asft.posttrain as pt
+
+    logp = torch.log_softmax(torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 0.0]]), dim=-1)
+    batch = {"row_ctx": torch.tensor([0, 1]), "chosen": torch.tensor([2, 0]), "rejected": torch.tensor([0, 1]),
+             "ref_w": torch.zeros(2), "ref_l": torch.zeros(2), "item": torch.tensor([1, 2])}
+    orig = pt.context_log_probs
+    pt.context_log_probs = lambda model, b: logp
+    try:
+        plain, _ = make_pair_loss("dpo", 0.5)(Fixed(), batch, 2.0)
+        anchored, _ = make_pair_loss("dpo", 0.5, anchor=0.25)(Fixed(), batch, 2.0)
+    finally:
+        pt.context_log_probs = orig
+    nll = -(logp[0, 1] + logp[1, 2]) / 2
+    assert (anchored - plain).item() == pytest.approx(0.25 * nll.item(), rel=1e-6)
