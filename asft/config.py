@@ -582,7 +582,7 @@ class TuneConfig(_Section):
     pruner: Literal["median", "hyperband", "none"] = Field(
         "median", description="Stop a trial whose validation metric trails the median of earlier trials at the"
         " same epoch ('median'), by successive halving ('hyperband'), or never ('none').")
-    pruner_warmup_epochs: int = Field(4, ge=0, description="Epochs a trial runs before it may be pruned.")
+    pruner_warmup_epochs: int = Field(10, ge=0, description="Epochs a trial runs before it may be pruned.")
     space: dict[str, SearchParam] = Field(default_factory=_default_space, description="Searched settings:"
                                           " dotted config key -> range or choices.")
 
