@@ -103,7 +103,9 @@ def frontier(points: dict[str, list[tuple[float, float, str]]], path: str | Path
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for i, (name, pts) in enumerate(points.items()):
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        ax.plot(xs, ys, "o-", color=f"C{i % 10}", label=name)
+        reference = name.startswith("base")  # the starting point: a black star, never a series colour
+        ax.plot(xs, ys, "*" if reference else "o-", color="black" if reference else f"C{i % 10}", label=name,
+                markersize=12 if reference else 6)
         for x, y, lab in pts:
             ax.annotate(lab, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
     if xscale == "symlog":
