@@ -20,11 +20,13 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def training_curves(history: list[dict], path: str | Path, title: str = "training") -> Path:
-    """Train loss and every validation metric per epoch."""
-    epochs = [h["epoch"] for h in history]
+    """Train loss per epoch and every validation metric at each evaluation (epoch 0 = before training,
+    fractional epochs = evaluations inside an epoch)."""
+    loss = [(h["epoch"], h["train_loss"]) for h in history if "train_loss" in h]
     valid_keys = sorted({k for h in history for k in h if k.startswith("valid/")})
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    axes[0].plot(epochs, [h["train_loss"] for h in history], marker=".")
+    if loss:
+        axes[0].plot(*zip(*loss), marker=".")
     axes[0].set(xlabel="epoch", ylabel="train loss", title=f"{title}: loss")
     for k in valid_keys:
         pts = [(h["epoch"], h[k]) for h in history if k in h]

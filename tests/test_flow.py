@@ -127,7 +127,9 @@ def test_retrain_flow_records_everything(prefect_server, tmp_path, tiny_override
         assert run.data.tags["method"] == m and run.info.status == "FINISHED"
         assert abs(run.data.metrics["test/judged_top10"] - rep["judged_top10"]) < 1e-9
         hist = client.get_metric_history(run.info.run_id, "valid/kl_ref")
-        assert sorted(x.step for x in hist) == [1, 2]  # KL to pi_ref tracked at every evaluation
+        # KL to pi_ref tracked at every evaluation: pi_ref itself before the first update (step 0), each epoch
+        assert sorted(x.step for x in hist) == [0, 1, 2]
+        assert [x.value for x in hist if x.step == 0] == [0.0]
         assert (out / f"models/posttrain/{m}/best/model.safetensors").is_file()
     asft_plots = {Path(a.path).name for a in client.list_artifacts(children["posttrain-asft"].info.run_id, "plots")}
     assert {"weights_hist.png", "advantages_hist.png", "training_curves.png"} <= asft_plots
