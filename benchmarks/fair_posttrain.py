@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--data", default=None)
     ap.add_argument("--config", default=None, help="config file (default: code defaults)")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--methods", nargs="+", default=None)
+    ap.add_argument("--methods", nargs="+", default=None, choices=sorted(GRIDS), metavar="METHOD")
     ap.add_argument("--grid-size", type=int, default=0, help="keep this many values per grid (0 = all)")
     ap.add_argument("--anchor", type=float, default=0.0, help="posttrain.anchor_weight for every method")
     ap.add_argument("--boot", type=int, default=2000)
