@@ -103,7 +103,7 @@ def main() -> int:
 
     def hist(d: Path) -> list[float]:
         s = json.loads((d / "train_summary.json").read_text())
-        return [h["train_loss"] for h in (s["histories"][0] if "histories" in s else s["history"])]
+        return [h["train_loss"] for h in (s["histories"][0] if "histories" in s else s["history"]) if "train_loss" in h]
 
     curves = {name: {"1 process": hist(work / f"{name}1"), "2 processes": hist(work / f"{name}2")}
               for name in ("base", "reward", "asft")}
