@@ -445,7 +445,10 @@ class PostTrainTrainConfig(TrainConfig):
     epochs: int = Field(4, ge=1, description="Maximum epochs over the training contexts.")
     lr: float = Field(5e-4, gt=0, description="AdamW peak learning rate.")
     warmup_steps: int = Field(10, ge=0, description="Linear warmup steps, then constant.")
-    patience: int = Field(2, ge=1, description="Early stopping: evaluations without validation improvement.")
+    patience: int = Field(6, ge=1, description="Early stopping: evaluations without validation improvement.")
+    eval_steps: int = Field(5, ge=0, description="Also evaluate every N optimizer steps inside an epoch: one epoch"
+                            " can move the policy past the NDCG guard, and selection needs a checkpoint inside it"
+                            " (0 = epoch ends only).")
     eval_at_start: bool = Field(True, description="Evaluate pi_ref before the first update: selection returns pi_ref"
                                 " itself when no evaluated checkpoint beats it (or all fail the NDCG guard).")
     monitor: str = Field(

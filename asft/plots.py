@@ -33,7 +33,7 @@ def training_curves(history: list[dict], path: str | Path, title: str = "trainin
         if pts and k.split("/")[1].startswith(("ndcg", "hr")):
             axes[1].plot(*zip(*pts), marker=".", label=k.split("/", 1)[1])
     axes[1].set(xlabel="epoch", ylabel="validation", title=f"{title}: validation")
-    if valid_keys:
+    if axes[1].get_legend_handles_labels()[1]:
         axes[1].legend(fontsize=8)
     return _save(fig, path)
 

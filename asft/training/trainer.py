@@ -356,8 +356,7 @@ class Trainer:
                     train_s += time.perf_counter() - t0
                     row_s: dict[str, Any] = {"epoch": round(epoch + (b + 1) / len(batches), 4), "step": step}
                     evaluate(row_s, f"{self.stage_name}step {step}")
-                    history.append(row_s)
-                    self.on_log({k: v for k, v in row_s.items() if k not in ("epoch", "step")}, step)
+                    history.append(row_s)  # in the summary's history; tracked curves stay per epoch
                     t0 = time.perf_counter()
                     if stopped:
                         break
