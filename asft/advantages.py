@@ -18,14 +18,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from asft.config import AdvantageConfig
+if TYPE_CHECKING:  # the config imports this module (lazily) to validate names: no runtime import back
+    from asft.config import AdvantageConfig
 
 BaselineFn = Callable[[np.ndarray, int, np.ndarray | None, np.ndarray], np.ndarray]
-TransformFn = Callable[[np.ndarray, AdvantageConfig], tuple[np.ndarray, np.ndarray]]
+TransformFn = Callable[[np.ndarray, "AdvantageConfig"], tuple[np.ndarray, np.ndarray]]
 
+# name -> function; filled by the decorators below at import (numpy only: no torch, no config)
 BASELINES: dict[str, BaselineFn] = {}
 TRANSFORMS: dict[str, TransformFn] = {}
 
@@ -44,6 +47,16 @@ def register_transform(name: str):
         return fn
 
     return deco
+
+
+def baseline_names() -> tuple[str, ...]:
+    """Registered baselines b(s) (valid ``advantage.baseline`` values), in registration order."""
+    return tuple(BASELINES)
+
+
+def transform_names() -> tuple[str, ...]:
+    """Registered weight transforms (valid ``advantage.transform`` values), in registration order."""
+    return tuple(TRANSFORMS)
 
 
 def _lookup(registry: dict, name: str, kind: str):

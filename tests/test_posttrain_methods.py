@@ -9,14 +9,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 
 from asft import stages
 from asft.config import load_config
 from asft.losses import clip_fraction, soft_target_loss, tilted_target
 from asft.models.recommender import load_recommender
 from asft.posttrain import PostTrainInputs, run_method
-
-from conftest import TINY
 
 
 # ---------------------------------------------------------------------------- pure math
@@ -85,7 +84,7 @@ def test_full_catalogue_asft_and_anchor_control_train(pipeline, method):
 
 
 def test_ppo_epochs_make_the_clip_bind_and_exact_kl(pipeline):
-    root, cfg, inputs = pipeline
+    root, _, inputs = pipeline
     rates = {}
     for epochs in (1, 3):
         c = load_config(None, [*TINY, "posttrain.train.epochs=1", "posttrain.train.lr=0.02",
@@ -94,7 +93,7 @@ def test_ppo_epochs_make_the_clip_bind_and_exact_kl(pipeline):
         import json
 
         hist = json.loads((root / f"grpo{epochs}" / "train_summary.json").read_text())["history"]
-        row = [h for h in hist if h["epoch"] == 1][0]
+        row = next(h for h in hist if h["epoch"] == 1)
         rates[epochs] = row["train_clip_frac"]
         assert row["train_kl"] >= 0 and s["steps"] > 0
     assert rates[1] == 0.0  # one pass: ratio is exactly 1
@@ -129,23 +128,20 @@ def test_anchor_for_all_methods_adds_the_logged_sft_term(pipeline, method):
     assert s["steps"] > 0 and (root / f"anchor-{method}" / "best" / "model.safetensors").is_file()
 
 
-def test_pair_loss_anchor_term_by_hand():
-    from asft.posttrain import make_pair_loss
+def test_pair_loss_anchor_term_by_hand(monkeypatch):
+    from asft.posttrain import pairwise
+    from asft.posttrain.pairwise import make_pair_loss
 
     class Fixed(torch.nn.Module):
         pass
 
-    import asft.posttrain as pt
-
     logp = torch.log_softmax(torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 0.0]]), dim=-1)
     batch = {"row_ctx": torch.tensor([0, 1]), "chosen": torch.tensor([2, 0]), "rejected": torch.tensor([0, 1]),
              "ref_w": torch.zeros(2), "ref_l": torch.zeros(2), "item": torch.tensor([1, 2])}
-    orig = pt.context_log_probs
-    pt.context_log_probs = lambda model, b: logp
-    try:
-        plain, _ = make_pair_loss("dpo", 0.5)(Fixed(), batch, 2.0)
-        anchored, _ = make_pair_loss("dpo", 0.5, anchor=0.25)(Fixed(), batch, 2.0)
-    finally:
-        pt.context_log_probs = orig
+    monkeypatch.setattr(pairwise, "context_log_probs", lambda model, b: logp)
+    plain, _ = make_pair_loss("dpo", 0.5)(Fixed(), batch, 2.0)
+    anchored, _ = make_pair_loss("dpo", 0.5, anchor=0.25)(Fixed(), batch, 2.0)
     nll = -(logp[0, 1] + logp[1, 2]) / 2
     assert (anchored - plain).item() == pytest.approx(0.25 * nll.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="unknown pair loss 'kto'"):
+        make_pair_loss("kto", 0.5)
