@@ -1,8 +1,8 @@
-"""Command line: ``retrain`` (the Prefect flow) and one command per stage (used by DVC).
+"""Command line: ``retrain`` (the Prefect flow) and one command per declared stage (asft/pipeline.py; DVC runs them).
 
     asft retrain --data simulator --output runs/sim [--config params.yaml] [key=value ...]
     asft ingest --output DIR/raw [--data PATH] [--docs DIR]      load + validate (GX) the raw log
-    asft load --output DIR/raw            asft validate --raw DIR/raw
+    asft validate --raw DIR/raw                                  the raw GX suite on a canonical raw dir
     asft preprocess --raw DIR/raw --output DIR/processed [--docs DIR]
     asft preferences --raw DIR/raw --processed DIR/processed --output DIR/preferences [--docs DIR]
     asft train-base --processed DIR/processed --output DIR/models/base
@@ -23,7 +23,9 @@
                          [--reward DIR/models/reward] [--judge DIR/models/judge] [--raw DIR/raw] [--output F]
     asft tune --data PATH --output DIR [--trials N]         Optuna search of base-model settings on the
                                                             validation split; writes DIR/best.yaml (resumable)
-    asft config [--config params.yaml] [key=value ...]      print the resolved configuration
+    asft evaluate-policies --posttrain DIR/models/posttrain --base ... --output DIR/reports/policies
+    asft config [--config params.yaml] [--defaults] [key=value ...]   print the resolved (or default) config
+    asft dvc-yaml                                           print dvc.yaml generated from the stage declarations
 
 Operations (MLflow/Prefect; imported only when used):
 
@@ -31,7 +33,8 @@ Operations (MLflow/Prefect; imported only when used):
     asft compare [--experiment NAME] [--dataset-version MD5] [--since DATE] [--until DATE] [--output DIR]
     asft audit RUN_ID [--tracking-uri URI] [--output DIR] [--no-rerun]
 
-Overrides are dotted ``key=value`` pairs read as YAML values, e.g. ``train.epochs=5``.
+Overrides are dotted ``key=value`` pairs read as YAML values, e.g. ``train.epochs=5``; every stage command
+also takes a typed flag per config field it reads (``asft posttrain --help``), e.g. ``--advantage.lam 2``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import sys
 from pathlib import Path
 
 from asft.env import configure_environment
+from asft.pipeline import STAGES
 
 DEFAULT_CONFIG = "params.yaml"
 
@@ -106,114 +110,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rerun", action="store_true", help="only check the lineage")
     p.add_argument("--config", default=DEFAULT_CONFIG)
 
-    p = sub.add_parser("load", help="load or simulate raw interactions into canonical Parquet")
-    p.add_argument("--data", default=None)
-    p.add_argument("--output", required=True)
-    _common(p)
-
-    p = sub.add_parser("ingest", help="load (or simulate) and validate raw interactions; nothing is written on failure")
-    p.add_argument("--data", default=None)
-    p.add_argument("--output", required=True)
-    p.add_argument("--docs", default=None, help="write the GX data docs here")
-    _common(p)
-
-    p = sub.add_parser("validate", help="validate the canonical raw table")
-    p.add_argument("--raw", required=True)
-    _common(p)
-
-    p = sub.add_parser("preprocess", help="k-core, ordering, vocabulary, leave-one-out split (validated)")
-    p.add_argument("--raw", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--docs", default=None, help="write the GX data docs here")
-    _common(p)
-
-    p = sub.add_parser("preferences", help="build and validate the preference-pair dataset")
-    p.add_argument("--raw", required=True, help="raw dir (its simulator/ enables the judge sources)")
-    p.add_argument("--processed", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--docs", default=None, help="write the GX data docs here")
-    _common(p)
-
-    p = sub.add_parser("train-reward", help="train the Bradley-Terry reward ensemble")
-    p.add_argument("--processed", required=True)
-    p.add_argument("--preferences", required=True)
-    p.add_argument("--base", required=True, help="base model dir (DIR/models/base or its best/)")
-    p.add_argument("--output", required=True)
-    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
-    _common(p)
-
-    p = sub.add_parser("reward-report", help="held-out accuracy, AUC, calibration, naive predictors")
-    p.add_argument("--reward", required=True)
-    p.add_argument("--preferences", required=True)
-    p.add_argument("--processed", required=True)
-    p.add_argument("--raw", required=True)
-    p.add_argument("--base", default=None)
-    p.add_argument("--output", required=True)
-    _common(p)
-
-    p = sub.add_parser("train-base", help="next-item SFT of the base generative recommender")
-    p.add_argument("--processed", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    _common(p)
-
-    p = sub.add_parser("evaluate", help="full-ranking evaluation of a saved model")
-    p.add_argument("--model", required=True)
-    p.add_argument("--processed", required=True)
-    p.add_argument("--output", default=None, help="write metrics JSON here")
-    _common(p)
-
-    p = sub.add_parser("train-judge", help="train the held-out judge ensemble (other fold, other seeds)")
-    p.add_argument("--processed", required=True)
-    p.add_argument("--preferences", required=True)
-    p.add_argument("--base", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
-    _common(p)
-
-    p = sub.add_parser("sample", help="sample N candidates per training context from pi_ref")
-    p.add_argument("--processed", required=True)
-    p.add_argument("--base", required=True, help="pi_ref (base model dir or its best/)")
-    p.add_argument("--output", required=True)
-    _common(p)
-
-    p = sub.add_parser("score", help="score sampled candidates with the reward ensemble")
-    p.add_argument("--candidates", required=True)
-    p.add_argument("--processed", required=True)
-    p.add_argument("--base", required=True)
-    p.add_argument("--reward", required=True)
-    p.add_argument("--output", required=True)
-    _common(p)
-
-    p = sub.add_parser("advantages", help="A-SFT advantages and weights of the scored candidates")
-    p.add_argument("--scored", required=True)
-    p.add_argument("--output", required=True)
-    _common(p)
-
-    p = sub.add_parser("posttrain", help="post-train pi_ref with one method (A-SFT or a baseline)")
-    p.add_argument("--method", required=True)
-    p.add_argument("--processed", required=True)
-    p.add_argument("--base", required=True)
-    p.add_argument("--reward", default=None)
-    p.add_argument("--scored", default=None)
-    p.add_argument("--advantages", default=None)
-    p.add_argument("--output", required=True)
-    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
-    _common(p)
-
-    p = sub.add_parser("evaluate-policy", help="section-7 report of a post-trained policy")
-    p.add_argument("--model", required=True)
-    p.add_argument("--base", required=True)
-    p.add_argument("--processed", required=True)
-    p.add_argument("--reward", default=None)
-    p.add_argument("--judge", default=None)
-    p.add_argument("--raw", default=None, help="raw dir (its simulator/ adds the true reward)")
-    p.add_argument("--output", default=None)
-    _common(p)
-
     p = sub.add_parser("config", help="print the resolved configuration")
+    p.add_argument("--defaults", action="store_true", help="print params.yaml as generated from the code's defaults")
     _common(p)
+
+    p = sub.add_parser("dvc-yaml", help="print dvc.yaml as generated from the stage declarations (asft/pipeline.py)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="params.yaml (its posttrain.methods are the foreach list)")
+
+    for spec in STAGES:
+        _stage_parser(sub, spec)
     return ap
+
+
+def _stage_parser(sub, spec) -> None:
+    """One subcommand per declared stage: its inputs, ``--output``, and a typed flag per config field it reads."""
+    p = sub.add_parser(spec.name, help=spec.help, description=spec.help)
+    if spec.name == "ingest":
+        p.add_argument("--data", default=None, help="'simulator' or a data path (overrides data.source)")
+    for name in spec.options:
+        p.add_argument(f"--{name}", required=True)
+    for inp in spec.inputs:
+        p.add_argument(inp.flag, dest=inp.arg, required=inp.required, help=inp.help)
+    if spec.output is not None:
+        p.add_argument("--output", required=not spec.output_file,
+                       help="output file (JSON)" if spec.output_file else "output directory (written atomically)")
+    if spec.docs:
+        p.add_argument("--docs", default=None, help="write the GX data docs here")
+    if spec.training:
+        p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    _common(p)
+    _config_flags(p, spec.params)
+
+
+def _config_flags(p: argparse.ArgumentParser, keys) -> None:
+    """``--section.field VALUE`` for every config field under ``keys`` (typed from the pydantic model, help
+    from its description), collected into ``key=value`` overrides -- TRL's HfArgumentParser idea."""
+    from asft.config import config_fields
+
+    g = p.add_argument_group("configuration (overrides the config file)")
+    for f in config_fields(keys):
+        g.add_argument(f"--{f.key}", dest=f"cfg:{f.key}", default=None, metavar=f.metavar, help=f.description,
+                       **({"choices": f.choices} if f.choices else {}))
+
+
+def _flag_overrides(args) -> list[str]:
+    """``--section.field VALUE`` flags given on the command line, as ``key=value`` overrides."""
+    return [f"{k[4:]}={v}" for k, v in vars(args).items() if k.startswith("cfg:") and v is not None]
 
 
 def _load_cfg(args, extra: list[str] | None = None):
@@ -224,7 +166,7 @@ def _load_cfg(args, extra: list[str] | None = None):
         from asft.config import ConfigError
 
         raise ConfigError(f"{args.config}: config file not found")
-    return load_config(path, list(args.overrides) + list(extra or []))
+    return load_config(path, list(args.overrides) + _flag_overrides(args) + list(extra or []))
 
 
 def _print_metrics(title: str, metrics: dict) -> None:
@@ -273,22 +215,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    from asft import stages
-
     cmd = args.command
     if cmd == "retrain":
-        cfg = _load_cfg(args, [f"data.source={args.data}"] if args.data else [])  # fail fast on bad config
-        del cfg
         from flows.retrain import ensure_prefect_api, retrain
 
+        _load_cfg(args, [f"data.source={args.data}"] if args.data else [])  # fail fast on a bad config
         ensure_prefect_api()
-        overrides = list(args.overrides)
         result = retrain(data=args.data, output=args.output,
-                         config=args.config if Path(args.config).is_file() else None, overrides=overrides,
-                         use_cache=not args.no_cache, register_models=not args.no_register, audit_of=args.audit_of)
-        _print_metrics("base model", {k: v for k, v in result["models"]["base"].items() if k != "train"})
-        print(f"metrics: {Path(result['output_dir']) / 'metrics.json'}", file=sys.stderr)
-        return 0
+                         config=args.config if Path(args.config).is_file() else None,
+                         overrides=list(args.overrides), use_cache=not args.no_cache,
+                         register_models=not args.no_register, audit_of=args.audit_of)
+        return 0 if result else 1
     if cmd == "tune":
         _load_cfg(args, [f"data.source={args.data}"] if args.data else [])  # fail fast on bad config
         from flows.retrain import ensure_prefect_api
@@ -316,62 +253,40 @@ def _dispatch(args) -> int:
     if cmd == "config":
         import yaml
 
-        print(yaml.safe_dump(_load_cfg(args).to_dict(), sort_keys=False))
-        return 0
-    if cmd == "load":
-        cfg = _load_cfg(args, [f"data.source={args.data}"] if args.data else [])
-        print(json.dumps(stages.stage_load(cfg, args.output), indent=2))
-        return 0
-    if cmd == "ingest":
-        cfg = _load_cfg(args, [f"data.source={args.data}"] if args.data else [])
-        print(json.dumps(stages.stage_ingest(cfg, args.output, args.docs), indent=2))
-        return 0
-    cfg = _load_cfg(args)
-    if cmd == "validate":
-        print(json.dumps(stages.stage_validate(args.raw, cfg), indent=2))
-    elif cmd == "preprocess":
-        print(json.dumps(stages.stage_preprocess(args.raw, cfg, args.output, args.docs), indent=2))
-    elif cmd == "preferences":
-        print(json.dumps(stages.stage_preferences(args.raw, args.processed, cfg, args.output, args.docs), indent=2))
-    elif cmd == "train-reward":
-        _emit(args, stages.stage_train_reward(args.processed, args.preferences, _best(args.base), cfg, args.output,
-                                              resume=not args.no_resume, work_dir=args.work_dir))
-    elif cmd == "reward-report":
-        rep = stages.stage_reward_report(args.reward, args.preferences, args.processed, args.raw,
-                                         _best(args.base) if args.base else None, cfg, args.output)
-        print(json.dumps(rep, indent=2))
-    elif cmd == "train-base":
-        _emit(args, stages.stage_train_base(args.processed, cfg, args.output, resume=not args.no_resume,
-                                            work_dir=args.work_dir))
-    elif cmd == "train-judge":
-        _emit(args, stages.stage_train_judge(args.processed, args.preferences, _best(args.base), cfg, args.output,
-                                             resume=not args.no_resume, work_dir=args.work_dir))
-    elif cmd == "sample":
-        _emit(args, stages.stage_sample(args.processed, _best(args.base), cfg, args.output))
-    elif cmd == "score":
-        _emit(args, stages.stage_score(args.candidates, args.processed, _best(args.base), args.reward, cfg,
-                                       args.output))
-    elif cmd == "advantages":
-        print(json.dumps(stages.stage_advantages(args.scored, cfg, args.output), indent=2))
-    elif cmd == "posttrain":
-        _emit(args, stages.stage_posttrain(args.method, args.processed, _best(args.base), args.reward, args.scored,
-                                           args.advantages, cfg, args.output, resume=not args.no_resume,
-                                           work_dir=args.work_dir))
-    elif cmd == "evaluate-policy":
-        rep = stages.stage_evaluate_policy(_best(args.model), _best(args.base), args.processed, args.reward,
-                                           args.judge, args.raw, cfg, args.output)
-        _print_report(str(args.model), rep)
-        if not args.output:
-            print(json.dumps(rep, indent=2))
-    elif cmd == "evaluate":
-        metrics = stages.stage_evaluate(args.model, args.processed, cfg)
-        _print_metrics(str(args.model), metrics)
-        if args.output:
-            from asft.utils import write_json
+        from asft.config import defaults_yaml
 
-            write_json(args.output, metrics)
-        else:
-            print(json.dumps(metrics, indent=2))
+        print(defaults_yaml() if args.defaults else yaml.safe_dump(_load_cfg(args).to_dict(), sort_keys=False),
+              end="")
+        return 0
+    if cmd == "dvc-yaml":
+        from asft.pipeline import render_dvc_yaml
+
+        print(render_dvc_yaml(_load_cfg(argparse.Namespace(config=args.config, overrides=[])).posttrain.methods),
+              end="")
+        return 0
+    return _run_stage(args)
+
+
+def _run_stage(args) -> int:
+    """A declared stage (asft/pipeline.py) on the paths given on the command line."""
+    from asft.pipeline import call, get_stage
+
+    spec = get_stage(args.command)
+    cfg = _load_cfg(args, [f"data.source={args.data}"] if getattr(args, "data", None) else [])
+    paths = {i.arg: (_best(v) if i.model else v) for i in spec.inputs if (v := getattr(args, i.arg)) is not None}
+    options = {o: getattr(args, o) for o in spec.options}
+    out = getattr(args, "output", None)
+    summary = call(spec, cfg, None if spec.output_file else out, paths, options, docs_dir=getattr(args, "docs", None),
+                   resume=not getattr(args, "no_resume", False), work_dir=args.work_dir, progress=True)
+    if spec.name == "evaluate":
+        _print_metrics(str(paths["model_dir"]), summary)
+    elif spec.name == "evaluate-policy":
+        _print_report(str(paths["model_dir"]), summary)
+    if spec.output_file and out:
+        from asft.utils import write_json
+
+        write_json(out, summary)
+    _emit(args, summary)
     return 0
 
 

@@ -27,10 +27,18 @@ from pydantic import (
 )
 
 from asft.data.paths import ROOTS_ENV, require_data_root, resolve_inside
+from asft.posttrain.registry import method_names
 
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid. The message names the file and the key."""
+
+
+def _registered(name: str, registry, kind: str) -> str:
+    """A name that selects registered code: unknown names fail when the config loads, listing the valid ones."""
+    if name not in registry:
+        raise ValueError(f"unknown {kind} '{name}'; registered: {', '.join(sorted(registry))}")
+    return name
 
 
 class _Section(BaseModel):
@@ -396,6 +404,20 @@ class AdvantageConfig(_Section):
     w_max: float = Field(20.0, gt=0, description="Clip global weights at w_max (before normalisation to mean 1).")
     top_q: float = Field(0.25, gt=0, le=1, description="'top_q': keep the top q share of candidates by reward.")
 
+    @field_validator("baseline")
+    @classmethod
+    def _known_baseline(cls, v: str) -> str:
+        from asft.advantages import BASELINES
+
+        return _registered(v, BASELINES, "advantage baseline")
+
+    @field_validator("transform")
+    @classmethod
+    def _known_transform(cls, v: str) -> str:
+        from asft.advantages import TRANSFORMS
+
+        return _registered(v, TRANSFORMS, "weight transform")
+
 
 class DPOConfig(_Section):
     """DPO / IPO on pairs of sampled candidates ranked by the reward ensemble."""
@@ -458,8 +480,7 @@ class PostTrainTrainConfig(TrainConfig):
     )
 
 
-POSTTRAIN_METHODS = ("sft", "rwr", "asft", "asft_logged", "asft_mix", "asft_full", "anchor_only", "rft", "rft_asft",
-                     "dpo", "ipo", "rloo", "grpo", "rec_r1")
+POSTTRAIN_METHODS = method_names()  # registered in asft/posttrain/registry.py (verl-style, by name)
 
 
 class PostTrainConfig(_Section):
@@ -495,12 +516,17 @@ class PostTrainConfig(_Section):
     @field_validator("methods")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        bad = [m for m in v if m not in POSTTRAIN_METHODS]
+        bad = [m for m in v if m not in method_names()]
         if bad:
-            raise ValueError(f"unknown post-training method(s) {bad}; choose from {list(POSTTRAIN_METHODS)}")
+            raise ValueError(f"unknown post-training method(s) {bad}; registered: {', '.join(method_names())}")
         if len(set(v)) != len(v):
             raise ValueError("posttrain.methods lists a method twice")
         return v
+
+    @field_validator("champion_method")
+    @classmethod
+    def _known_champion(cls, v: str) -> str:
+        return _registered(v, method_names(), "post-training method")
 
 
 class TrackingConfig(_Section):
@@ -533,6 +559,22 @@ class RegistryConfig(_Section):
     serve_k: int = Field(10, ge=1, description="Default number of recommendations the served model returns.")
     reuse_champion_base: bool = Field(True, description="Reuse the champion's base model (downloaded from MLflow)"
                                       " when its data hash, params and code version equal this run's.")
+
+
+class OrchestrationConfig(_Section):
+    """How the Prefect flow runs its stages: concurrency of independent stages and time limits."""
+
+    max_parallel: int = Field(2, ge=1, description="Independent stages (the post-training methods, the lambda"
+                              " sweep, reward ensemble vs judge) run concurrently, at most this many at once, each"
+                              " in its own process; 1 = one after another in the flow's process.")
+    data_timeout_s: float = Field(1800, gt=0, description="Time limit of a data stage (ingest, preprocess,"
+                                  " preferences, sample, score, advantages); a stage past it fails the run.")
+    train_timeout_s: float = Field(6 * 3600, gt=0, description="Time limit of a training stage (also kills a hung"
+                                   " torchrun launch).")
+    eval_timeout_s: float = Field(3600, gt=0, description="Time limit of an evaluation stage.")
+
+    def timeout(self, kind: str) -> float:
+        return {"data": self.data_timeout_s, "train": self.train_timeout_s, "eval": self.eval_timeout_s}[kind]
 
 
 class DistributedConfig(_Section):
@@ -625,6 +667,7 @@ class Config(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @model_validator(mode="after")
@@ -763,3 +806,105 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+PARAMS_HEADER = """\
+# GENERATED from the defaults in asft/config.py by `asft config --defaults > params.yaml`; a test fails when
+# the two differ, so change a default there and regenerate. Every field is documented in asft/config.py
+# (`asft config` prints the resolved values). Override any key with key=value on the command line, or
+# point --config at your own file holding only the keys you change.
+"""
+
+
+def defaults_yaml() -> str:
+    """``params.yaml``: every setting at its default (DVC tracks params by key, so all keys are listed)."""
+    return PARAMS_HEADER + yaml.safe_dump(Config().to_dict(), sort_keys=False)
+
+
+def overrides_from_model(model: BaseModel | None) -> list[str]:
+    """``key=value`` overrides from a partial config (:data:`ConfigOverrides`, the flow's typed parameter):
+    one per field that is set, descending into sections only."""
+    out: list[str] = []
+
+    def walk(prefix: str, obj: BaseModel) -> None:
+        for name in type(obj).model_fields:
+            v = getattr(obj, name)
+            if v is None:
+                continue
+            key = f"{prefix}{name}"
+            if isinstance(v, BaseModel):
+                walk(key + ".", v)
+            else:
+                out.append(f"{key}={json.dumps(v, default=str)}")
+
+    if model is not None:
+        walk("", model)
+    return out
+
+
+def _partial(model: type[BaseModel], name: str) -> type[BaseModel]:
+    """The same sections and fields as ``model``, every field optional with default None (a leaf that is
+    not set keeps the value of the config file)."""
+    from pydantic import create_model
+
+    fields: dict[str, Any] = {}
+    for fname, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, _Section):
+            ann = _partial(ann, f"{ann.__name__}Overrides")
+        fields[fname] = (ann | None, Field(None, description=f.description))
+    return create_model(name, __config__=ConfigDict(extra="forbid"), __doc__=model.__doc__, **fields)
+
+
+ConfigOverrides = _partial(Config, "ConfigOverrides")
+ConfigOverrides.__doc__ = ("Settings to change for this run (every field optional; unset fields keep the values"
+                           " of the config file). The typed form of `key=value` overrides.")
+
+
+class ConfigField(BaseModel):
+    """One settable leaf of the configuration (for generated command-line flags)."""
+
+    key: str
+    description: str | None = None
+    metavar: str = "VALUE"
+    choices: list[str] | None = None
+
+
+def _leaf(key: str, f) -> ConfigField:
+    import typing
+
+    ann = f.annotation
+    args = [a for a in typing.get_args(ann) if a is not type(None)] if typing.get_origin(ann) in (
+        typing.Union, __import__("types").UnionType) else [ann]
+    choices = None
+    if len(args) == 1 and typing.get_origin(args[0]) is Literal:
+        choices = [str(a) for a in typing.get_args(args[0])]
+    name = getattr(args[0], "__name__", str(args[0])) if len(args) == 1 else "VALUE"
+    return ConfigField(key=key, description=f.description, metavar=name.upper(), choices=choices)
+
+
+def config_fields(keys) -> list[ConfigField]:
+    """The leaves of the configuration under each key in ``keys`` (a section or a dotted field)."""
+    out: list[ConfigField] = []
+
+    def walk(prefix: str, model: type[BaseModel]) -> None:
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, _Section):
+                walk(f"{prefix}{name}.", ann)
+            else:
+                out.append(_leaf(f"{prefix}{name}", f))
+
+    for key in keys:
+        model: type[BaseModel] = Config
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            f = model.model_fields[part]
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, _Section):
+                model = ann
+                if i == len(parts) - 1:
+                    walk(key + ".", model)
+            else:
+                out.append(_leaf(key, f))
+    return out

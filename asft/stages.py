@@ -197,10 +197,23 @@ def stage_train_base(processed_dir: str | Path, cfg: Config, out_dir: str | Path
                      work_dir: str | Path | None = None) -> dict:
     from asft.training.sft import train_base
 
-    summary = _resumable(out_dir, work_dir, resume, lambda work: train_base(processed_dir, cfg, work, on_log=on_log,
-                                                                            progress=progress, resume=resume))
+    def train(work: Path) -> dict:
+        res = train_base(processed_dir, cfg, work, on_log=on_log, progress=progress, resume=resume)
+        write_history_csv(work / "train_summary.json", work / "history.csv")
+        return res
+
+    summary = _resumable(out_dir, work_dir, resume, train)
     summary["model_dir"] = str(Path(out_dir) / "best")
     return summary
+
+
+def write_history_csv(train_summary: str | Path, out: str | Path) -> Path:
+    """The per-epoch rows of a training summary's history as CSV (a DVC plot; step evaluations left out)."""
+    hist = json.loads(Path(train_summary).read_text())["history"]
+    rows = pd.DataFrame([r for r in hist if float(r.get("epoch", 0.5)).is_integer()])
+    rows.columns = [c.replace("/", "_") for c in rows.columns]
+    rows.to_csv(out, index=False)
+    return Path(out)
 
 
 def stage_evaluate(model_dir: str | Path, processed_dir: str | Path, cfg: Config) -> dict:
@@ -258,7 +271,7 @@ def stage_sample(processed_dir: str | Path, ref_dir: str | Path, cfg: Config, ou
     Under ``torchrun``/``accelerate launch`` each process samples every world-th batch of contexts on
     its own device and the main process writes the union: the same rows as one process."""
     from asft.data.preprocess import ProcessedData
-    from asft.posttrain import load_policy
+    from asft.posttrain.runner import load_policy
     from asft.sampling import (
         TrainContexts,
         sample_candidates,
@@ -301,7 +314,7 @@ def stage_score(cand_dir: str | Path, processed_dir: str | Path, ref_dir: str | 
     launch each process scores every world-th batch of windows and the main process writes the union."""
     from asft.data.preprocess import ProcessedData
     from asft.models.reward import RewardEnsemble
-    from asft.posttrain import load_policy
+    from asft.posttrain.runner import load_policy
     from asft.sampling import (
         TrainContexts,
         read_candidates,
@@ -346,7 +359,7 @@ def stage_score(cand_dir: str | Path, processed_dir: str | Path, ref_dir: str | 
 
 def stage_advantages(scored_dir: str | Path, cfg: Config, out_dir: str | Path) -> dict:
     """A-SFT advantages and weights (``advantage`` section) with their statistics and histograms."""
-    from asft.posttrain import write_advantages
+    from asft.advantages_stage import write_advantages
 
     return write_advantages(scored_dir, cfg, out_dir)
 
@@ -355,7 +368,7 @@ def stage_posttrain(method: str, processed_dir: str | Path, ref_dir: str | Path,
                     scored_dir: str | Path | None, adv_dir: str | Path | None, cfg: Config, out_dir: str | Path,
                     on_log: Callable[[dict, int], None] | None = None, progress: bool = True,
                     resume: bool = True, work_dir: str | Path | None = None) -> dict:
-    from asft.posttrain import PostTrainInputs, run_method
+    from asft.posttrain.runner import PostTrainInputs, run_method
 
     inputs = PostTrainInputs(Path(processed_dir), Path(ref_dir), Path(reward_dir) if reward_dir else None,
                              Path(scored_dir) if scored_dir else None, Path(adv_dir) if adv_dir else None)
@@ -367,10 +380,67 @@ def stage_evaluate_policy(model_dir: str | Path, ref_dir: str | Path, processed_
                           reward_dir: str | Path | None, judge_dir: str | Path | None, raw_dir: str | Path | None,
                           cfg: Config, out_path: str | Path | None = None) -> dict:
     """Section-7 report of one policy on valid and test contexts (see :mod:`asft.policy_eval`)."""
-    from asft.posttrain import evaluate_policies
+    from asft.posttrain.evaluate import evaluate_policies
 
     rep = evaluate_policies({"policy": model_dir}, ref_dir, processed_dir, reward_dir, judge_dir,
                             load_simulator(raw_dir) if raw_dir else None, cfg)["policy"]
     if out_path is not None:
         write_json(out_path, rep)
     return rep
+
+
+POLICY_KEYS = ("ndcg@10", "hr@10", "high_rated/ndcg@10", "judged_top10", "true_top10", "kl_ref", "entropy",
+               "coverage@10")
+
+
+def stage_evaluate_policies(posttrain_dir: str | Path, ref_dir: str | Path, processed_dir: str | Path,
+                            reward_dir: str | Path | None, judge_dir: str | Path | None, raw_dir: str | Path | None,
+                            cfg: Config, out_dir: str | Path, policies: dict[str, str] | None = None,
+                            lams: dict[str, float] | None = None) -> dict:
+    """Section-7 reports of pi_ref ("base") and every post-trained policy on the same contexts.
+
+    ``policies`` maps names to model dirs (default: each ``posttrain.methods`` entry found under
+    ``posttrain_dir``); ``lams`` gives the A-SFT temperature of the policies that form the lambda sweep
+    (default: ``asft`` at ``advantage.lam``). Writes one JSON report per policy, ``metrics.json`` (test
+    metrics per policy: DVC metrics), ``methods.csv`` (a DVC plot) and the comparison plots."""
+    from asft.plots import metric_panels
+    from asft.posttrain.evaluate import evaluate_policies
+
+    if policies is None:
+        root = Path(posttrain_dir)
+        policies = {m: str(root / m / "best") for m in cfg.posttrain.methods if (root / m / "best").is_dir()}
+    if lams is None:
+        lams = {"asft": cfg.advantage.lam} if "asft" in policies else {}
+    t0 = time.perf_counter()
+    reports = evaluate_policies({"base": ref_dir, **policies}, ref_dir, processed_dir, reward_dir, judge_dir,
+                                load_simulator(raw_dir) if raw_dir else None, cfg)
+    secs = time.perf_counter() - t0
+    keys = [k for k in POLICY_KEYS if k in reports["base"]["test"]]
+    with atomic_dir(out_dir) as tmp:
+        for name, rep in reports.items():
+            write_json(tmp / f"{name}.json", rep)
+        write_json(tmp / "metrics.json", {n: {k: r["test"][k] for k in keys} for n, r in reports.items()})
+        pd.DataFrame([{"method": n, **{k: r["test"][k] for k in keys}} for n, r in reports.items()]).to_csv(
+            tmp / "methods.csv", index=False)
+        metric_panels({n: r["test"] for n, r in reports.items()}, keys, tmp / "methods_test.png",
+                      "post-training methods (test)")
+        lambda_frontiers(reports, lams, tmp)
+    plots = sorted(str(Path(out_dir) / p.name) for p in Path(out_dir).glob("*.png"))
+    return {"reports": reports, "n_policies": len(reports), "plots": plots, "seconds": secs}
+
+
+def lambda_frontiers(reports: dict[str, dict], lams: dict[str, float], out: Path) -> list[Path]:
+    """Judged reward vs KL (and, on the simulator, true reward vs NDCG@10) on test: the A-SFT policies
+    of ``lams`` (name -> lambda) as one curve, every other policy as a point."""
+    from asft.plots import frontier
+
+    paths = []
+    for (xk, yk, fname) in (("kl_ref", "judged_top10", "frontier_judged_kl.png"),
+                            ("ndcg@10", "true_top10", "frontier_true_ndcg.png")):
+        if yk not in reports["base"]["test"]:
+            continue
+        sweep = sorted((lams[n], r["test"]) for n, r in reports.items() if n in lams)
+        points = {"A-SFT (lambda)": [(t[xk], t[yk], f"{la:g}") for la, t in sweep]} if sweep else {}
+        points.update({n: [(r["test"][xk], r["test"][yk], n)] for n, r in reports.items() if n not in lams})
+        paths.append(frontier(points, out / fname, f"test: {yk} vs {xk}", xk, yk))
+    return paths

@@ -181,43 +181,11 @@ def dir_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-_DVC_IGNORED_DIRS = frozenset({".git", ".hg", ".dvc"})  # dvc.ignore.DvcIgnoreFilter defaults
+def dvc_md5(path: str | Path) -> str:
+    """The content hash DVC 3 records for ``path`` in ``.dvc`` files and ``dvc.lock`` (``md5:``):
+    the md5 of a file, or ``<md5>.dir`` of a directory's manifest, computed by DVC itself
+    (:func:`asft.datastore.hash_path`). Used to record the exact dataset version (the one ``dvc
+    pull`` restores) in MLflow."""
+    from asft.datastore import hash_path  # DVC is imported only where a hash is needed
 
-
-def dvc_md5(path: str | Path, chunk: int = 1 << 20) -> str:
-    """The content hash DVC 3 records for ``path`` in ``dvc.lock`` (``md5:``), without importing dvc.
-
-    A file: the md5 of its bytes. A directory: ``<md5>.dir``, the md5 of DVC's directory manifest,
-    i.e. ``json.dumps([{"md5": <file md5>, "relpath": "a/b.parquet"}, ...], sort_keys=True)``
-    with the entries sorted by their POSIX relative path (``dvc_data.hashfile.tree.Tree``).
-    As DVC does, the walk does not descend into symlinked directories, follows symlinked files,
-    leaves out empty directories and DVC's default ignores (``.git``, ``.hg``, ``.dvc``); patterns in
-    the repository's ``.dvcignore`` are not applied (the pipeline's outputs are not matched by any).
-    Used to record the exact dataset version (the one ``dvc pull`` restores) in MLflow.
-    """
-    p = Path(path)
-    if p.is_file():
-        return _md5_file(p, chunk)
-    if not p.is_dir():
-        raise FileNotFoundError(f"{p}: no such file or directory")
-    entries = []
-    for root, dirs, files in os.walk(p):
-        dirs[:] = [d for d in dirs if d not in _DVC_IGNORED_DIRS]
-        rel = Path(root).relative_to(p)
-        for name in files:
-            if name == ".git":  # a git worktree/submodule pointer file
-                continue
-            if name == ".dvcignore":
-                raise ValueError(f"{Path(root) / name}: a .dvcignore file cannot be inside a DVC-tracked directory")
-            entries.append({"md5": _md5_file(Path(root) / name, chunk), "relpath": (rel / name).as_posix()})
-    entries.sort(key=lambda e: e["relpath"])
-    manifest = json.dumps(entries, sort_keys=True).encode("utf-8")
-    return hashlib.md5(manifest, usedforsecurity=False).hexdigest() + ".dir"
-
-
-def _md5_file(path: Path, chunk: int) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
+    return hash_path(path)

@@ -1,26 +1,32 @@
-"""The ``retrain`` flow.
+"""The ``retrain`` flow: the declared stages (asft/pipeline.py) in data-flow order.
 
-validate-raw (load + GX suite) -> preprocess (+ GX suite) -> preferences (+ GX suite) -> train-base
-(or the champion's base, reused when data, params and code are unchanged) -> evaluate -> train-reward
-(BT ensemble, reward.fold) -> reward-report -> train-judge (held-out ensemble, judge.fold) -> sample ->
-score -> advantages -> posttrain-<method> for every method in posttrain.methods -> evaluate-policies ->
-promote (register recommender + reward model; champion or challenger by the gate).
+ingest (load + GX suite) -> preprocess (+ GX) -> preferences (+ GX) -> train-base (or the champion's base,
+reused when data, params and code are unchanged) -> {evaluate, train-reward, train-judge} -> reward-report
+-> sample -> score -> advantages -> {posttrain-<method> for every method, the A-SFT lambda sweep} ->
+evaluate-policies -> promote (register recommender + reward model; champion or challenger by the gate).
+Braces are independent stages submitted concurrently (``orchestration.max_parallel`` at a time, each in
+its own process, under a Prefect global concurrency limit).
 
-- Every run writes to its own output directory (``runs/<start time>-<flow run name>`` unless given).
-- Stage tasks are cached on input dataset hashes, params and code version (``tasks.lineage``); a cached
-  result points into the earlier run's directory and is verified (hash of its outputs) before use,
-  and recorded as a nested run tagged ``cache_hit``. ``use_cache=False`` recomputes everything.
-- I/O and tracking errors are retried with backoff; a failure records the stage and error on the MLflow
-  parent run and in ``OUTPUT/failure.json``, and nothing is registered.
-- Lineage on the parent run: git commit, dirty flag (+ the diff), code version, DVC hash of every
-  dataset (also committed to the DVC cache), params, seeds, package versions, model file hashes.
-Every dataset is validated before it is published. Writes ``OUTPUT/metrics.json``.
+- The configuration is parsed once here and passed to every task as the typed :class:`Config`; the flow's
+  ``overrides`` parameter is a typed partial config (:data:`ConfigOverrides`), so the Prefect UI shows a
+  form, or ``key=value`` strings.
+- Every run writes to its own output directory (``runs/<start time>-<flow run name>``, or ``$ASFT_RUNS_DIR``).
+- Stage tasks are cached on input dataset hashes, declared params and code version; a cached result
+  points into the earlier run's directory and is verified (hash of its outputs) before use, and recorded
+  as a nested run tagged ``cache_hit``. ``use_cache=False`` recomputes everything.
+- Every stage has a time limit; I/O and tracking errors are retried; a failure records the stage and error
+  on the MLflow parent run and in ``OUTPUT/failure.json``, and nothing is registered.
+- Lineage on the parent run: git commit, dirty flag (+ the diff), code version, DVC hash of every dataset
+  (committed to the DVC cache, pushed to the default remote), params, seeds, package versions, model hashes.
+- Prefect artifacts: a markdown summary with links to the MLflow runs, the methods table, stage progress.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 import traceback
 from datetime import UTC, datetime
@@ -29,30 +35,16 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.runtime import deployment as current_deployment
 from prefect.runtime import flow_run as current_flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 
-from asft import datastore, stages
-from asft.config import dump_config, load_config
+from asft import datastore, pipeline, stages
+from asft.config import Config, ConfigOverrides, dump_config, load_config, overrides_from_model
 from asft.utils import dvc_md5, write_json
 from tasks import lineage
-from tasks.stages import (
-    advantages_task,
-    evaluate_policies_task,
-    evaluate_task,
-    ingest_task,
-    posttrain_task,
-    preferences_task,
-    preprocess_task,
-    promote_task,
-    reward_report_task,
-    sample_task,
-    score_task,
-    train_base_task,
-    train_judge_task,
-    train_reward_task,
-)
+from tasks.stages import CONCURRENCY_LIMIT, CONSOLE, TASKS, RunContext, log_policy_reports, promote_task, spec_key
 from tasks.tracking import record_cached_stage, start_parent
 
-RUNS_DIR = "runs"
+RUNS_DIR = os.environ.get("ASFT_RUNS_DIR", "runs")
 WORK_DIR = ".work"  # under RUNS_DIR: resumable work directories of training stages
 METRIC_TIMING_KEYS = ("seconds", "_s", "per_s", "timing", "flow_", "time")
 
@@ -102,39 +94,88 @@ def report_failure(flow_, flow_run, state) -> None:
 
 
 class _Stages:
-    """Runs stage tasks: timing, cache-hit verification and attribution, the current stage for failures."""
+    """Runs the declared stages' tasks: console announcements, time limits, concurrency, cache-hit
+    verification and attribution, timings, the current stage for failures."""
 
-    def __init__(self, uri: str, pid: str, use_cache: bool):
-        self.uri, self.pid, self.use_cache = uri, pid, use_cache
+    def __init__(self, cfg: Config, ctx: RunContext, use_cache: bool, total: int):
+        self.cfg, self.ctx, self.use_cache, self.total = cfg, ctx, use_cache, total
         self.timings: dict[str, float] = {}
         self.core: dict[str, float] = {}
         self.cache: dict[str, dict] = {}
         self.current = "setup"
+        self.done = 0
 
-    def __call__(self, name: str, stage_name: str, task_fn, *args):
-        self.current = name
+    def _task(self, spec, refresh: bool = False, thread: bool = False):
+        # In the flow's thread Prefect enforces the time limit itself; a stage submitted to a worker thread
+        # runs in its own process, killed by ``run_cli`` at the same limit.
+        opts = {} if thread else {"timeout_seconds": self.cfg.orchestration.timeout(spec.kind)}
+        return TASKS[spec.name].with_options(refresh_cache=refresh or not self.use_cache, **opts)
+
+    def _announce(self, labels: list[str]) -> None:
+        first = self.done + 1
+        self.done += len(labels)
+        span = f"{first}" if len(labels) == 1 else f"{first}-{self.done}"
+        extra = " (concurrently, one process each)" if len(labels) > 1 else ""
+        line = f"[{span}/{self.total}] {', '.join(labels)}{extra}"
+        CONSOLE.print(line, style="bold cyan", highlight=False)
+        get_run_logger().info(line)
+
+    def run(self, name: str, paths: dict, out: str | None, options: dict | None = None, cfg: Config | None = None,
+            label: str | None = None) -> dict:
+        return self.group([(name, paths, out, options or {}, cfg, label)])[0]
+
+    def group(self, calls: list[tuple]) -> list[dict]:
+        """Stages that do not depend on each other: with ``orchestration.max_parallel`` > 1 their training
+        stages are submitted together, each in its own process; the others run in the flow's thread.
+        Results in call order."""
+        labels = [c[5] or "-".join([c[0], *map(str, c[3].values())]) for c in calls]  # e.g. posttrain-asft
         t = time.perf_counter()
-        fn = task_fn if self.use_cache else task_fn.with_options(refresh_cache=True)
-        state = fn(*args, return_state=True)
+        specs = [pipeline.get_stage(c[0]) for c in calls]
+        concurrent = [i for i, spec in enumerate(specs) if spec.training and self.cfg.orchestration.max_parallel > 1
+                      and len(calls) > 1]
+        if len(concurrent) > 1:
+            self._announce([labels[i] for i in concurrent])
+        else:
+            concurrent = []
+        started = {}
+        for i in concurrent:
+            name, paths, out, options, cfg, _ = calls[i]
+            args = dict(cfg=cfg or self.cfg, paths=paths, out_dir=out, options=options,
+                        ctx=self.ctx.model_copy(update={"isolated": True}))
+            started[i] = (args, self._task(specs[i], thread=True).submit(**args))
+        results: dict[int, dict] = {}
+        for i, (name, paths, out, options, cfg, _) in enumerate(calls):
+            if i in started:
+                continue
+            self.current = labels[i]
+            self._announce([labels[i]])
+            args = dict(cfg=cfg or self.cfg, paths=paths, out_dir=out, options=options, ctx=self.ctx)
+            t1 = time.perf_counter()
+            results[i] = self._finish(labels[i], specs[i], args, self._task(specs[i])(**args, return_state=True), t1)
+        for i, (args, fut) in started.items():
+            self.current = labels[i]
+            fut.wait()
+            results[i] = self._finish(labels[i], specs[i], args, fut.state, t)
+        return [results[i] for i in range(len(calls))]
+
+    def _finish(self, label: str, spec, args: dict, state, t: float) -> dict:
         res = state.result()
         if state.name == "Cached":
-            if res.get("out_dir") and (not Path(res["out_dir"]).exists() or dvc_md5(res["out_dir"]) != res["out_md5"]):
-                get_run_logger().warning("%s: cached outputs in %s are gone or changed; recomputing", name,
-                                         res["out_dir"])
-                res = task_fn.with_options(refresh_cache=True)(*args)
-                self.cache[name] = {"hit": False, "stale_cache": True}
+            out = res.get("out_dir")
+            if out and (not Path(out).exists() or dvc_md5(out) != res["out_md5"]):
+                get_run_logger().warning("%s: cached outputs in %s are gone or changed; recomputing", label, out)
+                res = self._task(spec, refresh=True)(**args)
+                self.cache[label] = {"hit": False, "stale_cache": True}
             else:
                 src = res.get("stage_run_id")
-                new_run = record_cached_stage(self.uri, self.pid, stage_name, src)
-                if "run_id" in res:
-                    res["run_id"] = new_run
-                self.cache[name] = {"hit": True, "source_run_id": src, "out_dir": res.get("out_dir")}
+                res["run_id"] = record_cached_stage(self.ctx.tracking_uri, self.ctx.parent_run_id, label, src)
+                self.cache[label] = {"hit": True, "source_run_id": src, "out_dir": out}
                 res["core_seconds"] = 0.0
+                get_run_logger().info("%s: cached (run %s)", label, src)
         else:
-            self.cache[name] = {"hit": False}
-        self.timings[name] = time.perf_counter() - t
-        if isinstance(res, dict) and "core_seconds" in res:
-            self.core[name] = res.pop("core_seconds")
+            self.cache[label] = {"hit": False}
+        self.timings[label] = time.perf_counter() - t
+        self.core[label] = res.pop("core_seconds", 0.0)
         return res
 
 
@@ -169,33 +210,56 @@ def _record_lineage(parent, cfg, out: Path) -> dict:
     return lin
 
 
-def _commit_dataset(parent, name: str, res: dict, out: Path) -> str:
-    """Store a dataset version in the DVC cache (what ``dvc push`` uploads) with a ``.dvc`` pointer."""
-    md5 = datastore.commit(res[f"{name}_dir"], lineage.dvc_cache_dir())
+def _dataset_pointer(parent, name: str, res: dict, out: Path) -> str:
+    """The ``.dvc`` pointer of a dataset version the stage committed to the DVC cache."""
+    md5 = res["out_md5"]
     datastore.pointer_file(md5, name, out / "dvc" / f"{name}.dvc")
     parent.set_tags({f"dvc.{name}.md5": md5, f"{name}_sha256": res["sha256"]})
     return md5
 
 
+def ensure_concurrency_limit(name: str, limit: int) -> None:
+    """Create (or resize) the Prefect global concurrency limit that bounds stages run in their own process."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            cur = client.read_global_concurrency_limit_by_name(name)
+            if cur.limit != limit:
+                client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit))
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+
+
+def _plan(cfg: Config, sweep: dict[str, float], reuse_base: bool) -> int:
+    """How many stage instances this run announces (``[i/N]``)."""
+    fixed = ["ingest", "preprocess", "preferences", "train-base", "evaluate", "train-reward", "train-judge",
+             "reward-report", "sample", "score", "advantages", "evaluate-policies"]
+    return len(fixed) + len(cfg.posttrain.methods) + 2 * len(sweep)
+
+
 @flow(name="retrain", log_prints=True, validate_parameters=True, on_failure=[report_failure],
-      on_crashed=[report_failure])
+      on_crashed=[report_failure], task_runner=ThreadPoolTaskRunner(max_workers=8))
 def retrain(
     data: str | None = None,
     output: str | None = None,
     config: str | None = "params.yaml",
-    overrides: list[str] | None = None,
+    overrides: ConfigOverrides | list[str] | None = None,
     use_cache: bool = True,
     register_models: bool = True,
     audit_of: str | None = None,
 ) -> dict:
     """Retrain and post-train; ``output`` defaults to a fresh per-run directory under ``runs/``.
 
+    ``overrides``: settings to change (typed, every field optional) or ``key=value`` strings;
     ``use_cache=False`` recomputes every stage; ``register_models=False`` (and audits, ``audit_of=RUN_ID``)
     never touch the model registry.
     """
     t_start = time.perf_counter()
     logger = get_run_logger()
-    ov = list(overrides or [])
+    ov = list(overrides) if isinstance(overrides, list) else overrides_from_model(overrides)
     if data is not None:
         ov.append(f"data.source={data}")
     cfg = load_config(config if config and Path(config).is_file() else None, ov)
@@ -215,73 +279,76 @@ def retrain(
     uri, pid = parent.client.tracking_uri, parent.run_id
     parent.log_params(cfg.flat())
     parent.log_artifact(cfg_path)
-    run = _Stages(uri, pid, use_cache)
     # Training stages checkpoint into work directories keyed by their inputs, params and code: a rerun
     # after a crash resumes them. Without the cache (audits, --no-cache) everything starts afresh in
     # private work directories.
-    train_kw = (str(Path(RUNS_DIR).resolve() / WORK_DIR), True) if use_cache else (None, False)
-    run.timings["flow_setup"] = time.perf_counter() - t_start
-    reports = str(out / stages.REPORTS)
+    ctx = RunContext(tracking_uri=uri, parent_run_id=pid, run_dir=str(out),
+                     work_root=str(Path(RUNS_DIR).resolve() / WORK_DIR) if use_cache else None, resume=use_cache)
+    sweep = {f"asft@lam={lam:g}": lam for lam in cfg.posttrain.lambda_sweep
+             if lam != cfg.advantage.lam and "asft" in cfg.posttrain.methods}
     do_register = register_models and cfg.registry.enabled and not audit_of
+    run = _Stages(cfg, ctx, use_cache, _plan(cfg, sweep, do_register))
+    run.timings["flow_setup"] = time.perf_counter() - t_start
+    ensure_concurrency_limit(CONCURRENCY_LIMIT, cfg.orchestration.max_parallel)
+    at = lambda rel: str(out / rel)  # noqa: E731
     try:
         lin = _record_lineage(parent, cfg, out)
-        raw = run("validate_raw", "validate-raw", ingest_task, cfg_path, str(out / stages.RAW), reports, uri, pid)
-        datasets = {"raw": _commit_dataset(parent, "raw", raw, out)}
-        stats = run("preprocess", "preprocess", preprocess_task, raw["raw_dir"], cfg_path, str(out / stages.PROCESSED),
-                    reports, uri, pid)
-        datasets["processed"] = _commit_dataset(parent, "processed", stats, out)
-        prefs = run("preferences", "preferences", preferences_task, raw["raw_dir"], stats["processed_dir"], cfg_path,
-                    str(out / stages.PREFERENCES), reports, uri, pid)
-        datasets["preferences"] = _commit_dataset(parent, "preferences", prefs, out)
+        raw = run.run("ingest", {}, at(stages.RAW))
+        datasets = {"raw": _dataset_pointer(parent, "raw", raw, out)}
+        stats = run.run("preprocess", {"raw_dir": raw["out_dir"]}, at(stages.PROCESSED))
+        datasets["processed"] = _dataset_pointer(parent, "processed", stats, out)
+        prefs = run.run("preferences", {"raw_dir": raw["out_dir"], "processed_dir": stats["out_dir"]},
+                        at(stages.PREFERENCES))
+        datasets["preferences"] = _dataset_pointer(parent, "preferences", prefs, out)
+        remote = _push_datasets(parent, datasets)
 
-        run.current = "train_base"
-        base_key = lineage.task_key("train-base", cfg, {"processed_dir": stats["processed_dir"]})
+        processed, raw_dir, pref_dir = stats["out_dir"], raw["out_dir"], prefs["out_dir"]
+        run.current = "train-base"
+        base_key = spec_key(pipeline.get_stage("train-base"), cfg, {"processed_dir": processed})
         base = _champion_base(cfg, uri, pid, base_key, out, run) if (do_register and use_cache and
                                                                      cfg.registry.reuse_champion_base) else None
         if base is None:
-            base = run("train_base", "train-base", train_base_task, stats["processed_dir"], cfg_path,
-                       str(out / stages.BASE_MODEL), uri, pid, *train_kw)
+            base = run.run("train-base", {"processed_dir": processed}, at(stages.BASE_MODEL))
+        ref = base["model_dir"]
         base_run_id = base.get("base_run_id") or base["stage_run_id"]
-        base_metrics = run("evaluate", "evaluate-base", evaluate_task, base["model_dir"], stats["processed_dir"],
-                           cfg_path, "base", uri, pid)
-        reward = run("train_reward", "train-reward", train_reward_task, stats["processed_dir"],
-                     prefs["preferences_dir"], base["model_dir"], cfg_path, str(out / stages.REWARD_MODEL), uri, pid,
-                     *train_kw)
-        report = run("reward_report", "reward-report", reward_report_task, reward["ensemble_dir"],
-                     prefs["preferences_dir"], stats["processed_dir"], raw["raw_dir"], base["model_dir"], cfg_path,
-                     str(out / stages.REPORTS / "reward"), uri, pid)
-        judge = run("train_judge", "train-judge", train_judge_task, stats["processed_dir"], prefs["preferences_dir"],
-                    base["model_dir"], cfg_path, str(out / stages.JUDGE_MODEL), uri, pid, *train_kw)
-        sampled = run("sample", "sample", sample_task, stats["processed_dir"], base["model_dir"], cfg_path,
-                      str(out / stages.CANDIDATES), uri, pid)
-        scored = run("score", "score", score_task, sampled["candidates_dir"], stats["processed_dir"], base["model_dir"],
-                     reward["ensemble_dir"], cfg_path, str(out / stages.SCORED), uri, pid)
-        adv = run("advantages", "advantages", advantages_task, scored["scored_dir"], cfg_path,
-                  str(out / stages.ADVANTAGES), uri, pid)
-        post: dict[str, dict] = {}
-        for method in cfg.posttrain.methods:
-            post[method] = run(f"posttrain_{method}", f"posttrain-{method}", posttrain_task, method,
-                               stats["processed_dir"], base["model_dir"], reward["ensemble_dir"], scored["scored_dir"],
-                               adv["advantages_dir"], cfg_path, str(out / stages.POSTTRAIN / method), uri, pid,
-                               *train_kw)
-        for lam in cfg.posttrain.lambda_sweep:
-            if lam == cfg.advantage.lam or "asft" not in cfg.posttrain.methods:
-                continue
-            lam_cfg = out / f"params.lam{lam:g}.yaml"
-            dump_config(cfg.model_copy(update={"advantage": cfg.advantage.model_copy(update={"lam": lam})}), lam_cfg)
-            adv_l = run(f"advantages_lam{lam:g}", "advantages", advantages_task, scored["scored_dir"], str(lam_cfg),
-                        str(out / f"{stages.ADVANTAGES}_lam{lam:g}"), uri, pid)
-            post[f"asft@lam={lam:g}"] = run(
-                f"posttrain_asft_lam{lam:g}", "posttrain-asft", posttrain_task, "asft", stats["processed_dir"],
-                base["model_dir"], reward["ensemble_dir"], scored["scored_dir"], adv_l["advantages_dir"], str(lam_cfg),
-                str(out / stages.POSTTRAIN / f"asft_lam{lam:g}"), uri, pid, *train_kw)
-        policies = run("evaluate_policies", "evaluate-policies", evaluate_policies_task,
-                       {m: r["model_dir"] for m, r in post.items()}, {m: r["run_id"] for m, r in post.items()},
-                       base["model_dir"], stats["processed_dir"], reward["ensemble_dir"], judge["ensemble_dir"],
-                       raw["raw_dir"], cfg_path, str(out / stages.REPORTS / "policies"), uri, pid)["reports"]
+        ens = {"processed_dir": processed, "pref_dir": pref_dir, "base_model_dir": ref}
+        base_metrics, reward, judge = run.group([
+            ("evaluate", {"model_dir": ref, "processed_dir": processed}, at("metrics/base.json"), {}, None, None),
+            ("train-reward", ens, at(stages.REWARD_MODEL), {}, None, None),
+            ("train-judge", ens, at(stages.JUDGE_MODEL), {}, None, None)])
+        report = run.run("reward-report", {"reward_dir": reward["out_dir"], "pref_dir": pref_dir,
+                                           "processed_dir": processed, "raw_dir": raw_dir, "base_model_dir": ref},
+                         at(stages.REPORTS + "/reward"))
+        sampled = run.run("sample", {"processed_dir": processed, "ref_dir": ref}, at(stages.CANDIDATES))
+        scored = run.run("score", {"cand_dir": sampled["out_dir"], "processed_dir": processed, "ref_dir": ref,
+                                   "reward_dir": reward["out_dir"]}, at(stages.SCORED))
+        adv_dirs = {None: run.run("advantages", {"scored_dir": scored["out_dir"]}, at(stages.ADVANTAGES))}
+        sweep_cfg = {name: cfg.model_copy(update={"advantage": cfg.advantage.model_copy(update={"lam": lam})})
+                     for name, lam in sweep.items()}
+        if sweep:
+            for (name, lam), res in zip(sweep.items(), run.group([
+                    ("advantages", {"scored_dir": scored["out_dir"]}, at(f"{stages.ADVANTAGES}_lam{lam:g}"), {},
+                     sweep_cfg[name], f"advantages@lam={lam:g}") for name, lam in sweep.items()]), strict=True):
+                adv_dirs[name] = res
+        post_in = {"processed_dir": processed, "ref_dir": ref, "reward_dir": reward["out_dir"],
+                   "scored_dir": scored["out_dir"]}
+        calls = [("posttrain", {**post_in, "adv_dir": adv_dirs[None]["out_dir"]}, at(f"{stages.POSTTRAIN}/{m}"),
+                  {"method": m}, None, None) for m in cfg.posttrain.methods]
+        calls += [("posttrain", {**post_in, "adv_dir": adv_dirs[name]["out_dir"]},
+                   at(f"{stages.POSTTRAIN}/asft_lam{lam:g}"), {"method": "asft"}, sweep_cfg[name], f"posttrain-{name}")
+                  for name, lam in sweep.items()]
+        post = dict(zip([*cfg.posttrain.methods, *sweep], run.group(calls), strict=True)) if calls else {}
+        lams = {"asft": cfg.advantage.lam, **sweep} if "asft" in post else dict(sweep)
+        ev = run.run("evaluate-policies", {"posttrain_dir": at(stages.POSTTRAIN), "ref_dir": ref,
+                                           "processed_dir": processed, "reward_dir": reward["out_dir"],
+                                           "judge_dir": judge["out_dir"], "raw_dir": raw_dir},
+                     at(stages.REPORTS + "/policies"),
+                     {"policies": {m: r["model_dir"] for m, r in post.items()}, "lams": lams}, label="evaluate-policies")
+        policies = ev["reports"]
+        log_policy_reports(policies, {m: r["run_id"] for m, r in post.items()}, ev["out_dir"], uri, pid)
 
         run.current = "lineage"
-        models = {"base": base["model_dir"], "reward": reward["ensemble_dir"], "judge": judge["ensemble_dir"],
+        models = {"base": ref, "reward": reward["out_dir"], "judge": judge["out_dir"],
                   **{f"posttrain/{m}": r["model_dir"] for m, r in post.items()}}
         model_hashes = {name: lineage.file_hashes(d) for name, d in models.items()}
         write_json(out / "lineage" / "model_hashes.json", model_hashes)
@@ -291,11 +358,13 @@ def retrain(
         promotion = None
         method = cfg.posttrain.champion_method
         if do_register and method in post:
+            run.current = "promote"
             lineage_tags = {"base_key": base_key, "base_run_id": base_run_id, "code_version": lin["code_version"],
                             **{f"dvc.{k}.md5": v for k, v in datasets.items()}}
-            promotion = run("promote", "promote", promote_task, method, post[method]["model_dir"],
-                            policies[method]["valid"], reward["ensemble_dir"], lineage_tags, base["model_dir"],
-                            stats["processed_dir"], judge["ensemble_dir"], raw["raw_dir"], cfg_path, str(out), uri, pid)
+            t = time.perf_counter()
+            promotion = promote_task(method, post[method]["model_dir"], policies[method]["valid"], reward["out_dir"],
+                                     lineage_tags, ref, processed, judge["out_dir"], raw_dir, cfg, str(out), uri, pid)
+            run.timings["promote"] = time.perf_counter() - t
             parent.set_tags({"promotion.alias": promotion["alias"], "promotion.reason": promotion["reason"][:4000]})
     except BaseException as e:
         failure = {"stage": run.current, "error": f"{type(e).__name__}: {e}"[:5000],
@@ -304,27 +373,23 @@ def retrain(
         parent.set_tags({"failed_stage": run.current, "failed_stage_error": failure["error"]})
         parent.log_artifact(out / "failure.json")
         parent.client.set_terminated(pid, "FAILED")
-        logger.error("retrain failed at stage %s: %s", run.current, e)
         raise
 
     run.timings["flow_total"] = time.perf_counter() - t_start
+    strip = ("out_", "stage_run", "run_id")
     result = {
-        "dataset": {k: v for k, v in stats.items() if k not in ("processed_dir",) and not k.startswith(("out_",
-                                                                                                     "stage_run"))},
-        "preferences": {k: v for k, v in prefs.items() if k not in ("preferences_dir", "validation")
-                        and not k.startswith(("out_", "stage_run"))},
+        "dataset": {k: v for k, v in stats.items() if not k.startswith(strip)},
+        "preferences": {k: v for k, v in prefs.items() if k != "validation" and not k.startswith(strip)},
         "models": {"base": {**{k: v for k, v in base_metrics.items() if k in ("valid", "test", "test_unmasked",
                                                                                "test_high_rated")},
                             "train": {k: base.get(k) for k in ("best_epoch", "epochs_run", "tokens_per_s",
                                                                "train_seconds")}}},
-        "reward": {"report": {k: v for k, v in report.items() if k not in ("plots",) and not k.startswith(
-            ("out_", "stage_run"))},
+        "reward": {"report": {k: v for k, v in report.items() if k != "plots" and not k.startswith(strip)},
                    "train": {"members": reward["members"], "train_seconds": reward["train_seconds"],
                              "centring": reward["centring"]}},
         "judge": {"train_seconds": judge["train_seconds"], "fold": judge["fold"]},
         "sampling": {k: v for k, v in {**sampled, **scored}.items() if isinstance(v, (int, float))},
-        "advantages": {k: v for k, v in adv.items() if k not in ("plots", "advantages_dir", "out_dir", "out_md5",
-                                                                  "stage_run_id")},
+        "advantages": {k: v for k, v in adv_dirs[None].items() if k != "plots" and not k.startswith(strip)},
         "posttrain": {m: {"valid": policies[m]["valid"], "test": policies[m]["test"],
                           "train": {k: v for k, v in r.items() if k in ("best_metric", "best_epoch", "epochs_run",
                                                                          "train_seconds", "weights", "pairs")}}
@@ -332,6 +397,7 @@ def retrain(
         "policy_base": policies["base"],
         "promotion": promotion,
         "datasets": datasets,
+        "dvc_remote": remote,
         "lineage": {"code_version": lin["code_version"], "base_key": base_key, "base_run_id": base_run_id,
                     "cache": run.cache, "model_sha256": {n: lineage.digest(h) for n, h in model_hashes.items()}},
         "timings_s": run.timings,
@@ -351,15 +417,66 @@ def retrain(
     parent.log_metrics({"cache_hits": sum(c["hit"] for c in run.cache.values())})
     parent.log_artifact(out / "metrics.json")
     parent.client.set_terminated(pid, "FINISHED")
-    logger.info("retrain finished in %.1fs (%s): base test ndcg@10 %.4f", run.timings["flow_total"], out,
-                base_metrics["test"]["ndcg@10"])
-    print(json.dumps({"test": base_metrics["test"]}, indent=1))
-    if post:
-        _print_methods(policies)
-    if promotion:
-        print(f"registered {cfg.registry.recommender_model} v{promotion['recommender_version']} as "
-              f"{promotion['alias']}: {promotion['reason']}")
+    links = _mlflow_links(uri, parent, post)
+    _artifacts(result, policies, links)
+    _final_summary(result, policies, links, run.timings["flow_total"])
     return result
+
+
+def _push_datasets(parent, datasets: dict[str, str]) -> str | None:
+    """Push the dataset versions to the DVC default remote (recorded on the run); None without a remote."""
+    try:
+        remote = datastore.push(list(datasets.values()), lineage.REPO)
+    except Exception as e:  # noqa: BLE001 - a missing or unreachable remote must not fail the retrain
+        get_run_logger().warning("DVC push skipped: %s", e)
+        return None
+    parent.set_tags({"dvc.remote": remote})
+    return remote
+
+
+def _mlflow_links(uri: str, parent, post: dict) -> dict[str, str]:
+    """Where to look: the MLflow UI addresses of the parent run and each method's run."""
+    exp = parent.client.get_run(parent.run_id).info.experiment_id
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    url = lambda rid: f"{base}/#/experiments/{exp}/runs/{rid}"  # noqa: E731
+    return {"retrain": url(parent.run_id), **{m: url(r["run_id"]) for m, r in post.items()}}
+
+
+def _artifacts(result: dict, policies: dict, links: dict[str, str]) -> None:
+    """Prefect artifacts: the methods table and a markdown summary with the promotion and MLflow links."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+    keys = [k for k in stages.POLICY_KEYS if k in policies["base"]["test"]]
+    rows = [{"policy": n, **{k: round(r["test"][k], 4) for k in keys}} for n, r in policies.items()]
+    create_table_artifact(rows, key="posttrain-methods", description="Post-training methods on test (section 7)")
+    promo = result["promotion"]
+    decision = (f"**{promo['alias']}** (v{promo['recommender_version']}): {promo['reason']}" if promo
+                else "not registered")
+    md = [f"# retrain {Path(result['output_dir']).name}", "", f"- promotion: {decision}",
+          f"- MLflow run: [{links['retrain']}]({links['retrain']})", f"- output: `{result['output_dir']}`",
+          f"- base test NDCG@10: {result['models']['base']['test']['ndcg@10']:.4f}",
+          f"- wall time: {result['timings_s']['flow_total']:.0f} s", "", "| policy | " + " | ".join(keys) + " |",
+          "|---|" + "---:|" * len(keys)]
+    md += [f"| [{r['policy']}]({links.get(r['policy'], links['retrain'])}) | " + " | ".join(
+        f"{r[k]:.4f}" for k in keys) + " |" for r in rows]
+    create_markdown_artifact("\n".join(md), key="retrain-summary", description="Retrain summary")
+    create_link_artifact(links["retrain"], link_text="MLflow retrain run", key="mlflow-run")
+
+
+def _final_summary(result: dict, policies: dict, links: dict[str, str], seconds: float) -> None:
+    """The console's last word: base metrics, the methods table, the promotion decision, where to look."""
+    console = CONSOLE
+    _print_methods(policies)
+    promo = result["promotion"]
+    if promo:
+        console.print(f"promotion: {promo['alias']} (asft-recommender v{promo['recommender_version']}): "
+                      f"{promo['reason']}")
+    else:
+        console.print("promotion: none (registration off or the champion method did not run)")
+    uri = result["mlflow"]["tracking_uri"]
+    console.print(f"MLflow run: {links['retrain']}" + ("" if uri.startswith("http") else
+                  f"  (start the UI: mlflow ui --backend-store-uri {uri})"))
+    console.print(f"output: {result['output_dir']}  (metrics.json)  finished in {seconds:.0f} s")
 
 
 def _champion_base(cfg, uri: str, pid: str, base_key: str, out: Path, run: _Stages) -> dict | None:
@@ -373,25 +490,24 @@ def _champion_base(cfg, uri: str, pid: str, base_key: str, out: Path, run: _Stag
                         out / stages.BASE_MODEL / "best")
     if got is None:
         return None
+    run._announce(["train-base (the champion's base model)"])
     record_cached_stage(uri, pid, "train-base", got["base_run_id"],
                         tags={"reused_champion_base": "true", "champion_version": str(got["champion_version"])})
-    run.cache["train_base"] = {"hit": True, "source_run_id": got["base_run_id"], "champion_base": True}
-    run.timings["train_base"] = time.perf_counter() - t
+    run.cache["train-base"] = {"hit": True, "source_run_id": got["base_run_id"], "champion_base": True}
+    run.timings["train-base"] = time.perf_counter() - t
     get_run_logger().info("reusing the champion's base model (run %s): same data, params and code",
                           got["base_run_id"])
-    return {**got, "stage_run_id": got["base_run_id"]}
+    return {**got, "stage_run_id": got["base_run_id"], "out_dir": str(Path(got["model_dir"]).parent)}
 
 
 def _print_methods(reports: dict[str, dict]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    keys = [k for k in ("ndcg@10", "hr@10", "high_rated/ndcg@10", "judged_top10", "true_top10", "kl_ref", "entropy",
-                        "coverage@10") if k in reports["base"]["test"]]
+    keys = [k for k in stages.POLICY_KEYS if k in reports["base"]["test"]]
     t = Table(title="post-training methods (test)")
     t.add_column("method")
     for k in keys:
         t.add_column(k, justify="right")
     for name, rep in reports.items():
         t.add_row(name, *[f"{rep['test'].get(k, float('nan')):.4f}" for k in keys])
-    Console(stderr=True, width=160).print(t)
+    CONSOLE.print(t)

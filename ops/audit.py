@@ -3,7 +3,8 @@
 Lineage checks (from what the flow recorded on the MLflow parent run):
 
 - the git commit exists in this repository (and, for a dirty run, the recorded diff is there);
-- every dataset version (``dvc.<name>.md5``) is retrievable from the DVC cache or the local remote;
+- every dataset version (``dvc.<name>.md5``) is restored through DVC into ``<output>/datasets/<name>``
+  (from the DVC cache, or fetched from the default remote when the cache lacks it) with its hash verified;
 - package versions and the code version against the current environment (differences are listed);
 - the recorded artifacts (resolved params, seeds, model hashes, metrics.json) are present.
 
@@ -27,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+from dvc.exceptions import DvcException
 from mlflow.tracking import MlflowClient
 
 from asft import datastore
@@ -85,6 +87,22 @@ def _download(client: MlflowClient, run_id: str, path: str, dst: Path) -> Path |
         return None
 
 
+def check_dataset(md5: str | None, dest: Path, root: Path = lineage.REPO) -> dict:
+    """Restore a recorded dataset version into ``dest`` through DVC (from the repository's cache, or
+    fetched from its default remote when the cache lacks it) and verify the restored hash."""
+    if md5 is None:
+        return {"md5": None, "retrievable": False, "error": "no dataset version recorded on the run"}
+    if dest.is_dir() and not dest.is_symlink():
+        shutil.rmtree(dest)
+    elif dest.exists() or dest.is_symlink():
+        dest.unlink()
+    try:
+        got = datastore.retrieve(md5, root, dest)
+    except (OSError, ValueError, DvcException) as exc:
+        return {"md5": md5, "retrievable": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {"md5": md5, "retrievable": True, "from": got["source"], "path": got["path"]}
+
+
 def check_lineage(client: MlflowClient, run_id: str, work: Path) -> tuple[dict, dict]:
     """-> (checks, downloaded artifact paths)."""
     run = client.get_run(run_id)
@@ -99,16 +117,8 @@ def check_lineage(client: MlflowClient, run_id: str, work: Path) -> tuple[dict, 
     patch = files["lineage"] / "git_diff.patch" if files["lineage"] else None
     checks["git"] = {"ok": present and (not dirty or bool(patch and patch.is_file())), "commit": commit,
                      "present": present, "dirty": dirty, "diff_recorded": bool(patch and patch.is_file())}
-    cache = lineage.dvc_cache_dir()
-    remote = lineage.REPO / ".dvc-storage"
-    data = {}
-    for key in ("raw", "processed", "preferences"):
-        md5 = tags.get(f"dvc.{key}.md5")
-        if md5 is None:
-            data[key] = {"md5": None, "retrievable": False}
-            continue
-        where = [str(p) for p in (cache, remote) if p.is_dir() and not datastore.missing(md5, p)]
-        data[key] = {"md5": md5, "retrievable": bool(where), "in": where}
+    data = {key: check_dataset(tags.get(f"dvc.{key}.md5"), work / "datasets" / key)
+            for key in ("raw", "processed", "preferences")}
     checks["datasets"] = {"ok": all(d["retrievable"] for d in data.values()), **data}
     now = lineage.environment()
     recorded_env = {k[4:]: v for k, v in tags.items() if k.startswith("env.")}

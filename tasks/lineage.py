@@ -1,7 +1,8 @@
 """Lineage and caching for the orchestration layer.
 
-- :func:`code_version`: content hash of the core library (``asft/**/*.py``): what "the code" is for
-  caching and audits (a git commit misses uncommitted edits; this does not).
+- :func:`code_version`: content hash of the pipeline's code (``asft/``, ``tasks/`` and ``flows/``
+  sources, byte-compiled caches left out): what "the code" is for caching and audits (a git commit
+  misses uncommitted edits; this does not).
 - :func:`stage_params`: the params.yaml keys a stage reads, taken from the stage's ``params:`` list
   in ``dvc.yaml`` (one definition, shared with DVC); stages outside the DVC pipeline use all params.
 - :class:`StageCache`: the Prefect cache policy of every stage task. The key is the stage name, the
@@ -27,11 +28,14 @@ from typing import Any
 import yaml
 from prefect.cache_policies import CachePolicy
 
+from asft import datastore
 from asft.config import Config, load_config
 from asft.utils import dvc_md5, file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
-CORE = REPO / "asft"
+# What a stage's result depends on besides its inputs and params: the core library, the task
+# bodies and the flows that call them (ops/, benchmarks/ and tests/ never change a result).
+CODE_DIRS = ("asft", "tasks", "flows")
 PACKAGES = ("torch", "transformers", "accelerate", "numpy", "pandas", "pyarrow", "prefect", "mlflow", "dvc",
             "great-expectations", "pydantic", "safetensors")
 
@@ -41,13 +45,25 @@ DVC_STAGE = {"validate-raw": "ingest", "preprocess": "preprocess", "preferences"
              "sample": "sample", "score": "score", "advantages": "advantages", "posttrain": "posttrain"}
 
 
+def code_files(root: Path, dirs: tuple[str, ...] = CODE_DIRS) -> list[Path]:
+    """The source files under ``root/<dir>`` for each of ``dirs``, sorted (``__pycache__`` left out)."""
+    return sorted(p for d in dirs for p in (root / d).rglob("*.py")
+                  if p.is_file() and "__pycache__" not in p.relative_to(root).parts)
+
+
+def code_hash(root: Path, dirs: tuple[str, ...] = CODE_DIRS) -> str:
+    """sha256 (16 hex digits) of the relative paths and bytes of :func:`code_files`."""
+    h = hashlib.sha256()
+    for p in code_files(root, dirs):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    h = hashlib.sha256()
-    for p in sorted(CORE.rglob("*.py")):
-        h.update(p.relative_to(CORE).as_posix().encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
+    """The code every stage task runs (the core library, the tasks and the flows), in this process."""
+    return code_hash(REPO)
 
 
 @functools.lru_cache(maxsize=1)
@@ -107,17 +123,8 @@ def digest(hashes: dict[str, str]) -> str:
 
 
 def dvc_cache_dir() -> Path:
-    """The project's DVC cache (``cache.dir`` from .dvc/config.local or .dvc/config, else .dvc/cache)."""
-    import configparser
-
-    for name in ("config.local", "config"):
-        cp = configparser.ConfigParser()
-        f = REPO / ".dvc" / name
-        if f.is_file():
-            cp.read(f)
-            if cp.has_option("cache", "dir"):
-                return (REPO / ".dvc" / cp.get("cache", "dir")).resolve()
-    return REPO / ".dvc" / "cache"
+    """The project's DVC cache (``cache.dir``, default ``.dvc/cache``), as DVC resolves its config."""
+    return datastore.cache_dir(REPO)
 
 
 @dataclass

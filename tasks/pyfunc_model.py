@@ -7,12 +7,16 @@
 - ``reward``: input rows ``{"history": [...], "items": [...]}`` -> ``{"mean", "std", "pessimistic"}``
   reward of each candidate item under the ensemble.
 
-The signature declares ``history``/``items`` as arrays of strings (called directly, without the
-signature check, one string of ids separated by spaces or commas is accepted too).
+The signature (given when the model is saved, with an input example) declares ``history``/``items``
+as arrays of strings (called directly, without the signature check, one string of ids separated by
+spaces or commas is accepted too). ``predict`` is type-hinted with ``pd.DataFrame``: MLflow infers no
+schema from that hint (the explicit signature is the schema) and asks for no other.
 Served with ``mlflow models serve -m models:/asft-recommender@champion --env-manager local``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -38,7 +42,7 @@ class AsftPyfunc(PythonModel):
         path = context.artifacts["model"]
         self.impl = Recommender.load(path) if self.kind == "recommender" else RewardScorer.load(path)
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "history" not in df.columns:
             raise mlflow.exceptions.MlflowException(f"input needs a 'history' column; got {list(df.columns)}",

@@ -3,22 +3,37 @@
 Two registered models (names in ``registry.*``): the generative recommender (the post-trained
 ``posttrain.champion_method`` policy) and the reward ensemble that trained it. Both are MLflow pyfunc
 models built from code (``tasks/pyfunc_model.py``; no pickle), carrying the ``save_pretrained``
-weights and item vocabulary as artifacts, so ``mlflow models serve -m models:/NAME@champion`` serves
-them. Every retrain registers one version of each; the gate (:mod:`asft.promotion`) decides whether
-the pair gets alias ``champion`` or ``challenger``, and the reason is stored on the versions and on
-the retrain's MLflow run.
+weights and item vocabulary as artifacts, a signature and an input example, so ``mlflow models serve
+-m models:/NAME@champion`` serves them.
+
+Each is an MLflow 3 *LoggedModel* first: logged with a name from the retrain run (which lists it
+under its outputs), carrying the run's params, linked to the metrics that justify it (``model_id``
+on the metrics, and the dataset they were measured on), then registered from it (version source
+``models:/<model_id>``; the LoggedModel's tag ``mlflow.modelVersions`` points back). Every retrain
+registers one version of each; the gate (:mod:`asft.promotion`) decides whether the pair gets alias
+``champion`` or ``challenger``, and the reason is stored on the versions and on the retrain's run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import platform
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import mlflow
+import pandas as pd
+from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, Metric
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types.schema import Array, ColSpec, Schema
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from asft.data.preprocess import ItemVocab
 from asft.models.recommender import VOCAB_FILE
@@ -26,6 +41,7 @@ from asft.models.recommender import VOCAB_FILE
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 CORE = Path(__file__).resolve().parents[1] / "asft"
 CHAMPION, CHALLENGER = "champion", "challenger"
+KINDS = ("recommender", "reward")
 
 
 def _requirements() -> list[str]:
@@ -36,25 +52,66 @@ def _requirements() -> list[str]:
             if env.get(p, "absent") != "absent"] + [f"torch=={env['torch'].split('+')[0]}"]
 
 
-def save_serving_model(kind: str, model_dir: str | Path, dst: str | Path, k: int = 10) -> Path:
-    """A pyfunc model directory for ``kind`` ('recommender' or 'reward') around a saved model."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, Schema
+def _conda_env() -> dict:
+    """The model's environment, given whole: MLflow would otherwise look up the installed ``pip``
+    version for conda.yaml (and warn in environments managed without pip, such as uv's)."""
+    return {"name": "mlflow-env", "channels": ["conda-forge"],
+            "dependencies": [f"python={platform.python_version()}", "pip", {"pip": _requirements()}]}
 
-    dst = Path(dst)
-    if dst.exists():
-        shutil.rmtree(dst)
+
+def serving_signature(kind: str) -> ModelSignature:
+    """recommender: (history, k?) -> (items, scores, unknown_items); reward: (history, items) ->
+    (mean, std, pessimistic); every id list an array of strings."""
     if kind == "recommender":
         inputs = Schema([ColSpec(Array("string"), "history"), ColSpec("long", "k", required=False)])
         outputs = Schema([ColSpec(Array("string"), "items"), ColSpec(Array("double"), "scores"),
                           ColSpec(Array("string"), "unknown_items")])
-    else:
+    elif kind == "reward":
         inputs = Schema([ColSpec(Array("string"), "history"), ColSpec(Array("string"), "items")])
         outputs = Schema([ColSpec(Array("double"), c) for c in ("mean", "std", "pessimistic")])
+    else:
+        raise ValueError(f"serving model kind must be one of {KINDS}, got {kind!r}")
+    return ModelSignature(inputs, outputs)
+
+
+def catalog(model_dir: str | Path) -> list[str]:
+    """The item ids a saved recommender or reward ensemble knows (its first ``item_vocab.json``)."""
+    hits = sorted(Path(model_dir).rglob(VOCAB_FILE))
+    if not hits:
+        raise FileNotFoundError(f"{model_dir}: no {VOCAB_FILE} (not a saved recommender or reward ensemble)")
+    return ItemVocab.load(hits[0]).items
+
+
+def input_example(kind: str, model_dir: str | Path, k: int = 10) -> pd.DataFrame:
+    """One request built from the model's own catalog: the first items as the history (and, for the
+    reward model, the next ones as candidates)."""
+    items = catalog(model_dir)
+    if len(items) < 2:
+        raise ValueError(f"{model_dir}: catalog of {len(items)} item(s); a serving example needs two")
+    n_hist = min(5, len(items) - 1)
+    if kind == "recommender":
+        row = {"history": [items[:n_hist]], "k": [min(k, len(items) - n_hist)]}
+    elif kind == "reward":
+        row = {"history": [items[:n_hist]], "items": [items[n_hist : n_hist + 3]]}
+    else:
+        raise ValueError(f"serving model kind must be one of {KINDS}, got {kind!r}")
+    # Column labels as plain objects: MLflow compares them with a range, which pandas 3 deprecates
+    # for its (default) Arrow string labels.
+    return pd.DataFrame(row).set_axis(pd.Index(list(row), dtype=object), axis=1)
+
+
+def save_serving_model(kind: str, model_dir: str | Path, dst: str | Path, k: int = 10) -> Path:
+    """A pyfunc model directory for ``kind`` ('recommender' or 'reward') around a saved model, with
+    its signature and an input example (validated by MLflow against the model when saved)."""
+    signature = serving_signature(kind)
+    example = input_example(kind, model_dir, k)
+    dst = Path(dst)
+    if dst.exists():
+        shutil.rmtree(dst)
     mlflow.pyfunc.save_model(
         path=str(dst), python_model=str(PYFUNC_CODE), artifacts={"model": str(model_dir)},
-        model_config={"kind": kind, "k": k}, code_paths=[str(CORE)], signature=ModelSignature(inputs, outputs),
-        pip_requirements=_requirements())
+        model_config={"kind": kind, "k": k}, code_paths=[str(CORE)], signature=signature, input_example=example,
+        conda_env=_conda_env())
     return dst
 
 
@@ -73,24 +130,112 @@ def _ensure_registered(client: MlflowClient, name: str, description: str) -> Non
             raise
 
 
-def register_version(client: MlflowClient, name: str, run_id: str, local_model: Path, artifact_path: str,
-                     tags: dict, description: str):
-    """Log a pyfunc model directory to ``run_id`` and register it as a new version of ``name``."""
-    client.log_artifacts(run_id, str(local_model), artifact_path)
+def _model_kind(local_model: Path) -> str | None:
+    flavor = Model.load(str(local_model)).flavors.get("python_function", {})
+    return (flavor.get("config") or {}).get("kind")  # the saved model_config
+
+
+def log_saved_model(client: MlflowClient, run_id: str, local_model: str | Path, name: str, *,
+                    tags: dict | None = None, metrics: dict[str, float] | None = None,
+                    dataset: tuple[str, str] | None = None, step: int = 0) -> LoggedModel:
+    """A saved pyfunc directory as an MLflow 3 LoggedModel of run ``run_id``, as ``mlflow.pyfunc.log_model(
+    name=...)`` does it, with explicit ids: created with the run's params and ``tags``, its MLmodel
+    carrying the model id, listed among the run's outputs, ``metrics`` logged to the run linked to it
+    (and to ``dataset`` = (name, digest) they were measured on), then READY (FAILED if any step fails)."""
+    from tasks.tracking import TrackedRun
+
+    local_model = Path(local_model)
+    if not (local_model / "MLmodel").is_file():
+        raise FileNotFoundError(f"{local_model}: not an MLflow model directory (no MLmodel)")
+    run = client.get_run(run_id)
+    values = {m.key: m.value for m in TrackedRun._metrics(metrics or {}, step)}  # numeric and finite, as logged
+    model = client.create_logged_model(
+        experiment_id=run.info.experiment_id, name=name, source_run_id=run_id, model_type=_model_kind(local_model),
+        params={k: str(v) for k, v in run.data.params.items()}, tags={k: str(v) for k, v in (tags or {}).items()})
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            staged = Path(tmp) / "model"
+            shutil.copytree(local_model, staged)
+            mlmodel = Model.load(str(staged))
+            mlmodel.model_id = mlmodel.model_uuid = model.model_id
+            mlmodel.run_id, mlmodel.artifact_path = run_id, model.artifact_location
+            mlmodel.save(str(staged / "MLmodel"))
+            client.log_model_artifacts(model.model_id, str(staged))
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+        ts, (ds_name, ds_digest) = int(time.time() * 1000), dataset or (None, None)
+        linked = [Metric(k, v, ts, step, model_id=model.model_id, dataset_name=ds_name, dataset_digest=ds_digest,
+                         run_id=run_id) for k, v in values.items()]
+        if linked:
+            client.log_batch(run_id, metrics=linked)
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    except BaseException:
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        raise
+    return client.get_logged_model(model.model_id)
+
+
+_DEFAULT_URI_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _default_tracking_uri(uri: str):
+    """Make ``uri`` the process's default tracking URI for the duration of a registration.
+
+    An in-process registry store (SQLite, a database) resolves a ``models:/<model_id>`` source with
+    ``MlflowClient()``, i.e. the *default* URI, not the client's; a tracking server resolves it
+    against its own store, so nothing is needed there. Both the module default and the environment
+    variable are restored exactly afterwards."""
+    if uri.startswith(("http://", "https://", "databricks")):
+        yield
+        return
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    with _DEFAULT_URI_LOCK:
+        saved_default, saved_env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            tracking_utils._tracking_uri = saved_default
+            if saved_env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+def register_logged_model(client: MlflowClient, name: str, model: LoggedModel, tags: dict, description: str):
+    """Register ``model`` as a new version of ``name`` (created if needed): source ``models:/<model_id>``,
+    the run that logged it, and the version listed on the LoggedModel (tag ``mlflow.modelVersions``)."""
     _ensure_registered(client, name, description)
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
-    return client.create_model_version(name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+    with _default_tracking_uri(client.tracking_uri):
+        version = client.create_model_version(name, f"models:/{model.model_id}", run_id=model.source_run_id,
+                                              tags={k: str(v) for k, v in tags.items()}, model_id=model.model_id)
+    entry = {"name": version.name, "version": int(version.version)}  # as a tracking server records it
+    listed = json.loads(client.get_logged_model(model.model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    if not any(e.get("name") == entry["name"] and str(e.get("version")) == str(entry["version"]) for e in listed):
+        client.set_logged_model_tags(model.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*listed, entry])})
+    return version
+
+
+def register_version(client: MlflowClient, name: str, run_id: str, local_model: Path, artifact_path: str,
+                     tags: dict, description: str, *, metrics: dict[str, float] | None = None,
+                     dataset: tuple[str, str] | None = None):
+    """Log a saved pyfunc directory to ``run_id`` as LoggedModel ``artifact_path`` (tagged ``tags``,
+    linked to ``metrics`` measured on ``dataset``) and register it as a new version of ``name``."""
+    model = log_saved_model(client, run_id, local_model, artifact_path, tags=tags, metrics=metrics, dataset=dataset)
+    return register_logged_model(client, name, model, tags, description)
 
 
 def download_model_dir(client: MlflowClient, version, dst: str | Path) -> Path:
     """Download a registered version and return the saved (``save_pretrained``) model inside it."""
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dst),
+    uri = client.get_model_version_download_uri(version.name, version.version)  # the artifacts, not models:/
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst),
                                                      tracking_uri=client.tracking_uri))
     hits = [p.parent for p in local.rglob(VOCAB_FILE) if (p.parent / "model.safetensors").is_file()]
     if not hits:
         hits = [p.parent for p in local.rglob("ensemble.json")]
     if not hits:
-        raise FileNotFoundError(f"{version.name} v{version.version}: no model inside {version.source}")
+        raise FileNotFoundError(f"{version.name} v{version.version}: no model inside {uri}")
     return hits[0]
 
 

@@ -1,34 +1,68 @@
-"""Thin Prefect tasks around the core stages (``asft.stages``).
+"""Prefect tasks generated from the stage declarations (:mod:`asft.pipeline`).
 
-Tasks exchange paths, hashes and run ids, never tensors or frames. Each task opens a nested
-MLflow run under the retrain's parent run, logs its params, metrics (with steps) and artifacts,
-and marks the run FAILED if the stage raises.
+:func:`stage_task` turns one :class:`~asft.pipeline.StageSpec` into one Prefect task; the flow calls
+``TASKS[name]`` with the typed :class:`~asft.config.Config` (parsed once by the flow), the stage's input
+paths and its output path. Every stage task
 
-Every stage task (:func:`stage_task`) is cached on the DVC hashes of its input paths, the params it
-reads and the code version (:class:`tasks.lineage.StageCache`), persists its JSON summary (never a
-pickle), retries I/O and tracking-server errors with exponential backoff, and reports a failure
-naming the stage. Each summary carries ``out_dir``/``out_md5`` (so a cached result can be verified
-before it is trusted) and the ``stage_run_id`` of the MLflow run that produced it.
+- is cached on the DVC hashes of its inputs, the config keys the stage declares, its option values and
+  the code version (:class:`SpecCache`); the summary is persisted as JSON (never a pickle);
+- runs the core function in this process, or its CLI command (generated from the same spec) in a child
+  process: under ``torchrun`` when ``distributed.nproc_per_node`` > 1, or alone when the flow runs
+  independent stages concurrently (``orchestration.max_parallel``), with the stage's time limit;
+- opens a nested MLflow run under the retrain's parent run, logs the params it read, its numeric summary,
+  plots and models, and marks the run FAILED if the stage raises;
+- retries I/O and tracking-server errors with backoff and reports a failure naming the stage.
+
+Tasks exchange paths, hashes and run ids, never tensors or frames. Each summary carries
+``out_dir``/``out_md5`` (a cached result is verified before it is trusted) and ``stage_run_id``.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import hashlib
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.tasks import exponential_backoff
+from pydantic import BaseModel
+from rich.console import Console
 
-from asft import stages
-from asft.config import load_config
-from asft.plots import metric_bars, metric_panels, training_curves
+from asft import pipeline, stages
+from asft.config import Config, dump_config
+from asft.pipeline import StageSpec
+from asft.plots import metric_bars, training_curves
 from asft.utils import _json_default, dvc_md5
-from tasks.lineage import StageCache, task_key
-from tasks.tracking import stage_run, store_lock
+from tasks import lineage
+from tasks.tracking import TrackedRun, stage_run, store_lock
+
+
+CONSOLE = Console(stderr=True, width=160)  # what a person sees: stage lines and summaries
+CONCURRENCY_LIMIT = "asft-stages"  # Prefect global concurrency limit of stages run in their own process
+
+
+class RunContext(BaseModel):
+    """Where a retrain's stages write and track: passed to every stage task."""
+
+    tracking_uri: str
+    parent_run_id: str
+    run_dir: str
+    work_root: str | None = None  # resumable work dirs of training stages (None: fresh private ones)
+    resume: bool = True
+    isolated: bool = False  # run each stage's CLI command in its own process (concurrent stages)
+
+    @property
+    def reports_dir(self) -> Path:
+        return Path(self.run_dir) / stages.REPORTS
+
 
 RETRIES = 3
 _NOT_TRANSIENT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
@@ -68,48 +102,35 @@ def _report_task_failure(task_, task_run, state) -> None:
     get_run_logger().error("stage '%s' failed: %s", task_.name, state.message)
 
 
+
+
 def _jsonable(obj):
     return json.loads(json.dumps(obj, default=_json_default))
 
 
-def stage_task(name: str, path_args: tuple[str, ...] = (), value_args: tuple[str, ...] = (), cache: bool = True,
-               task_run_name: str | None = None):
-    """A Prefect task for one pipeline stage: cached (see module doc), JSON-persisted, retried."""
-
-    def deco(fn):
-        @functools.wraps(fn)
-        def body(*args, **kwargs):
-            return _jsonable(fn(*args, **kwargs))
-
-        return task(name=name, task_run_name=task_run_name,
-                    cache_policy=StageCache(stage=name, path_args=path_args, value_args=value_args) if cache
-                    else NO_CACHE,
-                    persist_result=cache, result_serializer="json", retries=RETRIES,
-                    retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
-                    retry_condition_fn=_retry_condition, on_failure=[_report_task_failure])(body)
-
-    return deco
+def spec_key(spec: StageSpec, cfg: Config, paths: dict[str, Any], options: dict[str, Any] | None = None) -> str:
+    """The cache key of a stage instance (also matches the champion's base model): its inputs' DVC hashes,
+    the config keys it declares, its options and the code version."""
+    doc = {"stage": spec.name, "inputs": lineage.input_hashes(paths), "code": lineage.code_version(),
+           "params": pipeline.stage_params(spec, cfg.to_dict()), "values": options or {}}
+    if spec.name == "ingest":
+        doc["source"] = lineage.source_hash(cfg)
+    return f"{spec.name}-" + hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _outputs(res: dict, out_dir: str | Path, run) -> dict:
-    """Add what the flow needs to verify and attribute a (possibly cached) result."""
-    if out_dir is None:
-        return {**res, "out_dir": None, "out_md5": None, "stage_run_id": run.run_id}
-    return {**res, "out_dir": str(out_dir), "out_md5": dvc_md5(out_dir), "stage_run_id": run.run_id}
+class SpecCache(CachePolicy):
+    """Prefect cache policy of a stage task: :func:`spec_key` over the task's arguments (output dirs,
+    tracking ids and run options are deliberately not part of it)."""
+
+    def __init__(self, spec: StageSpec):
+        super().__init__()
+        self.spec = spec
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
+        return spec_key(self.spec, inputs["cfg"], inputs["paths"], inputs.get("options"))
 
 
-def _cfg(config_path: str):
-    return load_config(config_path)
-
-
-def _work_dir(work_root: str | None, stage: str, cfg, paths: dict, values: dict | None = None) -> Path | None:
-    """The resumable work directory of a training stage: keyed like its cache entry (inputs' DVC hashes,
-    params, code), so any later run of the same stage, e.g. ``retrain`` after a crash, resumes from
-    its checkpoints; a changed input, param or code starts afresh in another directory."""
-    return None if work_root is None else Path(work_root) / task_key(stage, cfg, paths, values)
-
-
-def processes(cfg) -> int:
+def processes(cfg: Config) -> int:
     """Processes per distributed stage (``distributed.nproc_per_node``; 0 = one per visible GPU)."""
     n = cfg.distributed.nproc_per_node
     if n == 0:
@@ -119,44 +140,207 @@ def processes(cfg) -> int:
     return max(n, 1)
 
 
-def _staged(cfg, config_path: str, command: list[str], fn, *args, **kwargs) -> dict:
-    """Run a core stage in this process, or, with ``distributed.nproc_per_node`` > 1, its CLI command
-    under ``torchrun --standalone`` (DDP on this machine's GPUs, or gloo CPU processes) and read back the
-    summary the main process writes. Step metrics then come from the stage's history at the end."""
-    n = processes(cfg)
-    if n == 1:
-        return fn(*args, **kwargs)
-    import subprocess
-    import sys
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONPATH", str(lineage.REPO))
+    return env
 
+
+def run_cli(spec: StageSpec, cfg: Config, paths: dict, out_dir: str | None, options: dict, work: Path | None,
+            resume: bool, log_path: Path, nproc: int = 1) -> dict:
+    """The stage's CLI command (generated from its spec) in a child process, ``torchrun`` when ``nproc`` > 1;
+    killed at the stage's time limit. Output goes to ``log_path``; returns the summary it writes."""
     with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
-               "asft.cli", *command, "--config", config_path, "--result", str(result)]
-        if kwargs.get("work_dir"):
-            cmd += ["--work-dir", str(kwargs["work_dir"])]
-        if kwargs.get("resume") is False:
+        cfg_file, result = Path(tmp) / "params.yaml", Path(tmp) / "result.json"
+        dump_config(cfg, cfg_file)
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                    if nproc > 1 else [sys.executable])
+        cmd = [*launcher, "-m", "asft.cli", *pipeline.cli_command(spec, paths, out_dir, options),
+               "--config", str(cfg_file), "--result", str(result)]
+        if work is not None:
+            cmd += ["--work-dir", str(work)]
+        if spec.training and not resume:
             cmd.append("--no-resume")
-        get_run_logger().info("launching %s on %d processes: %s", command[0], n, " ".join(cmd))
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        timeout = cfg.orchestration.timeout(spec.kind)
+        get_run_logger().info("running %s in %s (log: %s)", spec.name,
+                              f"{nproc} torchrun processes" if nproc > 1 else "a child process", log_path)
+        with open(log_path, "w") as log:
+            try:
+                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, check=False,
+                                      timeout=timeout, env=_child_env(), cwd=lineage.REPO)
+            except subprocess.TimeoutExpired:
+                raise TimeoutError(f"{spec.name} exceeded its time limit of {timeout:.0f} s "
+                                   f"(orchestration.{spec.kind}_timeout_s); log: {log_path}") from None
         if proc.returncode != 0:
-            raise RuntimeError(f"{command[0]} under torchrun ({n} processes) failed with exit code "
-                               f"{proc.returncode}:\n{proc.stderr[-4000:]}")
+            tail = log_path.read_text()[-4000:]
+            raise RuntimeError(f"{spec.name} failed in its child process (exit code {proc.returncode}); "
+                               f"log: {log_path}\n{tail}")
         return json.loads(result.read_text())
 
 
-def _timed(fn, *args, **kwargs):
-    """Run a core stage; return (result, seconds spent in the core, excluding tracking)."""
-    t0 = time.perf_counter()
-    res = fn(*args, **kwargs)
-    return res, time.perf_counter() - t0
+def _execute(spec: StageSpec, cfg: Config, paths: dict, out_dir: str | None, options: dict, ctx: RunContext,
+             run: TrackedRun, work: Path | None) -> dict:
+    n = processes(cfg) if spec.distributed else 1
+    if n > 1 or ctx.isolated:
+        from prefect.concurrency.sync import concurrency
+
+        label = "-".join([spec.name, *[str(options[o]) for o in spec.options]])
+        with concurrency(CONCURRENCY_LIMIT, occupy=1, strict=False):
+            summary = run_cli(spec, cfg, paths, out_dir, options, work, ctx.resume,
+                              Path(ctx.run_dir) / "logs" / f"{label}.log", n)
+        _log_history(run, out_dir)
+        return summary
+    on_log = run.on_log
+    if spec.training:
+        on_log = _with_progress(spec, cfg, options, run.on_log)
+    return pipeline.call(spec, cfg, out_dir, paths, options, on_log=on_log, resume=ctx.resume, work_dir=work,
+                         progress=True, docs_dir=str(Path(ctx.run_dir) / spec.docs) if spec.docs else None)
+
+
+def _epochs(spec: StageSpec, cfg: Config) -> int:
+    return {"train-base": cfg.train.epochs, "train-reward": cfg.reward.train.epochs,
+            "train-judge": cfg.reward.train.epochs}.get(spec.name, cfg.posttrain.train.epochs)
+
+
+def _with_progress(spec: StageSpec, cfg: Config, options: dict, on_log):
+    """Trainer callback that also moves a Prefect progress artifact (share of the epoch budget done)."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    key = "-".join([spec.name, *[str(options[o]) for o in spec.options]]).replace("_", "-").lower()
+    art = create_progress_artifact(0.0, key=f"{key}-progress", description=f"{spec.name}: epochs done")
+    total = max(_epochs(spec, cfg), 1)
+
+    def log(metrics: dict, step: int) -> None:
+        on_log(metrics, step)
+        if art is not None:
+            update_progress_artifact(art, min(100.0, 100.0 * step / total))
+
+    return log
+
+
+def _log_history(run: TrackedRun, out_dir: str | None) -> None:
+    """Per-epoch metrics of a stage that ran in a child process, from its training summary (with steps)."""
+    ts = Path(out_dir or "") / "train_summary.json"
+    if out_dir is None or not ts.is_file():
+        return
+    doc = json.loads(ts.read_text())
+    for k, hist in enumerate(doc.get("histories") or [doc.get("history", [])]):
+        prefix = f"member_{k}/" if "histories" in doc else ""
+        for row in hist:
+            if float(row.get("epoch", 0.5)).is_integer():
+                run.log_metrics({key: v for key, v in row.items() if key not in ("epoch", "step")},
+                                step=int(row["epoch"]), prefix=prefix)
+
+
+def _track(spec: StageSpec, run: TrackedRun, summary: dict, out_dir: str | None, cfg: Config) -> None:
+    """What every stage logs: the numeric summary as metrics, its plots, training curves and models."""
+    run.log_metrics(flat_report({k: v for k, v in summary.items() if k not in ("reports", "history")}))
+    for png in summary.get("plots") or []:
+        run.log_artifact(png, "plots")
+    if out_dir is None:
+        return
+    out = Path(out_dir)
+    ts = out / "train_summary.json"
+    if ts.is_file():
+        doc = json.loads(ts.read_text())
+        hists = doc["histories"] if "histories" in doc else [doc.get("history", [])]
+        with tempfile.TemporaryDirectory() as tmp:  # never inside the (published, hashed) output directory
+            for k, h in enumerate(hists):
+                if h:
+                    suffix = f" member {k}" if len(hists) > 1 else ""
+                    run.log_artifact(training_curves(h, Path(tmp) / f"training_curves{suffix.replace(' ', '_')}.png",
+                                                     f"{spec.name}{suffix}"), "plots")
+        run.log_artifact(ts)
+    for f in ("stats.json", "sampling.json", "weights.json", "judges.json", "reward_report.json", "SCHEMA.md"):
+        if (out / f).is_file():
+            run.log_artifact(out / f)
+    if spec.training:
+        run.log_artifact(out / "best" if (out / "best").is_dir() else out, "model")
+        run.set_tags({"model_dir": str(out / "best") if (out / "best").is_dir() else str(out)})
+    if spec.dataset and isinstance(summary.get("validation"), dict) and summary["validation"].get("docs"):
+        run.log_artifact(summary["validation"]["docs"], "data_docs")
+
+
+def _evaluate_plot(run: TrackedRun, summary: dict, cfg: Config) -> None:
+    keys = [f"{m}@{k}" for k in cfg.eval.ks for m in ("hr", "ndcg")] + ["mrr"]
+    with tempfile.TemporaryDirectory() as tmp:
+        run.log_artifact(metric_bars(summary, keys, Path(tmp) / "metrics_base.png", "base: full-ranking metrics"),
+                         "plots")
+
+
+def stage_task(spec: StageSpec):
+    """The Prefect task of one declared stage (see the module doc)."""
+
+    def body(cfg: Config, paths: dict[str, str | None], out_dir: str | None, ctx: RunContext,
+             options: dict[str, Any] | None = None) -> dict:
+        options = options or {}
+        named = {o: options[o] for o in spec.options if o in options}  # the values that name the instance
+        label = "-".join([spec.name, *map(str, named.values())])
+        work = (Path(ctx.work_root) / spec_key(spec, cfg, paths, options)
+                if spec.training and ctx.work_root else None)
+        guard = (_ValidationGuard(ctx.reports_dir, label) if spec.docs or spec.dataset
+                 else contextlib.nullcontext())
+        with stage_run(ctx.tracking_uri, ctx.parent_run_id, label, tags={**named, "stage_spec": spec.name}) as run:
+            run.log_params({**pipeline.flat_params(spec, cfg.to_dict()), **named})
+            if isinstance(guard, _ValidationGuard):
+                guard.run = run
+            t0 = time.perf_counter()
+            with guard:
+                summary = _execute(spec, cfg, paths, out_dir, options, ctx, run, work)
+            secs = time.perf_counter() - t0
+            if spec.output_file and out_dir:
+                from asft.utils import write_json
+
+                write_json(out_dir, summary)
+            _track(spec, run, summary, None if spec.output_file else out_dir, cfg)
+            if spec.name == "evaluate":
+                _evaluate_plot(run, summary, cfg)
+            if spec.dataset:  # a dataset version: into the DVC cache, hashed once
+                from asft import datastore
+
+                md5 = datastore.commit(out_dir, lineage.dvc_cache_dir())
+                run.set_tags({f"dvc.{spec.dataset}.md5": md5})
+            else:
+                md5 = dvc_md5(out_dir) if out_dir and Path(out_dir).exists() else None
+        line = pipeline.summary_line(spec, summary)
+        if line:
+            CONSOLE.print(f"      {label}: {line} ({secs:.0f} s)", highlight=False)
+            get_run_logger().info("%s: %s", label, line)
+        return _jsonable({**summary, "out_dir": out_dir, "out_md5": md5, "stage_run_id": run.run_id,
+                          "run_id": run.run_id, "core_seconds": secs})
+
+    body.__name__ = body.__qualname__ = spec.name.replace("-", "_") + "_task"
+    body.__doc__ = spec.help
+    return task(name=spec.name, task_run_name=spec.name + ("-{options[method]}" if "method" in spec.options else ""),
+                cache_policy=SpecCache(spec) if spec.cache else NO_CACHE, persist_result=spec.cache, result_serializer="json", retries=RETRIES,
+                retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
+                retry_condition_fn=_retry_condition, on_failure=[_report_task_failure])(body)
+
+
+TASKS = {spec.name: stage_task(spec) for spec in pipeline.flow_stages()}
+
+
+def log_policy_reports(reports: dict[str, dict], run_ids: dict[str, str], policies_dir: str, tracking_uri: str,
+                       parent_run_id: str) -> None:
+    """Each method's section-7 report into its own posttrain run; the comparison plots into the parent."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    for name, rep in reports.items():
+        if name in run_ids:
+            TrackedRun(client, run_ids[name]).log_nested_metrics({"test": rep["test"], "selected_valid": rep["valid"]})
+    parent = TrackedRun(client, parent_run_id)
+    for png in sorted(Path(policies_dir).glob("*.png")):
+        parent.log_artifact(png, "plots")
+    parent.log_artifact(policies_dir, "policies")
 
 
 class _ValidationGuard:
     """On a data error (validation or malformed input) write a failure summary, log it and the GX data
     docs to the stage's MLflow run, and re-raise: nothing downstream runs."""
 
-    def __init__(self, run, reports_dir: str | Path, stage: str):
+    def __init__(self, reports_dir: str | Path, stage: str, run=None):
         self.run, self.reports_dir, self.stage = run, Path(reports_dir), stage
 
     def __enter__(self):
@@ -185,308 +369,6 @@ class _ValidationGuard:
         return False
 
 
-def _log_validation(run, report: dict | None, prefix: str = "validation/") -> None:
-    if not report:
-        return
-    run.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))}, prefix=prefix)
-    if report.get("docs"):
-        run.log_artifact(report["docs"], "data_docs")
-
-
-@stage_task("validate-raw")
-def ingest_task(config_path: str, out_dir: str, reports_dir: str, tracking_uri: str, parent_run_id: str) -> dict:
-    """The first stage: load (or simulate) the raw log and validate it with the raw GX suite."""
-    cfg = _cfg(config_path)
-    with stage_run(tracking_uri, parent_run_id, "validate-raw") as run:
-        run.log_params({"data.source": cfg.data.source, "data.format": cfg.data.format})
-        with _ValidationGuard(run, reports_dir, "validate-raw"):
-            res, res["core_seconds"] = _timed(stages.stage_ingest, cfg, out_dir, Path(reports_dir) / "gx" / "raw")
-        run.log_metrics({"rows": res["rows"], "seconds": res["seconds"]})
-        _log_validation(run, res.get("validation"))
-        res["dvc_md5"] = dvc_md5(out_dir)
-        run.set_tags({"raw_sha256": res["sha256"], "dvc.raw.md5": res["dvc_md5"]})
-    get_run_logger().info("validated %s rows (%s) into %s", res["rows"], res["format"], out_dir)
-    return _outputs(res, out_dir, run)
-
-
-@stage_task("preprocess", path_args=("raw_dir",))
-def preprocess_task(raw_dir: str, config_path: str, out_dir: str, reports_dir: str, tracking_uri: str,
-                    parent_run_id: str) -> dict:
-    cfg = _cfg(config_path)
-    with stage_run(tracking_uri, parent_run_id, "preprocess") as run:
-        run.log_params({f"preprocess.{k}": v for k, v in cfg.preprocess.model_dump().items()})
-        with _ValidationGuard(run, reports_dir, "preprocess"):
-            stats, secs = _timed(stages.stage_preprocess, raw_dir, cfg, out_dir, Path(reports_dir) / "gx" / "processed")
-        run.log_metrics({k: v for k, v in stats.items() if isinstance(v, (int, float))})
-        _log_validation(run, stats.get("validation"))
-        stats["dvc_md5"] = dvc_md5(out_dir)
-        run.set_tags({"processed_sha256": stats["sha256"], "dvc.processed.md5": stats["dvc_md5"]})
-        run.log_artifact(Path(out_dir) / "stats.json")
-    get_run_logger().info("preprocessed: %s users, %s items, %s events", stats["users"], stats["items"], stats["events"])
-    return _outputs({**stats, "core_seconds": secs}, out_dir, run)
-
-
-@stage_task("train-base", path_args=("processed_dir",))
-def train_base_task(processed_dir: str, config_path: str, out_dir: str, tracking_uri: str, parent_run_id: str,
-                    work_root: str | None = None, resume: bool = True) -> dict:
-    cfg = _cfg(config_path)
-    work = _work_dir(work_root, "train-base", cfg, {"processed_dir": processed_dir})
-    with stage_run(tracking_uri, parent_run_id, "train-base") as run:
-        run.log_params({k: v for k, v in cfg.flat().items() if k.split(".")[0] in ("model", "train", "seed")})
-        summary, summary["core_seconds"] = _timed(_staged, cfg, config_path, ["train-base", "--processed", processed_dir,
-                                                                              "--output", out_dir],
-                                                  stages.stage_train_base, processed_dir, cfg, out_dir,
-                                                  on_log=run.on_log, resume=resume, work_dir=work)
-        run.log_metrics({"resumed_from_epoch": summary["resumed_from_epoch"]})
-        run.log_metrics({k: summary[k] for k in ("best_metric", "best_epoch", "epochs_run", "steps", "tokens_per_s",
-                                                 "train_seconds", "eval_seconds", "n_params")})
-        hist = json.loads((Path(out_dir) / "train_summary.json").read_text())["history"]
-        run.log_artifact(training_curves(hist, Path(out_dir) / "training_curves.png", "base SFT"), "plots")
-        run.log_artifact(Path(out_dir) / "train_summary.json")
-        run.log_artifact(summary["model_dir"], "model")
-        run.set_tags({"model_dir": summary["model_dir"]})
-    get_run_logger().info("base model: best valid %s %.4f at epoch %s", cfg.train.monitor, summary["best_metric"],
-                          summary["best_epoch"])
-    return _outputs(summary, out_dir, run)
-
-
-@stage_task("evaluate", path_args=("model_dir", "processed_dir"), value_args=("model_name",))
-def evaluate_task(model_dir: str, processed_dir: str, config_path: str, model_name: str, tracking_uri: str,
-                  parent_run_id: str) -> dict:
-    cfg = _cfg(config_path)
-    with stage_run(tracking_uri, parent_run_id, f"evaluate-{model_name}") as run:
-        metrics, secs = _timed(stages.stage_evaluate, model_dir, processed_dir, cfg)
-        run.log_nested_metrics(metrics)
-        run.log_metrics({"core_seconds": secs})
-        keys = [f"{m}@{k}" for k in cfg.eval.ks for m in ("hr", "ndcg")] + ["mrr"]
-        with tempfile.TemporaryDirectory() as tmp:  # never inside the model's (published, hashed) directory
-            png = Path(tmp) / f"metrics_{model_name}.png"
-            run.log_artifact(metric_bars(metrics, keys, png, f"{model_name}: full-ranking metrics"), "plots")
-    return _outputs({**metrics, "core_seconds": secs}, None, run)
-
-
-@stage_task("preferences", path_args=("raw_dir", "processed_dir"))
-def preferences_task(raw_dir: str, processed_dir: str, config_path: str, out_dir: str, reports_dir: str,
-                     tracking_uri: str, parent_run_id: str) -> dict:
-    cfg = _cfg(config_path)
-    with stage_run(tracking_uri, parent_run_id, "preferences") as run:
-        run.log_params({k: v for k, v in cfg.flat().items() if k.startswith("preferences.")})
-        with _ValidationGuard(run, reports_dir, "preferences"):
-            stats, secs = _timed(stages.stage_preferences, raw_dir, processed_dir, cfg, out_dir,
-                                 Path(reports_dir) / "gx" / "preferences")
-        run.log_metrics({"pairs": stats["pairs"], "contexts": stats["contexts"], "users": stats["users"],
-                         "mean_pairs_per_context": stats["mean_pairs_per_context"]})
-        run.log_metrics(stats["pairs_by_source"], prefix="pairs_by_source/")
-        run.log_metrics(stats["pairs_by_split"], prefix="pairs_by_split/")
-        if "judges" in stats:
-            run.log_metrics({k: v for k, v in stats["judges"].items() if isinstance(v, int)}, prefix="judges/")
-        _log_validation(run, stats.get("validation"))
-        stats["dvc_md5"] = dvc_md5(out_dir)
-        run.set_tags({"preferences_sha256": stats["sha256"], "dvc.preferences.md5": stats["dvc_md5"]})
-        for f in ("stats.json", "judges.json", "SCHEMA.md"):
-            run.log_artifact(Path(out_dir) / f)
-    get_run_logger().info("preferences: %s pairs over %s contexts (%s)", stats["pairs"], stats["contexts"],
-                          ", ".join(f"{k} {v}" for k, v in stats["pairs_by_source"].items()))
-    return _outputs({**stats, "core_seconds": secs}, out_dir, run)
-
-
-def _train_ensemble(stage: str, stage_fn, processed_dir: str, pref_dir: str, base_model_dir: str, config_path: str,
-                    out_dir: str, tracking_uri: str, parent_run_id: str, params_prefixes: tuple[str, ...],
-                    work_root: str | None, resume: bool) -> dict:
-    cfg = _cfg(config_path)
-    work = _work_dir(work_root, stage, cfg, {"processed_dir": processed_dir, "pref_dir": pref_dir,
-                                             "base_model_dir": base_model_dir})
-    with stage_run(tracking_uri, parent_run_id, stage) as run:
-        run.log_params({k: v for k, v in cfg.flat().items() if k.startswith(params_prefixes) or k == "seed"})
-        summary, secs = _timed(_staged, cfg, config_path, [stage, "--processed", processed_dir, "--preferences", pref_dir,
-                                                           "--base", base_model_dir, "--output", out_dir],
-                               stage_fn, processed_dir, pref_dir, base_model_dir, cfg, out_dir, on_log=run.on_log,
-                               resume=resume, work_dir=work)
-        for m in summary["members"]:
-            run.log_metrics({"best_metric": m["best_metric"], "best_epoch": m["best_epoch"],
-                             "epochs_run": m["epochs_run"], "resumed_from_epoch": m["resumed_from_epoch"]},
-                            prefix=f"member_{m['member']}/")
-        run.log_metrics({"train_seconds": summary["train_seconds"]})
-        run.log_metrics(summary["centring"], prefix="centring/")
-        hist = json.loads((Path(out_dir) / "train_summary.json").read_text())["histories"]
-        for k, h in enumerate(hist):
-            png = Path(out_dir) / f"training_curves_member_{k}.png"
-            run.log_artifact(training_curves(h, png, f"{stage} member {k}"), "plots")
-        run.log_artifact(Path(out_dir) / "train_summary.json")
-        run.log_artifact(Path(out_dir) / "ensemble.json", "model")
-        for d in summary["member_dirs"]:
-            run.log_artifact(Path(out_dir) / d, f"model/{d}")
-        run.set_tags({"model_dir": str(out_dir), "fold": summary.get("fold")})
-    return _outputs({**summary, "core_seconds": secs}, out_dir, run)
-
-
-@stage_task("train-reward", path_args=("processed_dir", "pref_dir", "base_model_dir"))
-def train_reward_task(processed_dir: str, pref_dir: str, base_model_dir: str, config_path: str, out_dir: str,
-                      tracking_uri: str, parent_run_id: str,
-                      work_root: str | None = None, resume: bool = True) -> dict:
-    """The training reward ensemble (reward.fold of the preference data)."""
-    return _train_ensemble("train-reward", stages.stage_train_reward, processed_dir, pref_dir, base_model_dir,
-                           config_path, out_dir, tracking_uri, parent_run_id, ("reward.",), work_root, resume)
-
-
-@stage_task("train-judge", path_args=("processed_dir", "pref_dir", "base_model_dir"))
-def train_judge_task(processed_dir: str, pref_dir: str, base_model_dir: str, config_path: str, out_dir: str,
-                     tracking_uri: str, parent_run_id: str,
-                     work_root: str | None = None, resume: bool = True) -> dict:
-    """The held-out judge ensemble (judge.fold, other seeds): evaluation only."""
-    return _train_ensemble("train-judge", stages.stage_train_judge, processed_dir, pref_dir, base_model_dir,
-                           config_path, out_dir, tracking_uri, parent_run_id, ("judge.", "reward."), work_root, resume)
-
-
-@stage_task("sample", path_args=("processed_dir", "ref_dir"))
-def sample_task(processed_dir: str, ref_dir: str, config_path: str, out_dir: str, tracking_uri: str,
-                parent_run_id: str) -> dict:
-    cfg = _cfg(config_path)
-    with stage_run(tracking_uri, parent_run_id, "sample") as run:
-        run.log_params({k: v for k, v in cfg.flat().items() if k.startswith("sampling.")})
-        res, secs = _timed(_staged, cfg, config_path, ["sample", "--processed", processed_dir, "--base", ref_dir,
-                                                       "--output", out_dir], stages.stage_sample, processed_dir,
-                           ref_dir, cfg, out_dir)
-        run.log_metrics(flat_report(res))
-        run.log_artifact(Path(out_dir) / "sampling.json")
-    get_run_logger().info("sampled %s candidates for %s contexts (%.0f/s)", res["candidates"], res["contexts"],
-                          res["candidates_per_s"])
-    return _outputs({**res, "core_seconds": secs}, out_dir, run)
-
-
-@stage_task("score", path_args=("cand_dir", "processed_dir", "ref_dir", "reward_dir"))
-def score_task(cand_dir: str, processed_dir: str, ref_dir: str, reward_dir: str, config_path: str, out_dir: str,
-               tracking_uri: str, parent_run_id: str) -> dict:
-    cfg = _cfg(config_path)
-    with stage_run(tracking_uri, parent_run_id, "score") as run:
-        res, secs = _timed(_staged, cfg, config_path, ["score", "--candidates", cand_dir, "--processed", processed_dir,
-                                                       "--base", ref_dir, "--reward", reward_dir, "--output", out_dir],
-                           stages.stage_score, cand_dir, processed_dir, ref_dir, reward_dir, cfg, out_dir)
-        run.log_metrics(flat_report(res))
-        run.log_artifact(Path(out_dir) / "sampling.json")
-    return _outputs({**res, "core_seconds": secs}, out_dir, run)
-
-
-@stage_task("advantages", path_args=("scored_dir",))
-def advantages_task(scored_dir: str, config_path: str, out_dir: str, tracking_uri: str, parent_run_id: str) -> dict:
-    cfg = _cfg(config_path)
-    with stage_run(tracking_uri, parent_run_id, "advantages") as run:
-        run.log_params({k: v for k, v in cfg.flat().items() if k.startswith("advantage.")})
-        res, secs = _timed(stages.stage_advantages, scored_dir, cfg, out_dir)
-        run.log_metrics({k: v for k, v in res.items() if isinstance(v, float)}, prefix="weights/")
-        for png in res["plots"]:
-            run.log_artifact(png, "plots")
-        run.log_artifact(Path(out_dir) / "weights.json")
-    get_run_logger().info("A-SFT weights: ESS %.1f%% of %d, %.2f%% clipped", 100 * res["ess_share"], res["n"],
-                          100 * res["clipped_share"])
-    return _outputs({**res, "core_seconds": secs}, out_dir, run)
-
-
-@stage_task("posttrain", path_args=("processed_dir", "ref_dir", "reward_dir", "scored_dir", "adv_dir"),
-            value_args=("method",), task_run_name="posttrain-{method}")
-def posttrain_task(method: str, processed_dir: str, ref_dir: str, reward_dir: str, scored_dir: str, adv_dir: str,
-                   config_path: str, out_dir: str, tracking_uri: str, parent_run_id: str, work_root: str | None = None,
-                   resume: bool = True) -> dict:
-    """One post-training method in its own nested MLflow run (tag ``method``), so methods compare side
-    by side; the run id is returned so evaluation logs into the same run."""
-    cfg = _cfg(config_path)
-    work = _work_dir(work_root, "posttrain", cfg, {"processed_dir": processed_dir, "ref_dir": ref_dir,
-                                                   "reward_dir": reward_dir, "scored_dir": scored_dir,
-                                                   "adv_dir": adv_dir}, {"method": method})
-    with stage_run(tracking_uri, parent_run_id, f"posttrain-{method}", tags={"method": method}) as run:
-        run.log_params({"method": method, **{k: v for k, v in cfg.flat().items()
-                                             if k.startswith(("posttrain.", "advantage.", "sampling."))}})
-        cli = ["posttrain", "--method", method, "--processed", processed_dir, "--base", ref_dir, "--output", out_dir]
-        for flag, path in (("--reward", reward_dir), ("--scored", scored_dir), ("--advantages", adv_dir)):
-            cli += [flag, path] if path else []
-        summary, secs = _timed(_staged, cfg, config_path, cli, stages.stage_posttrain, method, processed_dir, ref_dir,
-                               reward_dir, scored_dir, adv_dir, cfg, out_dir, on_log=run.on_log, resume=resume,
-                               work_dir=work)
-        run.log_metrics(flat_report({k: v for k, v in summary.items() if k not in ("rounds",)}), prefix="train/")
-        hist = json.loads((Path(out_dir) / "train_summary.json").read_text())["history"]
-        run.log_artifact(training_curves(hist, Path(out_dir) / "training_curves.png", f"{method}"), "plots")
-        for png in ("weights_hist.png", "advantages_hist.png"):
-            run.log_artifact(Path(out_dir) / png, "plots")
-        run.log_artifact(Path(out_dir) / "train_summary.json")
-        run.log_artifact(summary["model_dir"], "model")
-        run.set_tags({"model_dir": summary["model_dir"]})
-    get_run_logger().info("%s: best valid %s %.4f at epoch %s", method, cfg.posttrain.train.monitor,
-                          summary["best_metric"], summary["best_epoch"])
-    return _outputs({**summary, "run_id": run.run_id, "core_seconds": secs}, out_dir, run)
-
-
-@stage_task("evaluate-policies", cache=False)
-def evaluate_policies_task(model_dirs: dict[str, str], run_ids: dict[str, str], ref_dir: str, processed_dir: str,
-                           reward_dir: str, judge_dir: str, raw_dir: str, config_path: str, out_dir: str,
-                           tracking_uri: str, parent_run_id: str) -> dict:
-    """Section-7 reports of the base and every method on the same contexts; each method's report is
-    logged into its own posttrain run, the comparison table and plot into the parent run."""
-    from mlflow.tracking import MlflowClient
-
-    from asft.posttrain import evaluate_policies
-    from tasks.tracking import TrackedRun
-
-    cfg = _cfg(config_path)
-    t0 = time.perf_counter()
-    reports = evaluate_policies({"base": ref_dir, **model_dirs}, ref_dir, processed_dir, reward_dir, judge_dir,
-                                stages.load_simulator(raw_dir), cfg)
-    secs = time.perf_counter() - t0
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(tracking_uri)
-    for name, rep in reports.items():
-        (out / f"{name}.json").write_text(json.dumps(rep, indent=2))
-        if name in run_ids:
-            TrackedRun(client, run_ids[name]).log_nested_metrics({"test": rep["test"], "selected_valid": rep["valid"]})
-    keys = [k for k in ("ndcg@10", "hr@10", "high_rated/ndcg@10", "judged_top10", "true_top10", "kl_ref", "entropy",
-                        "coverage@10") if k in reports["base"]["test"]]
-    png = metric_panels({n: r["test"] for n, r in reports.items()}, keys, out / "methods_test.png",
-                      "post-training methods (test)")
-    parent = TrackedRun(client, parent_run_id)
-    parent.log_artifact(png, "plots")
-    for path in lambda_frontiers(reports, cfg.advantage.lam, out):
-        parent.log_artifact(path, "plots")
-    parent.log_artifact(out, "policies")
-    return {"reports": reports, "core_seconds": secs}
-
-
-@stage_task("reward-report", path_args=("reward_dir", "pref_dir", "processed_dir", "raw_dir", "base_model_dir"))
-def reward_report_task(reward_dir: str, pref_dir: str, processed_dir: str, raw_dir: str, base_model_dir: str,
-                       config_path: str, out_dir: str, tracking_uri: str, parent_run_id: str) -> dict:
-    cfg = _cfg(config_path)
-    with stage_run(tracking_uri, parent_run_id, "reward-report") as run:
-        rep, secs = _timed(stages.stage_reward_report, reward_dir, pref_dir, processed_dir, raw_dir,
-                           base_model_dir, cfg, out_dir)
-        run.log_metrics(flat_report(rep))
-        for png in rep["plots"]:
-            run.log_artifact(png, "plots")
-        run.log_artifact(Path(out_dir) / "reward_report.json")
-    e = rep["ensemble"]
-    get_run_logger().info("reward ensemble on held-out pairs: accuracy %.4f, AUC %.4f (item-mean %.4f)",
-                          e["pair_acc"], e["auc"], rep["naive"].get("item_mean_rating", {}).get("pair_acc", float("nan")))
-    return _outputs({**rep, "core_seconds": secs}, out_dir, run)
-
-
-def lambda_frontiers(reports: dict[str, dict], lam: float, out: Path) -> list[Path]:
-    """Judged reward vs KL (and, on the simulator, true reward vs NDCG@10) on test: the A-SFT lambda
-    sweep as one curve (``asft`` and ``asft@lam=X`` policies), every other policy as a point."""
-    from asft.plots import frontier
-
-    def lam_of(name: str) -> float | None:
-        return lam if name == "asft" else float(name.split("=", 1)[1]) if name.startswith("asft@lam=") else None
-
-    paths = []
-    for (xk, yk, fname) in (("kl_ref", "judged_top10", "frontier_judged_kl.png"),
-                            ("ndcg@10", "true_top10", "frontier_true_ndcg.png")):
-        if yk not in reports["base"]["test"]:
-            continue
-        sweep = sorted((lam_of(n), r["test"]) for n, r in reports.items() if lam_of(n) is not None)
-        points = {"A-SFT (lambda)": [(t[xk], t[yk], f"{la:g}") for la, t in sweep]} if sweep else {}
-        points.update({n: [(r["test"][xk], r["test"][yk], n)] for n, r in reports.items() if lam_of(n) is None})
-        paths.append(frontier(points, out / fname, f"test: {yk} vs {xk}", xk, yk))
-    return paths
-
-
 def flat_report(rep: dict, prefix: str = "") -> dict[str, float]:
     """Numeric leaves of a nested report as slash-separated metric names."""
     out: dict[str, float] = {}
@@ -502,9 +384,10 @@ def flat_report(rep: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-@stage_task("promote", cache=False)
+@task(name="promote", cache_policy=NO_CACHE, retries=RETRIES, retry_delay_seconds=exponential_backoff(backoff_factor=2),
+      retry_jitter_factor=0.5, retry_condition_fn=_retry_condition, on_failure=[_report_task_failure])
 def promote_task(method: str, model_dir: str, valid_report: dict, reward_dir: str, lineage_tags: dict,
-                 ref_dir: str, processed_dir: str, judge_dir: str, raw_dir: str, config_path: str, out_dir: str,
+                 ref_dir: str, processed_dir: str, judge_dir: str, raw_dir: str, cfg: Config, out_dir: str,
                  tracking_uri: str, parent_run_id: str) -> dict:
     """Register the ``method`` policy and its reward ensemble; champion only if the gate passes.
 
@@ -519,7 +402,6 @@ def promote_task(method: str, model_dir: str, valid_report: dict, reward_dir: st
     from asft.promotion import promotion_decision
     from tasks import registry
 
-    cfg = _cfg(config_path)
     rc = cfg.registry
     client = MlflowClient(tracking_uri)
     out = Path(out_dir)

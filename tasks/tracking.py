@@ -3,11 +3,26 @@
 Runs are created through ``MlflowClient`` with explicit run ids, never the thread-local fluent
 "active run", so stages behave the same whichever thread or worker Prefect runs them on.
 One parent run per retrain; one nested run per stage (tag ``mlflow.parentRunId``).
+
+What MLflow 3 users expect to find, and where it comes from here:
+
+- the experiment is marked as classic model development (tag ``mlflow.experimentKind``), so UIs that
+  read it open on the training runs rather than the GenAI overview; :func:`experiment_url` is the
+  link that opens the runs view of MLflow 3.17's UI (whose GenAI/ML switch is a per-browser setting);
+- the standard source tags (``mlflow.source.git.commit``, ``.branch``, ``.repoURL``,
+  ``mlflow.source.name``, ``mlflow.source.type``, ``mlflow.user``) on every run;
+- system metrics (``system/...``: CPU, memory, disk, network, and GPU when NVML is available) on the
+  parent run, sampled by MLflow's ``SystemMetricsMonitor`` against the explicit run id;
+- datasets as run inputs (:func:`log_dataset`) with the DVC md5 as digest, so the runs table's
+  Datasets column and filter work;
+- a per-user table of recommendations (:func:`log_recommendation_sample`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import getpass
+import json
 import math
 import os
 import re
@@ -19,12 +34,21 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag, SourceType
 from mlflow.tracking import MlflowClient
+from mlflow.utils import mlflow_tags
 
 from asft.config import Config
 
-LINEAGE_TAG_PREFIXES = ("git_", "dvc.")
+# Copied from the parent onto every stage run: git and DVC lineage, the standard source tags, the user.
+LINEAGE_TAG_PREFIXES = ("git_", "dvc.", "mlflow.source.", mlflow_tags.MLFLOW_USER)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the UI's "Machine learning" kind (vs "genai_development")
+# System metrics: a sample every 2 s, averaged over 3 samples -> one point per 6 s (30 on a 3-minute run).
+SYSTEM_METRICS_SAMPLING_S = 2.0
+SYSTEM_METRICS_SAMPLES_PER_POINT = 3
+DATASET_CONTEXTS = ("raw", "training", "validation", "evaluation", "preferences", "input")
+RECOMMENDATION_SAMPLE_FILE = "recommendations_sample.json"
 
 
 def mlflow_key(key: str) -> str:
@@ -75,23 +99,67 @@ def setup_experiment(cfg: Config) -> tuple[str, str]:
         exp = client.get_experiment_by_name(cfg.tracking.experiment)
         if exp is None:
             exp_id = client.create_experiment(cfg.tracking.experiment,
-                                              artifact_location=default_artifact_root(cfg, uri))
+                                              artifact_location=default_artifact_root(cfg, uri),
+                                              tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         else:
             exp_id = exp.experiment_id
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # an experiment from before; a kind set by a user stays
+                client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return uri, exp_id
 
 
-def git_info(cwd: str | Path = ".") -> dict[str, str]:
-    def run(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
-                                  check=False).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
+def experiment_url(tracking_uri: str, experiment_id: str) -> str | None:
+    """The runs view of the experiment in a tracking server's UI (None for a local store).
 
-    commit = run("rev-parse", "HEAD")
-    dirty = bool(run("status", "--porcelain")) if commit else False  # untracked (not ignored) files count
+    MLflow 3.17's UI picks GenAI or machine-learning views from a per-browser switch (default GenAI,
+    overridable with ``?workflowType=``); this link opens the training runs whatever the browser's
+    setting."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def _git(cwd: str | Path, *args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
+                              check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def git_info(cwd: str | Path = ".") -> dict[str, str]:
+    commit = _git(cwd, "rev-parse", "HEAD")
+    dirty = bool(_git(cwd, "status", "--porcelain")) if commit else False  # untracked (not ignored) files count
     return {"git_commit": commit or "unknown", "git_dirty": str(dirty).lower()}
+
+
+def _public_url(url: str) -> str:
+    """A remote URL without credentials (``https://user:token@host/x`` -> ``https://host/x``)."""
+    return re.sub(r"^(\w+://)[^/@]+@", r"\1", url)
+
+
+def source_tags(source_name: str, source_type: str = "LOCAL", cwd: str | Path = ".") -> dict[str, str]:
+    """MLflow's standard source tags, as the fluent ``start_run`` would set them: git commit, branch
+    and remote (when there is a repository), entry point, source type and user."""
+    if source_type not in SourceType.SOURCETYPE_TO_STRING.values():
+        raise ValueError(f"source_type must be one of {sorted(SourceType.SOURCETYPE_TO_STRING.values())}, "
+                         f"got {source_type!r}")
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = os.environ.get("USER", "unknown")
+    tags = {mlflow_tags.MLFLOW_SOURCE_NAME: source_name, mlflow_tags.MLFLOW_SOURCE_TYPE: source_type,
+            mlflow_tags.MLFLOW_USER: user}
+    commit = _git(cwd, "rev-parse", "HEAD")
+    if commit:
+        tags[mlflow_tags.MLFLOW_GIT_COMMIT] = commit
+        branch = _git(cwd, "rev-parse", "--abbrev-ref", "HEAD")
+        if branch and branch != "HEAD":  # "HEAD": detached, no branch
+            tags[mlflow_tags.MLFLOW_GIT_BRANCH] = branch
+        remote = _git(cwd, "config", "--get", "remote.origin.url")
+        if remote:
+            tags[mlflow_tags.MLFLOW_GIT_REPO_URL] = _public_url(remote)
+    return tags
 
 
 class TrackedRun:
@@ -103,6 +171,32 @@ class TrackedRun:
         self.client, self.run_id = client, run_id
         self._pending: list[Metric] = []
         self._flushed_at = time.monotonic()
+        self._monitor = None
+
+    def start_system_metrics(self, sampling_s: float = SYSTEM_METRICS_SAMPLING_S,
+                             samples_per_point: int = SYSTEM_METRICS_SAMPLES_PER_POINT) -> None:
+        """Log ``system/*`` metrics to this run from a background thread until :meth:`end` (or until
+        the run stops being RUNNING). ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` and
+        ``MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING`` override the arguments, as in MLflow."""
+        if self._monitor is not None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=sampling_s,
+                                             samples_before_logging=samples_per_point,
+                                             tracking_uri=self.client.tracking_uri)
+        self._monitor.start()
+
+    def stop_system_metrics(self) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()  # joins the sampling thread and sends what it holds
+            self._monitor = None
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Flush buffered metrics, stop the system-metrics thread, mark the run ``status``."""
+        self.flush()
+        self.stop_system_metrics()
+        self.client.set_terminated(self.run_id, status)
 
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
@@ -149,13 +243,62 @@ class TrackedRun:
         self._flushed_at = time.monotonic()
 
 
-def start_parent(cfg: Config, run_name: str, tags: dict[str, Any]) -> TrackedRun:
+def start_parent(cfg: Config, run_name: str, tags: dict[str, Any], source_name: str = "flows/retrain.py:retrain",
+                 system_metrics: bool = True) -> TrackedRun:
+    """The parent run: lineage and source tags; system metrics sampled until :meth:`TrackedRun.end`.
+
+    The source type is ``JOB`` when a Prefect deployment runs the flow (tag ``prefect.deployment``),
+    ``LOCAL`` otherwise."""
     uri, exp_id = setup_experiment(cfg)
     client = MlflowClient(uri)
     close_dead_runs(client, exp_id)
-    run = client.create_run(exp_id, run_name=run_name, tags={"kind": "retrain", **git_info(), **tags,
-                                                             "host": socket.gethostname(), "pid": str(os.getpid())})
-    return TrackedRun(client, run.info.run_id)
+    source = source_tags(source_name, "JOB" if tags.get("prefect.deployment") else "LOCAL")
+    run = client.create_run(exp_id, run_name=run_name,
+                            tags={"kind": "retrain", **git_info(), **source, **tags, "host": socket.gethostname(),
+                                  "pid": str(os.getpid())})
+    tracked = TrackedRun(client, run.info.run_id)
+    if system_metrics:
+        tracked.start_system_metrics()
+    return tracked
+
+
+def dataset_entity(name: str, path: str | Path, md5: str) -> Dataset:
+    """An MLflow dataset for a DVC-versioned directory or file: digest = the DVC md5 (what ``dvc
+    checkout`` retrieves), source = the local path, profile = its size."""
+    p = Path(path).resolve()
+    if not p.exists():
+        raise FileNotFoundError(f"dataset {name!r}: {p} does not exist")
+    if not md5:
+        raise ValueError(f"dataset {name!r}: empty DVC md5")
+    files = [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else [p]
+    profile = {"files": len(files), "bytes": sum(f.stat().st_size for f in files)}
+    return Dataset(name=name, digest=md5, source_type="local", source=json.dumps({"uri": str(p)}),
+                   profile=json.dumps(profile))
+
+
+def log_dataset(run: TrackedRun, name: str, path: str | Path, md5: str, context: str) -> Dataset:
+    """Log a dataset as an input of ``run`` (the runs table's Datasets column and filter), and record
+    its path as tag ``dvc.<name>.path`` (stage runs copy it with the md5: see ``stage_run(inputs=)``)."""
+    if context not in DATASET_CONTEXTS:
+        raise ValueError(f"dataset context must be one of {DATASET_CONTEXTS}, got {context!r}")
+    ds = dataset_entity(name, path, md5)
+    run.client.log_inputs(run.run_id, datasets=[
+        DatasetInput(ds, tags=[InputTag(mlflow_tags.MLFLOW_DATASET_CONTEXT, context)])])
+    run.set_tags({f"dvc.{name}.path": json.loads(ds.source)["uri"]})
+    return ds
+
+
+def log_recommendation_sample(run: TrackedRun, frame, artifact_file: str = RECOMMENDATION_SAMPLE_FILE) -> None:
+    """A table of recommendations (one row per user; see ``tasks.samples.recommendation_sample``) as
+    an MLflow table artifact, viewable in the run's artifacts."""
+    import pandas as pd
+
+    if len(frame) == 0:
+        raise ValueError("empty recommendation sample")
+    # Text columns as objects: MLflow looks for images among object columns, a lookup pandas 3
+    # deprecates for its (default) Arrow string columns.
+    text = {c: object for c in frame.columns if isinstance(frame[c].dtype, pd.StringDtype)}
+    run.client.log_table(run.run_id, data=frame.astype(text), artifact_file=artifact_file)
 
 
 def _alive(pid: int) -> bool:
@@ -189,15 +332,26 @@ def close_dead_runs(client: MlflowClient, exp_id: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def stage_run(tracking_uri: str, parent_run_id: str, stage: str, tags: dict | None = None) -> Iterator[TrackedRun]:
-    """A nested MLflow run for one stage; FAILED if the stage raises."""
+def stage_run(tracking_uri: str, parent_run_id: str, stage: str, tags: dict | None = None,
+              inputs: dict[str, str] | None = None) -> Iterator[TrackedRun]:
+    """A nested MLflow run for one stage; FAILED if the stage raises.
+
+    ``inputs`` ({dataset name: context}, e.g. ``{"processed": "training"}``) logs datasets the parent
+    recorded with :func:`log_dataset` as inputs of this run."""
     client = MlflowClient(tracking_uri)
     parent = client.get_run(parent_run_id)
     # Lineage on every run: the git commit and the DVC hashes of the datasets produced so far.
     lineage = {k: v for k, v in parent.data.tags.items() if k.startswith(LINEAGE_TAG_PREFIXES)}
+    missing = [n for n in (inputs or {}) if f"dvc.{n}.md5" not in lineage or f"dvc.{n}.path" not in lineage]
+    if missing:
+        raise ValueError(f"stage {stage}: datasets {missing} were not logged on the parent run (log_dataset)")
     run = client.create_run(parent.info.experiment_id, run_name=stage,
                             tags={**lineage, "mlflow.parentRunId": parent_run_id, "stage": stage, **(tags or {})})
     tr = TrackedRun(client, run.info.run_id)
+    if inputs:
+        client.log_inputs(run.info.run_id, datasets=[
+            DatasetInput(dataset_entity(n, lineage[f"dvc.{n}.path"], lineage[f"dvc.{n}.md5"]),
+                         tags=[InputTag(mlflow_tags.MLFLOW_DATASET_CONTEXT, ctx)]) for n, ctx in inputs.items()])
     try:
         yield tr
     except BaseException as e:

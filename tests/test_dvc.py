@@ -223,3 +223,213 @@ def test_dvc_repro_push_pull_exp(tmp_path):
     rev = exp["revs"][0]["data"]
     assert rev["params"]["params.yaml"]["data"]["preprocess"]["max_len"] == 10
     assert rev["outs"]["data/processed"]["hash"] == second["data/processed"]
+
+
+# -- asft.datastore: DVC's own API for hashing, the cache, pointers and remotes -----------------------------
+@pytest.fixture
+def dvc_repo(tmp_path, monkeypatch):
+    """A new git + DVC repository (isolated DVC config and site cache, also for in-process DVC calls)
+    with a default local remote ``store`` at ``<tmp>/storage``; -> (repo, env)."""
+    env = _env(tmp_path)
+    for var in ("DVC_GLOBAL_CONFIG_DIR", "DVC_SYSTEM_CONFIG_DIR", "DVC_SITE_CACHE_DIR", "DVC_NO_ANALYTICS"):
+        monkeypatch.setenv(var, env[var])
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _run(["git", "init", "-q"], repo, env)
+    _run([DVC, "init", "-q"], repo, env)
+    _run([DVC, "remote", "add", "-d", "store", str(tmp_path / "storage")], repo, env)
+    return repo, env
+
+
+def _dataset(root: Path) -> Path:
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / ".git").mkdir()  # DVC's default ignores apply
+    (root / ".git" / "x").write_text("ignored")
+    (root / "a.parquet").write_bytes(bytes(range(256)) * 4000)
+    (root / "sub" / "b.json").write_text('{"b": 1}\n')
+    (root / "sub" / "deeper" / "c.bin").write_bytes(b"\x00\x01" * 3)
+    return root
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """The files DVC tracks under ``root`` (``.git`` left out), by relative path."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root).parts[0] != ".git"}
+
+
+def test_commit_equals_dvc_add_and_pointer_is_read_by_dvc(dvc_repo):
+    from asft import datastore
+
+    repo, env = dvc_repo
+    src = _dataset(repo / "ds")
+    shutil.copytree(src, repo / "twin")
+    res = datastore.commit_dataset(src, "ds", repo / "ds.dvc", repo, push_to_remote=False)
+    assert res["remote"] is None and Path(res["pointer"]) == repo / "ds.dvc"
+    assert datastore.missing(res["md5"], datastore.cache_dir(repo)) == []
+
+    # `dvc add` of an identical directory records the same hash, size and file count
+    _run([DVC, "add", "-q", "twin"], repo, env)
+    (twin,) = yaml.safe_load((repo / "twin.dvc").read_text())["outs"]
+    assert twin["md5"] == res["md5"] == dvc_md5(src) and res["md5"].endswith(".dir")
+    size = sum(map(len, _tree(src).values()))
+    assert (twin["size"], twin["nfiles"]) == (res["size"], res["nfiles"]) == (size, 3)
+
+    # DVC reads the pointer: up to date, then a changed file is seen, then `dvc checkout` restores it
+    want = _tree(src)
+    assert "up to date" in _run([DVC, "status", "ds.dvc"], repo, env)
+    (src / "sub" / "b.json").write_text('{"b": 2}\n')
+    assert "modified" in _run([DVC, "status", "ds.dvc"], repo, env)
+    shutil.rmtree(src)
+    _run([DVC, "checkout", "ds.dvc"], repo, env)
+    assert _tree(src) == want
+
+
+def test_push_then_checkout_from_remote_into_an_empty_cache(dvc_repo, tmp_path):
+    from asft import datastore
+
+    repo, _ = dvc_repo
+    src = _dataset(tmp_path / "data")
+    want = _tree(src)
+    res = datastore.commit_dataset(src, "data", tmp_path / "ptr" / "data.dvc", repo)
+    assert res["remote"] == "store" == datastore.default_remote(repo)
+    md5 = res["md5"]
+    assert datastore.remote_missing(md5, repo) == []
+    assert datastore.push([md5], repo) == "store"  # already there: a no-op, not an error
+
+    # the local cache is lost: retrieval fetches from the remote, restores the bytes, refills the cache
+    shutil.rmtree(datastore.cache_dir(repo))
+    assert datastore.missing(md5, datastore.cache_dir(repo)) == [md5]
+    got = datastore.retrieve(md5, repo, tmp_path / "restored")
+    assert got["source"] == "remote:store" and _tree(Path(got["path"])) == want
+    assert datastore.missing(md5, datastore.cache_dir(repo)) == []
+    again = datastore.retrieve(md5, repo, tmp_path / "again")
+    assert again["source"] == "cache" and _tree(tmp_path / "again") == want
+    with pytest.raises(FileExistsError):
+        datastore.retrieve(md5, repo, tmp_path / "again")
+
+    # an object lost from both the cache and the remote: reported, never a partial checkout
+    lost = dvc_md5(src / "sub" / "b.json")
+    storage = tmp_path / "storage"
+    for cache in (datastore.cache_dir(repo), storage):
+        obj = datastore.object_path(cache, lost)
+        obj.chmod(0o644)
+        obj.unlink()
+    assert datastore.missing(md5, datastore.cache_dir(repo)) == [lost]
+    assert datastore.remote_missing(md5, repo) == [lost]
+    with pytest.raises(FileNotFoundError, match="1 objects are neither in the DVC cache .* nor in remote 'store'"):
+        datastore.retrieve(md5, repo, tmp_path / "partial")
+    assert not (tmp_path / "partial").exists()
+    with pytest.raises(FileNotFoundError, match="lacks objects"):
+        datastore.push([md5], repo)
+
+
+def test_audit_restores_recorded_datasets_through_dvc(dvc_repo, tmp_path):
+    from asft import datastore
+    from ops.audit import check_dataset
+
+    repo, _ = dvc_repo
+    src = _dataset(tmp_path / "raw")
+    md5 = datastore.commit_dataset(src, "raw", tmp_path / "raw.dvc", repo)["md5"]
+    shutil.rmtree(datastore.cache_dir(repo))  # only the remote has it now
+    dest = tmp_path / "audit" / "datasets" / "raw"
+    dest.mkdir(parents=True)
+    (dest / "stale").write_text("from an earlier audit")
+    got = check_dataset(md5, dest, root=repo)
+    assert got == {"md5": md5, "retrievable": True, "from": "remote:store", "path": str(dest)}
+    assert _tree(dest) == _tree(src)
+    assert check_dataset(md5, dest, root=repo)["from"] == "cache"
+    unknown = check_dataset("0" * 32 + ".dir", tmp_path / "x", root=repo)
+    assert not unknown["retrievable"] and "FileNotFoundError" in unknown["error"]
+    assert not check_dataset(None, tmp_path / "y", root=repo)["retrievable"]
+
+
+def test_cache_dir_and_remote_come_from_dvc_config(dvc_repo, tmp_path):
+    from asft import datastore
+
+    repo, env = dvc_repo
+    assert datastore.cache_dir(repo) == repo / ".dvc" / "cache"
+    _run([DVC, "cache", "dir", "--local", str(tmp_path / "elsewhere")], repo, env)  # .dvc/config.local
+    _run([DVC, "remote", "add", "other", str(tmp_path / "other")], repo, env)
+    assert datastore.cache_dir(repo) == tmp_path / "elsewhere"
+    res = datastore.commit_dataset(_dataset(tmp_path / "d"), "d", tmp_path / "d.dvc", repo, remote="other")
+    assert res["remote"] == "other"
+    assert datastore.missing(res["md5"], tmp_path / "elsewhere") == []
+    assert datastore.missing(res["md5"], tmp_path / "other") == []
+    assert not (tmp_path / "storage").exists() and not (repo / ".dvc" / "cache").exists()
+    from dvc.config import NoRemoteError
+
+    with pytest.raises(NoRemoteError, match="'nope' is not configured"):
+        datastore.push([res["md5"]], repo, remote="nope")
+
+
+def test_datastore_works_in_a_copy_without_git(tmp_path, monkeypatch):
+    """A deployed copy of the project may lack .git: DVC's cache and remotes do not need it."""
+    from asft import datastore
+
+    env = _env(tmp_path)
+    for var in ("DVC_GLOBAL_CONFIG_DIR", "DVC_SYSTEM_CONFIG_DIR", "DVC_SITE_CACHE_DIR"):
+        monkeypatch.setenv(var, env[var])
+    repo = tmp_path / "copy"
+    repo.mkdir()
+    _run([DVC, "init", "-q", "--no-scm"], repo, env)
+    _run([DVC, "config", "--unset", "core.no_scm"], repo, env)  # as in the project's committed config
+    _run([DVC, "remote", "add", "-d", "store", "../storage"], repo, env)
+    src = _dataset(tmp_path / "d")
+    res = datastore.commit_dataset(src, "d", repo / "d.dvc", repo)
+    assert res["remote"] == "store" and datastore.missing(res["md5"], tmp_path / "storage") == []
+    shutil.rmtree(repo / ".dvc" / "cache")
+    got = datastore.retrieve(res["md5"], repo, tmp_path / "back")
+    assert got["source"] == "remote:store" and _tree(tmp_path / "back") == _tree(src)
+
+
+def test_checkout_verifies_and_refuses_incomplete_versions(tmp_path):
+    from asft import datastore
+
+    src = _dataset(tmp_path / "ds")
+    cache = tmp_path / "cache"
+    md5 = datastore.commit(src, cache)
+    single = datastore.commit(src / "a.parquet", cache)
+    assert single == dvc_md5(src / "a.parquet") and not single.endswith(".dir")
+    datastore.checkout(single, cache, tmp_path / "one" / "a.parquet")
+    assert (tmp_path / "one" / "a.parquet").read_bytes() == (src / "a.parquet").read_bytes()
+    back = datastore.checkout(md5, cache, tmp_path / "back")
+    assert _tree(back) == _tree(src) and not (back / ".git").exists()
+    (back / "sub" / "b.json").write_text("edited")  # a copy: the cache object is untouched
+    assert datastore.missing(md5, cache) == [] and dvc_md5(back) != md5
+    assert datastore.checkout(md5, cache, tmp_path / "b2") and dvc_md5(tmp_path / "b2") == md5
+    assert datastore.missing(md5, tmp_path / "empty") == [md5]
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        datastore.checkout(md5, tmp_path / "empty", tmp_path / "never")
+
+
+def test_code_version_covers_tasks_and_flows(tmp_path, monkeypatch):
+    from tasks import lineage
+
+    for d in lineage.CODE_DIRS:
+        shutil.copytree(ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")  # the stage's params list
+    cfg = load_config(ROOT / "params.yaml")
+
+    def key() -> str:
+        lineage.code_version.cache_clear()
+        return lineage.task_key("preprocess", cfg, {})
+
+    monkeypatch.setattr(lineage, "REPO", tmp_path)
+    try:
+        first = key()
+        assert lineage.code_version() == lineage.code_hash(tmp_path)
+        keys = {first}
+        for d in lineage.CODE_DIRS:  # an edit anywhere in the code changes the stage cache key
+            f = tmp_path / d / "__init__.py"
+            f.write_text(f.read_text() + "\n# edited\n")
+            keys.add(key())
+        assert len(keys) == 1 + len(lineage.CODE_DIRS)
+        last = key()
+        pyc = tmp_path / "tasks" / "__pycache__"  # byte-compiled caches do not
+        pyc.mkdir()
+        (pyc / "stages.cpython-311.pyc").write_bytes(b"\x00compiled")
+        (tmp_path / "ops").mkdir(exist_ok=True)
+        (tmp_path / "ops" / "new.py").write_text("x = 1\n")  # nor does code no stage runs
+        assert key() == last
+    finally:
+        lineage.code_version.cache_clear()

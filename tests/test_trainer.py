@@ -47,12 +47,7 @@ def make_cfg(*overrides: str):
     )
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    """Trainer applies train.num_threads process-wide; restore it for other test modules."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+# Trainer applies train.num_threads process-wide: conftest's isolation fixture restores it after each test.
 
 
 def make_windows(n: int = 24, seed: int = 0) -> list[tuple[np.ndarray, int]]:

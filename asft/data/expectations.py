@@ -1,26 +1,28 @@
-"""Great Expectations (GX 1.x) suites for the three data artifacts of the pipeline.
+"""Great Expectations (GX 1.x) suites for the three data artifacts of the pipeline -- the one place
+where data is validated.
 
 * :func:`validate_raw` - the canonical interaction table (and optional catalog) after loading;
+  :func:`validate_raw_dir` runs the same suite on a published ``raw/`` directory (``asft validate``);
 * :func:`validate_processed` - a directory written by :func:`asft.data.preprocess.preprocess`;
 * :func:`validate_preferences` - the preference-pair table built from a processed directory.
 
-Each call builds one *ephemeral* GX context (nothing is written to the home directory or the
-working directory), registers one pandas dataframe asset per table, runs one checkpoint per table
-and, when ``docs_dir`` is given and ``cfg.validation.data_docs`` is true, builds the static GX data
-docs site into ``docs_dir`` (on success and on failure). Checks that GX cannot express directly
-(per-user joins, list columns, leakage) are computed in pandas/numpy as *derived columns* that GX
-then validates, so every failure still has a GX expectation name, a count and sample rows.
+Every rule is a GX expectation, evaluated by GX: built-in ones where GX has the rule, and the
+project's own (:mod:`asft.data.gx_custom`) for types, the rating scale, token lists, the leave-one-out
+window rules, the leakage rule and the pair rules. Tables are validated as they are, plus *joined
+reference columns* (a pair's held-out targets, a window's training items, an event's catalog entry)
+that the rules compare against. Structural problems (missing columns or files, not a table) only
+decide which expectations can be built; they are reported by GX too (``expect_column_to_exist``,
+``expect_files_to_exist``, ...). Every expectation carries a description (shown in the data docs).
 
-Before GX runs, cheap structural pre-checks (missing columns, empty table, wrong dtypes, unreadable
-files) are done in pandas/pyarrow and reported with GX expectation names
-(``expect_column_to_exist``, ``expect_table_row_count_to_be_between``,
-``expect_column_values_to_be_of_type``, ``expect_file_to_exist``); if any fails the suite itself is
-skipped. Nothing from GX or pandas escapes as a traceback: failures are raised as
-:class:`~asft.data.validation.DataValidationError` with :class:`~asft.data.validation.Failure`
-records whose ``sample_rows`` are 0-based row positions in the validated table.
+With ``docs_dir`` (and ``validation.data_docs``), validation runs in a file-backed GX context rooted
+at ``docs_dir`` (project in ``docs_dir/gx``): the suites, every run's validation results and the data
+docs site (``docs_dir/index.html``, one page per run, the newest :data:`DOCS_INDEX_LIMIT` in the index)
+accumulate there across runs. Without it, an ephemeral context: nothing is written.
 
-GX is imported lazily (about 3 s), with analytics off, progress bars off and its log quiet.
-This module does not import prefect or mlflow.
+A failure raises :class:`~asft.data.validation.DataValidationError` with one
+:class:`~asft.data.validation.Failure` per failed expectation (name, column, count, 0-based rows,
+failing values); nothing from GX or pandas escapes as a traceback. GX is imported lazily (about 3 s)
+with analytics, progress bars and its log quiet. This module does not import prefect or mlflow.
 """
 
 from __future__ import annotations
@@ -88,8 +90,20 @@ PROCESSED_TABLES: dict[str, dict[str, str]] = {
     "valid": {"user_idx": "int", "input": "list", "target": "int", "history": "list"},
     "test": {"user_idx": "int", "input": "list", "target": "int", "history": "list"},
 }
+HOLDOUT = 2  # leave-one-out: the last two events of a sequence are validation and test
 
+DOCS_INDEX_LIMIT = 200  # validation runs listed in the data docs index (all pages are kept)
 _SITE = "asft"
+# expectations that check a column's type: other failures that could not even be evaluated on such a
+# column are the same problem, reported once
+TYPE_RULES = {
+    "expect_column_values_to_be_nonblank_strings",
+    "expect_column_values_to_be_integers",
+    "expect_column_values_to_be_int64_timestamps",
+    "expect_column_values_to_be_real_numbers",
+    "expect_column_values_to_be_integer_lists",
+    "expect_table_columns_to_be_unique",
+}
 
 
 # --------------------------------------------------------------------------------------- GX plumbing
@@ -97,6 +111,8 @@ def _import_gx():
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     with _quiet():
         import great_expectations as gx
+
+        from asft.data import gx_custom  # noqa: F401 - registers the project's expectations
     return gx
 
 
@@ -114,13 +130,58 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
+class _Rules:
+    """Collects a table's expectations; each gets a description ``<type>: <detail>`` (data docs) and the
+    detail / the column to quote at failing rows in ``meta``."""
+
+    def __init__(self, gx):
+        from asft.data import gx_custom
+
+        self.E, self.X, self.items = gx.expectations, gx_custom, []
+
+    def add(self, cls, detail: str = "", values: str | None = None, **kwargs) -> None:
+        meta = {"asft_detail": detail}
+        if values:
+            meta["asft_values"] = values
+        e = cls(meta=meta, **kwargs)
+        e.description = f"{e.expectation_type}: {detail}" if detail else None
+        self.items.append(e)
+
+    def structure(self, frame: pd.DataFrame, required, min_rows: int = 1, what: str = "") -> list[str]:
+        """Unique column names, required columns exist, row count; returns the usable required columns."""
+        self.add(self.X.ExpectTableColumnsToBeUnique, "duplicated column names")
+        for c in required:
+            self.add(self.E.ExpectColumnToExist, f"required column (have {[str(x) for x in frame.columns][:20]})",
+                     column=c)
+        self.add(self.E.ExpectTableRowCountToBeBetween, what or f"at least {min_rows} row(s)", min_value=min_rows)
+        return usable(frame, required)
+
+    def types(self, kinds: dict[str, str], present: list[str]) -> None:
+        X = self.X
+        rule = {
+            "int": (X.ExpectColumnValuesToBeIntegers, "integer expected"),
+            "float": (X.ExpectColumnValuesToBeRealNumbers, "number expected"),
+            "str": (X.ExpectColumnValuesToBeNonblankStrings, "non-blank string expected"),
+            "list": (X.ExpectColumnValuesToBeIntegerLists, "list of integer tokens expected"),
+        }
+        for c in present:
+            cls, detail = rule[kinds[c]]
+            self.add(cls, detail, column=c)
+
+
+def usable(frame: pd.DataFrame, columns) -> list[str]:
+    """The columns of ``frame`` among ``columns`` that exist exactly once."""
+    counts = pd.Index(frame.columns).value_counts()
+    return [c for c in columns if counts.get(c, 0) == 1]
+
+
 @dataclass
 class _Table:
     """One validated table: the frame GX sees and a factory of its expectations."""
 
     name: str  # asset name and suite suffix
-    frame: pd.DataFrame | None
-    build: Callable[[Any], list]  # gx module -> list of expectations
+    frame: pd.DataFrame
+    build: Callable[[_Rules], None]
     prefix: str = ""  # prefix of reported column names ("train." for processed tables)
 
 
@@ -132,51 +193,11 @@ class _Outcome:
     docs_error: str | None = None
 
 
-def _m(detail: str, values: str | None = None) -> dict:
-    """Expectation keyword arguments ``meta`` and ``notes``: the short text reported on failure (also
-    shown in the data docs) and the column quoted at the failing rows."""
-    meta = {"asft_detail": detail}
-    if values:
-        meta["asft_values"] = values
-    return {"meta": meta, "notes": detail}
-
-
-
-def _all_true(E, column: str, detail: str, values: str | None = None):
-    """A derived boolean column that must be True on every row."""
-    return E.ExpectColumnValuesToBeInSet(column=column, value_set=[True], **_m(detail, values))
-
-
-def _all_false(E, column: str, detail: str, values: str | None = None):
-    """A derived boolean column that must be False on every row."""
-    return E.ExpectColumnValuesToBeInSet(column=column, value_set=[False], **_m(detail, values))
-
-def _context(gx, docs_dir: Path | None):
-    from great_expectations.data_context.types.base import (
-        DataContextConfig,
-        InMemoryStoreBackendDefaults,
-        ProgressBarsConfig,
-    )
-
-    sites = {}
-    if docs_dir is not None:
-        sites[_SITE] = {
-            "class_name": "SiteBuilder",
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-        }
-    project = DataContextConfig(
-        store_backend_defaults=InMemoryStoreBackendDefaults(),
-        progress_bars=ProgressBarsConfig(globally=False, metric_calculations=False),
-        analytics_enabled=False,
-        data_docs_sites=sites,
-    )
-    return gx.get_context(mode="ephemeral", project_config=project)
-
-
 def _short(v: Any, n: int = 40) -> str:
     if isinstance(v, float) and math.isnan(v):
         return "nan"
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
     if isinstance(v, (np.generic,)):
         v = v.item()
     s = repr(v)
@@ -209,9 +230,7 @@ def _failure_from_result(er, frame: pd.DataFrame, prefix: str, sample: int) -> F
         for v in exc.values():
             if isinstance(v, dict) and v.get("raised_exception"):
                 errors.append(str(v.get("exception_message")))
-    rows = [
-        int(i) for i in res.get("partial_unexpected_index_list") or [] if isinstance(i, (int, np.integer))
-    ]
+    rows = [int(i) for i in res.get("partial_unexpected_index_list") or [] if isinstance(i, (int, np.integer))]
     rows = rows[:sample]
     if errors:
         count = len(frame)
@@ -222,10 +241,12 @@ def _failure_from_result(er, frame: pd.DataFrame, prefix: str, sample: int) -> F
         if values_col and values_col in frame.columns and rows:
             vals = [_short(v) for v in frame[values_col].iloc[rows[:5]]]
             detail.append(f"{values_col} at failing rows: [{', '.join(vals)}]")
-        elif res.get("partial_unexpected_list") and not meta.get("asft_values"):
+        elif res.get("partial_unexpected_list"):
             shown = (tuple(v.values()) if isinstance(v, dict) else v for v in res["partial_unexpected_list"])
             vals = list(dict.fromkeys(_short(v, 60) for v in shown))[:5]
             detail.append(f"unexpected values: [{', '.join(vals)}]")
+        if conf.type in TYPE_RULES and col in frame.columns:
+            detail.append(f"column dtype {frame[col].dtype}")
         if kwargs.get("mostly") not in (None, 1, 1.0) and res.get("element_count"):
             ok = 1 - count / max(int(res["element_count"]), 1)
             detail.append(f"{ok:.1%} pass, mostly={kwargs['mostly']} required")
@@ -233,9 +254,31 @@ def _failure_from_result(er, frame: pd.DataFrame, prefix: str, sample: int) -> F
         count = int(res.get("missing_count") or 1)
         if "partial_missing_list" in res:
             detail.append(f"missing values: {[_short(v) for v in res['partial_missing_list']][:5]}")
-        elif "observed_value" in res:
+        elif res.get("observed_value") not in (None, [], ""):
             detail.append(f"observed {_short(res['observed_value'], 80)}")
     return Failure(conf.type, column, count, rows, "; ".join(d for d in detail if d))
+
+
+def _columns(conf) -> set[str]:
+    kw = conf.kwargs
+    return {str(c) for c in [kw.get("column"), kw.get("column_A"), kw.get("column_B"), *(kw.get("column_list") or [])]
+            if c is not None}
+
+
+def _raised(er) -> bool:
+    exc = er.exception_info or {}
+    return bool(exc.get("raised_exception")) or any(
+        isinstance(v, dict) and v.get("raised_exception") for v in exc.values()
+    )
+
+
+def _reported(results: list) -> list:
+    """The failed results, less those that could not be evaluated on a column whose type rule failed
+    (the same problem, reported once)."""
+    failed = [er for er in results if not er.success]
+    typed = set().union(*[_columns(er.expectation_config) for er in failed
+                          if er.expectation_config.type in TYPE_RULES and not _raised(er)])
+    return [er for er in failed if not (_raised(er) and _columns(er.expectation_config) & typed)]
 
 
 def _widen(frame: pd.DataFrame) -> pd.DataFrame:
@@ -244,6 +287,8 @@ def _widen(frame: pd.DataFrame) -> pd.DataFrame:
     GX quirk: ExpectColumnValuesToBeBetween is vectorised on pandas only for int64/float64 columns;
     other numeric dtypes go through a per-value Python function (~100x slower on large tables).
     """
+    if frame.columns.duplicated().any():
+        return frame
     out = {}
     for c in frame.columns:
         s = frame[c]
@@ -257,70 +302,128 @@ def _widen(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, index=frame.index)
 
 
+def _context(gx, docs: Path | None):
+    """A file-backed context rooted at ``docs`` (data docs site in ``docs``), or an ephemeral one."""
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    if docs is None:
+        project = DataContextConfig(
+            store_backend_defaults=InMemoryStoreBackendDefaults(), progress_bars=bars, analytics_enabled=False
+        )
+        return gx.get_context(mode="ephemeral", project_config=project)
+    ctx = gx.get_context(mode="file", project_root_dir=str(docs))
+    sites = {
+        _SITE: {
+            "class_name": "SiteBuilder",
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder", "validation_results_limit": DOCS_INDEX_LIMIT},
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs)},
+        }
+    }
+    v = ctx.variables
+    if v.data_docs_sites != sites or v.progress_bars != bars or v.analytics_enabled:
+        v.data_docs_sites, v.progress_bars, v.analytics_enabled = sites, bars, False
+        v.save()
+    return ctx
+
+
+def _datasource(ctx, name: str):
+    with contextlib.suppress(KeyError, LookupError, ValueError):
+        return ctx.data_sources.get(name)
+    return ctx.data_sources.add_pandas(name)
+
+
+def _asset(ds, name: str):
+    with contextlib.suppress(LookupError):
+        return ds.get_asset(name)
+    return ds.add_dataframe_asset(name)
+
+
+def _batch_definition(asset):
+    with contextlib.suppress(KeyError, LookupError):
+        return asset.get_batch_definition("whole")
+    return asset.add_batch_definition_whole_dataframe("whole")
+
+
+def _forget(ctx, name: str) -> None:
+    """Drop a suite (and its validation definition and checkpoint) kept from an earlier run: suites are
+    defined in code and rebuilt each run (replacing is much cheaper than GX's add_or_update diff);
+    validation results keep their copy of the suite."""
+    from great_expectations.exceptions import DataContextError
+
+    for factory, key in ((ctx.checkpoints, f"{name}.checkpoint"), (ctx.validation_definitions, name),
+                         (ctx.suites, name)):
+        with contextlib.suppress(DataContextError):
+            factory.delete(key)
+
+
 def _run_gx(
     suite: str, tables: list[_Table], dataset: str, cfg: Config, docs_dir: str | Path | None
 ) -> _Outcome:
-    """Run one checkpoint per table in one ephemeral context; build the data docs if asked."""
+    """Run one checkpoint per table; with docs, in the file context at ``docs_dir`` (results kept)."""
     out = _Outcome()
     docs = Path(docs_dir).resolve() if (docs_dir is not None and cfg.validation.data_docs) else None
     sample = int(cfg.validation.sample_rows)
     try:
         gx = _import_gx()
         from great_expectations.core.run_identifier import RunIdentifier
+        from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
 
         with _quiet():
             if docs is not None:
                 docs.mkdir(parents=True, exist_ok=True)
             ctx = _context(gx, docs)
-            ds = ctx.data_sources.add_pandas(f"{suite}_source")
+            ds = _datasource(ctx, f"{suite}_source")
             # run names become path components of the docs site: no separators allowed
             run_name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(dataset)).strip("._") or suite
             run_id = RunIdentifier(run_name=run_name[-100:])
             rf = {"result_format": "SUMMARY", "partial_unexpected_count": sample}
+            resources: list = []
             for t in tables:
-                if t.frame is None:
-                    continue
                 name = f"{suite}.{t.name}" if t.name != suite else suite
-                asset = ds.add_dataframe_asset(t.name)
-                batch = asset.add_batch_definition_whole_dataframe("whole")
-                gsuite = ctx.suites.add(gx.ExpectationSuite(name=name, expectations=t.build(gx)))
+                rules = _Rules(gx)
+                t.build(rules)
+                _forget(ctx, name)
+                gsuite = ctx.suites.add(gx.ExpectationSuite(name=name, expectations=rules.items))
                 vd = ctx.validation_definitions.add(
-                    gx.ValidationDefinition(name=name, data=batch, suite=gsuite)
+                    gx.ValidationDefinition(name=name, data=_batch_definition(_asset(ds, t.name)), suite=gsuite)
                 )
                 cp = ctx.checkpoints.add(
-                    gx.Checkpoint(
-                        name=f"{name}.checkpoint", validation_definitions=[vd], actions=[], result_format=rf
-                    )
+                    gx.Checkpoint(name=f"{name}.checkpoint", validation_definitions=[vd], actions=[],
+                                  result_format=rf)
                 )
                 t.frame = _widen(t.frame)
                 result = cp.run(batch_parameters={"dataframe": t.frame}, run_id=run_id)
+                resources += [*result.run_results, ExpectationSuiteIdentifier(name=name)]
                 for vr in result.run_results.values():
                     out.evaluated += int(vr.statistics.get("evaluated_expectations", 0))
-                    for er in vr.results:
-                        if not er.success:
-                            out.failures.append(_failure_from_result(er, t.frame, t.prefix, sample))
+                    for er in _reported(vr.results):
+                        out.failures.append(_failure_from_result(er, t.frame, t.prefix, sample))
             if docs is not None:
                 try:
-                    ctx.build_data_docs(site_names=[_SITE])
+                    ctx.build_data_docs(site_names=[_SITE], resource_identifiers=resources)
                     out.docs = str(docs / "index.html")
                 except Exception as e:  # noqa: BLE001 - docs are a by-product: never hide the outcome
                     out.docs_error = f"{type(e).__name__}: {e}"
                     log.warning("building the data docs in %s failed: %s", docs, out.docs_error)
     except Exception as e:  # noqa: BLE001 - GX itself broke: a failure, not a traceback
         out.failures.append(
-            Failure("great_expectations_run", None, 0, [], f"{type(e).__name__}: {str(e)[:300]}")
+            Failure("expect_validation_to_run", None, 0, [], f"{type(e).__name__}: {str(e)[:300]}")
         )
     return out
 
 
-def _finish(suite: str, dataset: str, pre: list[Failure], out: _Outcome, report: dict, docs_dir) -> dict:
-    failures = pre + out.failures
-    if failures:
+def _finish(suite: str, dataset: str, out: _Outcome, report: Callable[[], dict], docs_dir) -> dict:
+    if out.failures:
         raise DataValidationError(
-            dataset, failures, docs_dir=str(Path(docs_dir).resolve()) if out.docs else None
+            dataset, out.failures, docs_dir=str(Path(docs_dir).resolve()) if out.docs else None
         )
     rep = {"suite": suite, "expectations": out.evaluated, "failed": 0}
-    rep.update(report)
+    rep.update(report())
     rep["docs"] = out.docs
     if out.docs_error:
         rep["docs_error"] = out.docs_error
@@ -328,429 +431,6 @@ def _finish(suite: str, dataset: str, pre: list[Failure], out: _Outcome, report:
 
 
 # ----------------------------------------------------------------------------------- shared helpers
-def _positions(mask) -> list[int]:
-    return [int(i) for i in np.flatnonzero(np.asarray(mask, dtype=bool))]
-
-
-def _is_numeric(s: pd.Series) -> bool:
-    return pd.api.types.is_numeric_dtype(s.dtype) and not pd.api.types.is_bool_dtype(s.dtype)
-
-
-def _int_column_failure(s: pd.Series, column: str, sample: int, what: str = "integer") -> Failure | None:
-    """None if ``s`` holds integers (NaN allowed: the not-null expectation reports those)."""
-    if pd.api.types.is_integer_dtype(s.dtype) and not pd.api.types.is_bool_dtype(s.dtype):
-        return None
-    if pd.api.types.is_float_dtype(s.dtype):
-        v = s.to_numpy(dtype=np.float64)
-        bad = np.isfinite(v) & (v != np.round(v)) | np.isinf(v)
-        if not bad.any():
-            return None
-        rows = _positions(bad)
-        return Failure(
-            "expect_column_values_to_be_of_type",
-            column,
-            len(rows),
-            rows[:sample],
-            f"{what} expected, got non-integral {s.dtype} values {[_short(x) for x in v[bad][:5]]}",
-        )
-    num = pd.to_numeric(s, errors="coerce")
-    bad = (num.isna() & s.notna()).to_numpy()
-    rows = _positions(bad) if bad.any() else []
-    vals = [_short(x) for x in s.iloc[rows[:5]]] if rows else []
-    return Failure(
-        "expect_column_values_to_be_of_type",
-        column,
-        len(rows) or len(s),
-        rows[:sample],
-        f"{what} expected, got {s.dtype}" + (f" values {vals}" if vals else ""),
-    )
-
-
-def _missing_columns(df: pd.DataFrame, required, prefix: str = "") -> list[Failure]:
-    fails = []
-    dup = [str(c) for c in pd.Index(df.columns)[pd.Index(df.columns).duplicated()]]
-    if dup:
-        fails.append(
-            Failure(
-                "expect_table_columns_to_be_unique",
-                prefix.rstrip(".") or None,
-                len(dup),
-                detail=f"duplicated column names {dup}",
-            )
-        )
-    for c in required:
-        if c not in df.columns:
-            fails.append(
-                Failure(
-                    "expect_column_to_exist",
-                    f"{prefix}{c}",
-                    1,
-                    detail=f"have {[str(x) for x in df.columns][:20]}",
-                )
-            )
-    return fails
-
-
-def _structure_expectations(gx, required, min_rows: int = 1) -> list:
-    E = gx.expectations
-    exps = [E.ExpectColumnToExist(column=c) for c in required]
-    exps.append(E.ExpectTableRowCountToBeBetween(min_value=min_rows))
-    return exps
-
-
-# ------------------------------------------------------------------------------ suite 1: raw events
-def _raw_prechecks(df: Any, catalog: Any, sample: int) -> list[Failure]:
-    if not isinstance(df, pd.DataFrame):
-        return [
-            Failure(
-                "expect_table_row_count_to_be_between", None, 0, detail=f"not a table: {type(df).__name__}"
-            )
-        ]
-    fails = _missing_columns(df, REQUIRED_COLUMNS)
-    if len(df) == 0:
-        fails.append(
-            Failure("expect_table_row_count_to_be_between", None, 0, detail="table is empty (>= 1 row)")
-        )
-    if fails:
-        return fails
-    for col in (USER, ITEM):
-        s = df[col]
-        if pd.api.types.is_string_dtype(s.dtype) and not pd.api.types.is_object_dtype(s.dtype):
-            continue  # pandas str dtype: str or missing
-        if pd.api.types.is_object_dtype(s.dtype):
-            bad = (s.notna() & ~s.map(lambda v: isinstance(v, str))).to_numpy()
-            if not bad.any():
-                continue
-            rows = _positions(bad)
-            vals = [_short(v) for v in s.iloc[rows[:5]]]
-            fails.append(
-                Failure(
-                    "expect_column_values_to_be_of_type",
-                    col,
-                    len(rows),
-                    rows[:sample],
-                    f"str expected, got {vals}",
-                )
-            )
-        else:
-            fails.append(
-                Failure("expect_column_values_to_be_of_type", col, len(s), [], f"str expected, got {s.dtype}")
-            )
-    ts = df[TS]
-    if ts.dtype != np.int64:
-        if pd.api.types.is_float_dtype(ts.dtype):
-            v = ts.to_numpy(dtype=np.float64)
-            bad = ~np.isfinite(v) | (v != np.round(v))
-        elif pd.api.types.is_integer_dtype(ts.dtype) or pd.api.types.is_bool_dtype(ts.dtype):
-            bad = np.zeros(len(ts), dtype=bool)
-        else:
-            bad = ~ts.map(lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)).to_numpy(
-                bool
-            )
-        rows = _positions(bad)
-        vals = [_short(v) for v in ts.iloc[rows[:5]]] if rows else []
-        fails.append(
-            Failure(
-                "expect_column_values_to_be_of_type",
-                TS,
-                len(rows) or len(ts),
-                rows[:sample],
-                f"int64 expected, got {ts.dtype}" + (f" values {vals}" if vals else ""),
-            )
-        )
-    if RATING in df.columns and not _is_numeric(df[RATING]):
-        s = df[RATING]
-        num = (
-            pd.to_numeric(s, errors="coerce")
-            if not pd.api.types.is_bool_dtype(s.dtype)
-            else s.map(lambda _: np.nan)
-        )
-        bad = (num.isna() & s.notna()).to_numpy()
-        rows = _positions(bad)
-        vals = [_short(v) for v in s.iloc[rows[:5]]] if rows else []
-        fails.append(
-            Failure(
-                "expect_column_values_to_be_of_type",
-                RATING,
-                len(rows) or len(s),
-                rows[:sample],
-                f"float64 expected, got {s.dtype}" + (f" values {vals}" if vals else ""),
-            )
-        )
-    if catalog is not None:
-        if not isinstance(catalog, pd.DataFrame):
-            fails.append(
-                Failure(
-                    "expect_column_to_exist",
-                    f"catalog.{ITEM}",
-                    1,
-                    detail=f"catalog is not a table: {type(catalog).__name__}",
-                )
-            )
-        else:
-            fails += _catalog_prechecks(catalog, sample)
-    return fails
-
-
-def _catalog_prechecks(catalog: pd.DataFrame, sample: int) -> list[Failure]:
-    """The catalog's item_id: present once, str, not null, unique (one title/genres per item)."""
-    col = f"catalog.{ITEM}"
-    fails = _missing_columns(catalog, [ITEM], prefix="catalog.")
-    if fails:
-        return fails
-    ids = catalog[ITEM].reset_index(drop=True)
-    null = ids.isna().to_numpy(dtype=bool)
-    if null.any():
-        rows = _positions(null)
-        fails.append(Failure("expect_column_values_to_not_be_null", col, len(rows), rows[:sample], "missing catalog ids"))
-
-    def flag(mask: np.ndarray, expectation: str, message: str) -> bool:
-        if not mask.any():
-            return False
-        rows = _positions(mask)
-        vals = [_short(v) for v in ids.iloc[rows[:5]]]
-        fails.append(Failure(expectation, col, len(rows), rows[:sample], f"{message}{vals}"))
-        return True
-
-    if flag((~null) & ~ids.map(lambda v: isinstance(v, str)).to_numpy(dtype=bool),
-            "expect_column_values_to_be_of_type", "str expected, got "):
-        return fails
-    flag((~null) & ids.duplicated(keep="first").to_numpy(dtype=bool), "expect_column_values_to_be_unique",
-         "item ids listed more than once in the catalog: ")
-    return fails
-
-
-def validate_raw(
-    interactions: pd.DataFrame,
-    catalog: pd.DataFrame | None,
-    cfg: Config,
-    dataset: str,
-    docs_dir: str | Path | None = None,
-    fmt: str | None = None,
-) -> dict:
-    """Validate the canonical interaction table (see :mod:`asft.data.schema`).
-
-    Expectations: required columns exist; >= 1 row; user_id, item_id, timestamp not null; ids not
-    blank; timestamp int64 within [0, 2**62]; rating (when present with any value) not null and within
-    the scale of the format ``fmt`` or the declared [rating_min, rating_max] (see
-    :func:`asft.data.schema.rating_scale`), on the format's grid when it has one; (user_id, item_id, timestamp) unique unless
-    ``validation.allow_duplicate_events``; item_id in the catalog (when given); and, with
-    ``mostly=validation.min_history_mostly``, each event belongs to a user with at least
-    ``preprocess.min_user_events`` events (derived column ``user_event_count``).
-    """
-    t0 = time.perf_counter()
-    sample = int(cfg.validation.sample_rows)
-    pre = _raw_prechecks(interactions, catalog, sample)
-    k = int(cfg.preprocess.min_user_events)
-    vcfg = cfg.validation
-    r_lo, r_hi, r_step = rating_scale(fmt, vcfg.rating_min, vcfg.rating_max)
-    declared = vcfg.rating_min is not None or vcfg.rating_max is not None
-    scale_note = "validation.rating_min/max" if declared else f"the {fmt or 'default'} scale; declare" \
-        " validation.rating_min/rating_max for another"
-
-    if pre:
-        frame = interactions.reset_index(drop=True) if isinstance(interactions, pd.DataFrame) else None
-        if frame is not None and frame.columns.duplicated().any():
-            frame = None
-
-        def build_structure(gx):
-            exps = _structure_expectations(gx, REQUIRED_COLUMNS)
-            if frame is not None and TS in frame.columns and len(frame):
-                exps.append(gx.expectations.ExpectColumnValuesToBeOfType(column=TS, type_="int64"))
-            return exps
-
-        out = _Outcome()
-        if docs_dir is not None and vcfg.data_docs and frame is not None:
-            out = _run_gx(SUITE_RAW, [_Table(SUITE_RAW, frame, build_structure)], dataset, cfg, docs_dir)
-            out.failures = [f for f in out.failures if f.expectation == "great_expectations_run"]
-        return _finish(SUITE_RAW, dataset, pre, out, {}, docs_dir)
-
-    df = interactions
-    frame = pd.DataFrame({USER: df[USER].to_numpy(), ITEM: df[ITEM].to_numpy(), TS: df[TS].to_numpy()})
-    has_rating = RATING in df.columns and bool(df[RATING].notna().any())
-    if has_rating:
-        frame[RATING] = df[RATING].to_numpy(dtype=np.float64)
-    counts = frame.groupby(USER, sort=False)[USER].transform("size")
-    frame["user_event_count"] = counts.fillna(0).to_numpy(dtype=np.int64)
-    has_catalog = catalog is not None
-    if has_catalog:
-        frame["item_in_catalog"] = frame[ITEM].isin(pd.unique(catalog[ITEM].dropna())).to_numpy(dtype=bool)
-
-    def build(gx):
-        E = gx.expectations
-        exps = _structure_expectations(gx, REQUIRED_COLUMNS)
-        for c in (USER, ITEM, TS):
-            exps.append(E.ExpectColumnValuesToNotBeNull(column=c, **_m("missing values")))
-        for c in (USER, ITEM):
-            exps.append(E.ExpectColumnValuesToNotMatchRegex(column=c, regex=r"^\s*$", **_m("blank id")))
-        exps.append(E.ExpectColumnValuesToBeOfType(column=TS, type_="int64"))
-        exps.append(
-            E.ExpectColumnValuesToBeBetween(
-                column=TS,
-                min_value=TIMESTAMP_MIN,
-                max_value=TIMESTAMP_MAX,
-                **_m(f"timestamp outside [{TIMESTAMP_MIN}, 2**62]"),
-            )
-        )
-        if has_rating:
-            exps.append(E.ExpectColumnValuesToNotBeNull(column=RATING, **_m("rating missing on some events")))
-            exps.append(
-                E.ExpectColumnValuesToBeBetween(
-                    column=RATING,
-                    min_value=r_lo,
-                    max_value=r_hi,
-                    **_m(f"rating outside [{r_lo}, {r_hi}] ({scale_note})"),
-                )
-            )
-            if r_step:
-                grid = [round(r_lo + i * r_step, 6) for i in range(int(round((r_hi - r_lo) / r_step)) + 1)]
-                exps.append(
-                    E.ExpectColumnValuesToBeInSet(
-                        column=RATING, value_set=grid, **_m(f"rating off the {fmt} scale {grid}")
-                    )
-                )
-        if not vcfg.allow_duplicate_events:
-            exps.append(
-                E.ExpectCompoundColumnsToBeUnique(
-                    column_list=[USER, ITEM, TS], **_m("duplicated (user_id, item_id, timestamp) events")
-                )
-            )
-        if has_catalog:
-            exps.append(
-                E.ExpectColumnValuesToBeInSet(
-                    column="item_in_catalog", value_set=[True], **_m("item_id not in the catalog", ITEM)
-                )
-            )
-        exps.append(
-            E.ExpectColumnValuesToBeBetween(
-                column="user_event_count",
-                min_value=k,
-                mostly=float(vcfg.min_history_mostly),
-                **_m(f"events of users with fewer than {k} events (preprocess.min_user_events)", USER),
-            )
-        )
-        return exps
-
-    out = _run_gx(SUITE_RAW, [_Table(SUITE_RAW, frame, build)], dataset, cfg, docs_dir)
-    users = frame["user_event_count"]
-    report = {
-        "rows": len(frame),
-        "users": int(df[USER].nunique()),
-        "items": int(df[ITEM].nunique()),
-        "has_ratings": has_rating,
-        "users_below_min_events": int(frame.loc[users < k, USER].nunique()),
-        "events_of_short_users": int((users < k).sum()),
-        "duplicate_events": int(frame.duplicated([USER, ITEM, TS]).sum()),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    if has_catalog:
-        report["items_missing_from_catalog"] = int(frame.loc[~frame["item_in_catalog"], ITEM].nunique())
-    return _finish(SUITE_RAW, dataset, pre, out, report, docs_dir)
-
-
-# ------------------------------------------------------------------------- list-column helpers
-@dataclass
-class _Lists:
-    """A column of integer lists as flat values + offsets (nulls: length -1, empty values)."""
-
-    values: np.ndarray
-    offsets: np.ndarray
-    null: np.ndarray
-
-    @property
-    def lengths(self) -> np.ndarray:
-        n = np.diff(self.offsets)
-        return np.where(self.null, -1, n)
-
-    def row(self, i: int) -> np.ndarray:
-        return self.values[self.offsets[i] : self.offsets[i + 1]]
-
-    def parents(self) -> np.ndarray:
-        return np.repeat(np.arange(len(self.null)), np.diff(self.offsets))
-
-    def rows_with(self, bad_values: np.ndarray) -> np.ndarray:
-        """Per row: how many of its values are flagged."""
-        return np.bincount(self.parents()[bad_values], minlength=len(self.null))
-
-
-def _lists_from_arrow(arr) -> _Lists:
-    import pyarrow as pa
-
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks() if arr.num_chunks else pa.array([], type=arr.type)
-    arr = arr.cast(pa.large_list(pa.int64()))
-    null = np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-    offsets = np.asarray(arr.offsets.to_numpy(), dtype=np.int64)
-    offsets = offsets - offsets[0]
-    values = arr.values.slice(int(arr.offsets[0].as_py()), int(offsets[-1]))
-    vals = values.fill_null(-(2**62)).to_numpy(zero_copy_only=False).astype(np.int64)
-    return _Lists(vals, offsets, null)
-
-
-def _lists_from_series(s: pd.Series) -> tuple[_Lists, np.ndarray]:
-    """Python objects -> _Lists; second value: rows that are not lists of integers."""
-    arrays, bad = [], np.zeros(len(s), dtype=bool)
-    null = np.zeros(len(s), dtype=bool)
-    for i, v in enumerate(s.tolist()):
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            null[i] = True
-            arrays.append(np.empty(0, np.int64))
-            continue
-        try:
-            if isinstance(v, (str, bytes, dict)) or np.ndim(v) != 1:
-                raise TypeError
-            a = np.asarray(v, dtype=np.float64)
-            if a.size and (not np.isfinite(a).all() or (a != np.round(a)).any()):
-                raise TypeError
-            arrays.append(a.astype(np.int64))
-        except (TypeError, ValueError):
-            bad[i] = True
-            null[i] = True
-            arrays.append(np.empty(0, np.int64))
-    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    values = np.concatenate(arrays) if arrays else np.empty(0, np.int64)
-    return _Lists(values.astype(np.int64), offsets, null), bad
-
-
-def _lists_from_objects(s: pd.Series) -> tuple[_Lists, np.ndarray]:
-    """A pandas column of token lists (lists or numpy arrays, e.g. read from Parquet) -> _Lists.
-
-    Fast path through pyarrow; anything that is not a list of integers per row takes the slow path,
-    which also reports the offending rows."""
-    import pyarrow as pa
-
-    try:
-        arr = pa.array(s.to_numpy(dtype=object), from_pandas=True)
-        if (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)) and pa.types.is_integer(
-            arr.type.value_type
-        ):
-            return _lists_from_arrow(arr), np.zeros(len(s), dtype=bool)
-    except (pa.ArrowException, TypeError, ValueError, OverflowError):
-        pass
-    return _lists_from_series(s)
-
-
-def _tails_match(ctx: _Lists, items: _Lists, pos: np.ndarray, end: np.ndarray, max_len: int) -> np.ndarray:
-    """Row i: ctx[i] == items[pos[i]][:end[i]][-max_len:] (vectorised over all rows)."""
-    n = len(pos)
-    match = np.zeros(n, dtype=bool)
-    safe = np.maximum(pos, 0)
-    ilen = items.lengths[safe] if len(items.null) else np.full(n, -1)
-    want = np.minimum(end, max_len)
-    rows = np.flatnonzero((pos >= 0) & ~ctx.null & (end >= 1) & (end <= ilen) & (ctx.lengths == want))
-    if len(rows) == 0:
-        return match
-    lens = ctx.lengths[rows]
-    rep = np.repeat(rows, lens)
-    within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
-    got = ctx.values[ctx.offsets[rep] + within]
-    expected = items.values[items.offsets[pos[rep]] + (end[rep] - want[rep]) + within]
-    bad = np.bincount(rep[got != expected], minlength=n)
-    match[rows] = bad[rows] == 0
-    return match
-
-
 def _int_values(s: pd.Series | np.ndarray, fill: int = -1) -> np.ndarray:
     v = pd.to_numeric(pd.Series(s), errors="coerce").to_numpy(dtype=np.float64)
     v = np.where(np.isfinite(v), v, fill)
@@ -765,110 +445,230 @@ def _lookup(keys: np.ndarray, table_keys: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(pos.astype(np.float64)), -1, pos).astype(np.int64)
 
 
-# ------------------------------------------------------------------------ suite 2: processed dir
-def _read_processed(root: Path) -> tuple[dict, dict, Any, list[Failure]]:
-    """Read the processed tables with pyarrow; structural failures instead of exceptions."""
-    import pyarrow as pa
+def _found(keys: pd.Series, pos: np.ndarray) -> pd.Series:
+    """Reference column for ``expect_*_to_be_in_*``: the key where it was found, null elsewhere."""
+    return pd.Series(keys.to_numpy(dtype=object), dtype=object).where(pos >= 0, None)
+
+
+def _pick(rows: list, pos: np.ndarray) -> pd.Series:
+    """Per-row join: rows[pos] (None where pos < 0)."""
+    return pd.Series([rows[p] if p >= 0 else None for p in pos.tolist()], dtype=object)
+
+
+def _present(frame: Any) -> pd.DataFrame:
+    return frame.reset_index(drop=True) if isinstance(frame, pd.DataFrame) else pd.DataFrame()
+
+
+# ------------------------------------------------------------------------------ suite 1: raw events
+def validate_raw(
+    interactions: pd.DataFrame,
+    catalog: pd.DataFrame | None,
+    cfg: Config,
+    dataset: str,
+    docs_dir: str | Path | None = None,
+    fmt: str | None = None,
+) -> dict:
+    """Validate the canonical interaction table (see :mod:`asft.data.schema`).
+
+    Expectations: unique column names; required columns exist; >= 1 row; user_id, item_id, timestamp
+    not null; ids non-blank strings; timestamps int64 within [0, 2**62]; ratings (when any is given)
+    on the scale of the format ``fmt`` or the declared [rating_min, rating_max] (see
+    :func:`asft.data.schema.rating_scale`), on the format's grid when it has one, none missing;
+    (user_id, item_id, timestamp) unique unless ``validation.allow_duplicate_events``; items listed in
+    the catalog (when given; the catalog's item_id: present, non-blank, unique); and, with
+    ``mostly=validation.min_history_mostly``, events belong to users with at least
+    ``preprocess.min_user_events`` events.
+    """
+    t0 = time.perf_counter()
+    vcfg = cfg.validation
+    k = int(cfg.preprocess.min_user_events)
+    r_lo, r_hi, r_step = rating_scale(fmt, vcfg.rating_min, vcfg.rating_max)
+    declared = vcfg.rating_min is not None or vcfg.rating_max is not None
+    scale = "validation.rating_min/max" if declared else \
+        f"the {fmt or 'default'} scale; declare validation.rating_min/rating_max for another"
+    frame = _present(interactions)
+    not_table = "" if isinstance(interactions, pd.DataFrame) else f"not a table: {type(interactions).__name__}"
+    has_rating = RATING in usable(frame, [RATING]) and bool(frame[RATING].notna().any())
+    cat = _present(catalog) if catalog is not None else None
+    cat_ok = cat is not None and usable(cat, [ITEM]) == [ITEM] and ITEM in usable(frame, [ITEM])
+    if cat_ok:
+        listed = frame[ITEM].isin(pd.unique(cat[ITEM].dropna())).to_numpy(dtype=bool)
+        frame = frame.assign(catalog_item_id=_found(frame[ITEM], np.where(listed, 0, -1)))
+
+    def build(r: _Rules) -> None:
+        E, X = r.E, r.X
+        cols = r.structure(frame, REQUIRED_COLUMNS, what=not_table or "table is empty (>= 1 row)")
+        for c in cols:
+            r.add(E.ExpectColumnValuesToNotBeNull, "missing values", column=c)
+        for c in (USER, ITEM):
+            if c in cols:
+                r.add(X.ExpectColumnValuesToBeNonblankStrings, "non-blank string id expected", column=c)
+        if TS in cols:
+            r.add(X.ExpectColumnValuesToBeInt64Timestamps, f"int64 timestamp in [{TIMESTAMP_MIN}, 2**62] expected",
+                  column=TS, min_value=TIMESTAMP_MIN, max_value=TIMESTAMP_MAX)
+        if has_rating:
+            grid = f" in steps of {r_step}" if r_step else ""
+            r.add(X.ExpectColumnValuesToBeOnRatingScale,
+                  f"rating must be a number between {r_lo} and {r_hi}{grid}, none missing ({scale})",
+                  column=RATING, min_value=r_lo, max_value=r_hi, step=r_step)
+        if len(cols) == len(REQUIRED_COLUMNS) and not vcfg.allow_duplicate_events:
+            r.add(E.ExpectCompoundColumnsToBeUnique, "duplicated (user_id, item_id, timestamp) events",
+                  column_list=[USER, ITEM, TS])
+        if cat_ok:
+            r.add(X.ExpectItemsToBeListedInCatalog, "item_id not in the catalog", column_A=ITEM,
+                  column_B="catalog_item_id", ignore_row_if="both_values_are_missing")
+        if USER in cols:
+            r.add(X.ExpectUsersToHaveMinEvents,
+                  f"events of users with fewer than {k} events (user_event_count < preprocess.min_user_events)",
+                  USER, column=USER, min_events=k, mostly=float(vcfg.min_history_mostly))
+
+    def build_catalog(r: _Rules) -> None:
+        what = "" if isinstance(catalog, pd.DataFrame) else f"catalog is not a table: {type(catalog).__name__}"
+        if what:
+            r.add(r.E.ExpectColumnToExist, what, column=ITEM)
+            return
+        if r.structure(cat, [ITEM], min_rows=0):
+            r.add(r.E.ExpectColumnValuesToNotBeNull, "missing catalog ids", column=ITEM)
+            r.add(r.X.ExpectColumnValuesToBeNonblankStrings, "non-blank string id expected", column=ITEM)
+            r.add(r.E.ExpectColumnValuesToBeUnique, "item ids listed more than once in the catalog", column=ITEM)
+
+    tables = [_Table(SUITE_RAW, frame, build)]
+    if cat is not None:
+        tables.append(_Table("catalog", cat, build_catalog, "catalog."))
+    out = _run_gx(SUITE_RAW, tables, dataset, cfg, docs_dir)
+
+    def report() -> dict:
+        counts = frame.groupby(USER, sort=False)[USER].transform("size").to_numpy()
+        rep = {
+            "rows": len(frame),
+            "users": int(frame[USER].nunique()),
+            "items": int(frame[ITEM].nunique()),
+            "has_ratings": has_rating,
+            "users_below_min_events": int(frame.loc[counts < k, USER].nunique()),
+            "events_of_short_users": int((counts < k).sum()),
+            "duplicate_events": int(frame.duplicated([USER, ITEM, TS]).sum()),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        if cat_ok:
+            rep["items_missing_from_catalog"] = int(frame.loc[frame["catalog_item_id"].isna(), ITEM].nunique())
+        return rep
+
+    return _finish(SUITE_RAW, dataset, out, report, docs_dir)
+
+
+def read_raw_dir(raw_dir: str | Path):
+    """The canonical tables of a published ``raw/`` directory (interactions, catalog, format);
+    unreadable files raise :class:`~asft.data.schema.DataFormatError` naming the file."""
     import pyarrow.parquet as pq
 
-    from asft.data.preprocess import OUTPUT_FILES, ItemVocab
+    from asft.data.schema import DataFormatError, InteractionData
 
-    fails: list[Failure] = []
+    raw_dir = Path(raw_dir)
+
+    def parquet(name: str) -> pd.DataFrame:
+        p = raw_dir / name
+        try:
+            return pq.read_table(p).to_pandas()
+        except FileNotFoundError:
+            raise DataFormatError(p, "file not found (write it with `asft ingest` or `asft load`)") from None
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for broken files
+            raise DataFormatError(p, f"not a readable Parquet file: {type(e).__name__}: {str(e)[:200]}") from None
+
+    src: dict = {}
+    if (raw_dir / "source.json").is_file():
+        try:
+            src = json.loads((raw_dir / "source.json").read_text())
+        except (ValueError, OSError) as e:
+            raise DataFormatError(raw_dir / "source.json", f"not valid JSON: {e}") from None
+        if not isinstance(src, dict):
+            raise DataFormatError(raw_dir / "source.json", "not a JSON object")
+    items = parquet("catalog.parquet") if (raw_dir / "catalog.parquet").is_file() else None
+    return InteractionData(parquet("interactions.parquet"), items, str(src.get("source", "")),
+                           str(src.get("format", "")))
+
+
+def validate_raw_dir(raw_dir: str | Path, cfg: Config, docs_dir: str | Path | None = None) -> dict:
+    """Run the raw suite (the one ``retrain`` runs at ingestion) on a published ``raw/`` directory:
+    ``interactions.parquet`` (+ ``catalog.parquet``), with the rating scale of the format recorded in
+    ``source.json``. Returns the report; raises DataValidationError (or DataFormatError for an
+    unreadable file)."""
+    data = read_raw_dir(raw_dir)
+    dataset = f"{data.source or 'interactions'} ({Path(raw_dir) / 'interactions.parquet'})"
+    return validate_raw(data.interactions, data.items, cfg, dataset, docs_dir, fmt=data.format or None)
+
+
+# ------------------------------------------------------------------------ suite 2: processed dir
+def _read_processed(root: Path, names=tuple(PROCESSED_TABLES)) -> tuple[dict, dict, Any]:
+    """The readable processed tables (pyarrow), stats.json and vocab.json; missing or broken files are
+    left out (the ``files`` table of the suite reports them)."""
+    import pyarrow.parquet as pq
+
+    from asft.data.preprocess import ItemVocab
+
     tables: dict[str, Any] = {}
     stats: dict = {}
     vocab = None
-    if not root.is_dir():
-        return {}, {}, None, [Failure("expect_file_to_exist", None, 1, detail=f"{root} is not a directory")]
-    for f in OUTPUT_FILES:
-        if not (root / f).is_file():
-            fails.append(Failure("expect_file_to_exist", None, 1, detail=f"{f} missing in {root}"))
-    for name, cols in PROCESSED_TABLES.items():
-        p = root / f"{name}.parquet"
-        if not p.is_file():
-            continue
-        try:
-            t = pq.read_table(p)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for broken files
-            fails.append(
-                Failure(
-                    "expect_file_to_be_valid_parquet",
-                    None,
-                    1,
-                    detail=f"{p.name}: {type(e).__name__}: {str(e)[:200]}",
-                )
-            )
-            continue
-        names = t.column_names
-        present = [c for c in cols if c in names]
-        for c in cols:
-            if c not in names:
-                fails.append(Failure("expect_column_to_exist", f"{name}.{c}", 1, detail=f"have {names[:20]}"))
-        for c in present:
-            typ = t.schema.field(c).type
-            kind = cols[c]
-            ok = {
-                "int": pa.types.is_integer(typ),
-                "str": pa.types.is_string(typ) or pa.types.is_large_string(typ),
-                "list": (pa.types.is_list(typ) or pa.types.is_large_list(typ))
-                and pa.types.is_integer(typ.value_type),
-            }[kind]
-            if not ok:
-                fails.append(
-                    Failure(
-                        "expect_column_values_to_be_of_type",
-                        f"{name}.{c}",
-                        t.num_rows,
-                        [],
-                        f"{ {'int': 'integer', 'str': 'string', 'list': 'list<int>'}[kind] } expected,"
-                        f" got {typ}",
-                    )
-                )
-        if name in ("sequences", "valid", "test") and t.num_rows == 0:
-            fails.append(
-                Failure("expect_table_row_count_to_be_between", name, 0, detail=f"{name}.parquet is empty")
-            )
-        tables[name] = t
-    for fname in ("vocab.json", "stats.json"):
-        p = root / fname
-        if not p.is_file():
-            continue
-        try:
-            if fname == "vocab.json":
-                vocab = ItemVocab.load(p)
-            else:
-                stats = json.loads(p.read_text())
-                if not isinstance(stats, dict):
-                    raise ValueError("not a JSON object")
-        except Exception as e:  # noqa: BLE001 - broken JSON, wrong keys or types
-            fails.append(
-                Failure(
-                    "expect_file_to_be_valid_json",
-                    None,
-                    1,
-                    detail=f"{fname}: {type(e).__name__}: {str(e)[:200]}",
-                )
-            )
-    return tables, stats, vocab, fails
+    for name in names:
+        with contextlib.suppress(Exception):
+            tables[name] = pq.read_table(root / f"{name}.parquet")
+    with contextlib.suppress(Exception):
+        vocab = ItemVocab.load(root / "vocab.json")
+    with contextlib.suppress(Exception):
+        s = json.loads((root / "stats.json").read_text())
+        stats = s if isinstance(s, dict) else {}
+    return tables, stats, vocab
 
 
-def _seq_windows_ok(items: _Lists, seq_pos: np.ndarray, tokens: _Lists, holdout: int) -> np.ndarray:
-    """Window i is a contiguous slice of its user's items[:-holdout] (the training part)."""
-    ok = np.zeros(len(seq_pos), dtype=bool)
-    tl = tokens.lengths
-    il = items.lengths
-    for i, p in enumerate(seq_pos):
-        n = int(tl[i])
-        if p < 0 or n <= 0:
-            continue
-        part = items.row(int(p))[: max(int(il[p]) - holdout, 0)]
-        w = tokens.row(i)
-        if n > len(part):
-            continue
-        for s in np.flatnonzero(part[: len(part) - n + 1] == w[0]):
-            if np.array_equal(part[s : s + n], w):
-                ok[i] = True
-                break
-    return ok
+def _files_table(root: Path, files, prefix: str = "") -> _Table:
+    def build(r: _Rules) -> None:
+        r.add(r.X.ExpectFilesToExist, f"missing in {root}", column="file", root=str(root))
+        r.add(r.X.ExpectFilesToBeReadable, f"unreadable in {root} (broken Parquet, JSON or vocabulary)",
+              column="file", root=str(root))
+
+    return _Table("files", pd.DataFrame({"file": list(files)}), build, prefix)
+
+
+class _Sequences:
+    """sequences.parquet as token lists, with per-user joins for the other tables."""
+
+    def __init__(self, table):
+        from asft.data.gx_custom import lists_from_arrow
+
+        self.key = _int_values(table.column("user_idx").to_pandas(), fill=-(2**40))
+        self.items = lists_from_arrow(table.column("items"))
+        self.rows = [None if self.items.null[i] else self.items.row(i) for i in range(len(self.key))]
+
+    def pos(self, user_idx: pd.Series) -> np.ndarray:
+        return _lookup(_int_values(user_idx), self.key)
+
+    def part(self, pos: np.ndarray, drop: int) -> pd.Series:
+        """items[:-drop] of each row's user (null for unknown users). Rows of one user share one array
+        (cheap for GX to filter and to fingerprint)."""
+        rows = [None if r is None else r[: max(len(r) - drop, 0)] for r in self.rows]
+        return _pick(rows, pos)
+
+    def item(self, pos: np.ndarray, back: int) -> np.ndarray:
+        """items[-back] of each row's user (NaN when unknown or too short)."""
+        it = self.items
+        n = it.lengths
+        p = np.maximum(pos, 0)
+        ok = (pos >= 0) & (n[p] >= back) if len(n) else np.zeros(len(pos), dtype=bool)
+        idx = np.where(ok, it.offsets[p + 1] - back if len(n) else 0, 0)
+        return np.where(ok, it.values[idx] if len(it.values) else 0, np.nan).astype(np.float64)
+
+
+def _arrow_frame(table, columns) -> pd.DataFrame:
+    """Selected columns of a pyarrow table as pandas; list columns arrow-backed."""
+    import pyarrow as pa
+
+    out = {}
+    for c in columns:
+        col = table.column(c)
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            out[c] = pd.Series(pd.arrays.ArrowExtensionArray(col))
+        else:
+            out[c] = col.to_pandas()
+    return pd.DataFrame(out).reset_index(drop=True)
 
 
 def validate_processed(processed_dir: str | Path, cfg: Config, docs_dir: str | Path | None = None) -> dict:
@@ -876,9 +676,10 @@ def validate_processed(processed_dir: str | Path, cfg: Config, docs_dir: str | P
 
     Tables (one GX suite each, ``processed_sequences.<table>``):
 
-    * sequences: user_idx unique in [0, users), user_id unique, length >= min_user_events, all items in
-      the vocabulary, as many timestamps as items, timestamps non-decreasing;
-    * train: user_idx known, window length in [2, max_len+1], tokens in the vocabulary, first_label in
+    * files: every output file exists and is readable;
+    * sequences: user_idx unique in [0, users), user_id unique non-blank, length >= min_user_events,
+      all items in the vocabulary, as many timestamps as items, timestamps non-decreasing;
+    * train: users known, window length in [2, max_len+1], tokens in the vocabulary, first_label in
       [0, len-2], and every window is a contiguous slice of the user's items[:-2] (no leakage of the
       validation/test events);
     * valid / test: one row per user (unique user_idx, row count == users), input length in [1, max_len],
@@ -887,228 +688,121 @@ def validate_processed(processed_dir: str | Path, cfg: Config, docs_dir: str | P
     * stats: stats.json agrees with the tables (users, items, vocab_size, events, train_events,
       train_windows, max_len, min_user_events).
     """
-    from asft.data.preprocess import NUM_SPECIAL
+    from asft.data.preprocess import NUM_SPECIAL, OUTPUT_FILES
 
     t0 = time.perf_counter()
     root = Path(processed_dir)
     dataset = str(root)
     L = int(cfg.preprocess.max_len)
     k = int(cfg.preprocess.min_user_events)
-    tables, stats, vocab, pre = _read_processed(root)
-    if pre or vocab is None:
-        if not pre:
-            pre = [Failure("expect_file_to_exist", None, 1, detail="vocab.json missing")]
-        out = _Outcome()
-        if docs_dir is not None and cfg.validation.data_docs:
-            st = []
-            for name, t in tables.items():
-                cols = list(PROCESSED_TABLES[name])
-                frame = pd.DataFrame({c: np.zeros(t.num_rows, np.int8) for c in t.column_names if c in cols})
-                st.append(
-                    _Table(
-                        name,
-                        frame,
-                        lambda gx, cols=cols: _structure_expectations(gx, cols),
-                        prefix=f"{name}.",
-                    )
-                )
-            if st:
-                out = _run_gx(SUITE_PROCESSED, st, dataset, cfg, docs_dir)
-                out.failures = [f for f in out.failures if f.expectation == "great_expectations_run"]
-        return _finish(SUITE_PROCESSED, dataset, pre, out, {}, docs_dir)
+    tables, stats, vocab = _read_processed(root)
+    parts = [_files_table(root, OUTPUT_FILES)]
+    frames = {name: _arrow_frame(t, [c for c in t.column_names if c in PROCESSED_TABLES[name]])
+              for name, t in tables.items()}
+    complete = vocab is not None and len(tables) == len(PROCESSED_TABLES) and all(
+        len(set(tables[n].column_names)) == len(tables[n].column_names) and usable(frames[n], cols) == list(cols)
+        for n, cols in PROCESSED_TABLES.items()
+    )
+    if not complete:  # structure and types only: the table rules need every table and the vocabulary
+        for name, f in frames.items():
+            kinds = PROCESSED_TABLES[name]
+
+            def build(r: _Rules, f=f, kinds=kinds) -> None:
+                r.types(kinds, r.structure(f, kinds, min_rows=0))
+
+            parts.append(_Table(name, f, build, f"{name}."))
+        out = _run_gx(SUITE_PROCESSED, parts, dataset, cfg, docs_dir)
+        if not out.failures:  # e.g. a directory GX found fine but vocab.json is unusable
+            out.failures.append(Failure("expect_files_to_be_readable", "files.file", 1, [], f"vocab.json in {root}"))
+        return _finish(SUITE_PROCESSED, dataset, out, dict, docs_dir)
 
     V = vocab.size
     lo, hi = NUM_SPECIAL, V - 1
+    seqs = _Sequences(tables["sequences"])
+    n_users = len(seqs.key)
 
-    def in_vocab(lists: _Lists) -> np.ndarray:
-        bad = (lists.values < lo) | (lists.values > hi)
-        return (lists.rows_with(bad) == 0) & ~lists.null
+    sf = frames["sequences"][list(PROCESSED_TABLES["sequences"])]
 
-    def col(t, c) -> pd.Series:
-        return t.column(c).to_pandas().reset_index(drop=True)
+    def build_seq(r: _Rules) -> None:
+        E, X = r.E, r.X
+        r.types(PROCESSED_TABLES["sequences"], r.structure(sf, PROCESSED_TABLES["sequences"]))
+        r.add(E.ExpectColumnValuesToNotBeNull, "missing user_idx", column="user_idx")
+        r.add(E.ExpectColumnValuesToBeUnique, "one sequence per user", column="user_idx")
+        r.add(E.ExpectColumnValuesToBeBetween, f"user_idx outside [0, {n_users})", column="user_idx",
+              min_value=0, max_value=max(n_users - 1, 0))
+        r.add(E.ExpectColumnValuesToNotBeNull, "missing user_id", column="user_id")
+        r.add(E.ExpectColumnValuesToBeUnique, "one sequence per user", column="user_id")
+        r.add(X.ExpectListLengthsToBeBetween, f"sequence shorter than {k} (preprocess.min_user_events)",
+              column="items", min_value=k)
+        r.add(X.ExpectListValuesToBeBetween, f"items token outside [{lo}, {V})", "user_idx", column="items",
+              min_value=lo, max_value=hi)
+        r.add(X.ExpectListLengthsToBeEqual, "timestamps and items differ in length", column_A="timestamps",
+              column_B="items")
+        r.add(X.ExpectListValuesToBeNonDecreasing, "timestamps decrease within the sequence", "user_idx",
+              column="timestamps")
 
-    # sequences
-    st = tables["sequences"]
-    n_users = st.num_rows
-    seq_uidx = col(st, "user_idx")
-    items = _lists_from_arrow(st.column("items"))
-    tss = _lists_from_arrow(st.column("timestamps"))
-    ilen = items.lengths
-    same_row = np.zeros(max(len(tss.values) - 1, 0), dtype=bool)
-    if len(tss.values) > 1:
-        par = tss.parents()
-        same_row = par[1:] == par[:-1]
-        dec = np.diff(tss.values) < 0
-        dec_rows = np.bincount(par[1:][dec & same_row], minlength=n_users)
-    else:
-        dec_rows = np.zeros(n_users, dtype=np.int64)
-    seq_frame = pd.DataFrame(
-        {
-            "user_id": col(st, "user_id"),
-            "user_idx": seq_uidx,
-            "items_len": ilen,
-            "items_in_vocab": in_vocab(items),
-            "timestamps_len": tss.lengths,
-            "timestamps_sorted": (dec_rows == 0) & ~tss.null,
-        }
-    )
-    seq_key = _int_values(seq_uidx, fill=-(2**40))
+    tf = frames["train"][list(PROCESSED_TABLES["train"])]
+    tpos = seqs.pos(tf["user_idx"])
+    tf = tf.assign(sequence_user_idx=_found(tf["user_idx"], tpos), training_items=seqs.part(tpos, HOLDOUT))
 
-    def build_seq(gx):
-        E = gx.expectations
-        return [
-            *_structure_expectations(gx, list(seq_frame.columns)),
-            E.ExpectColumnValuesToNotBeNull(column="user_idx"),
-            E.ExpectColumnValuesToBeUnique(column="user_idx", **_m("one sequence per user")),
-            E.ExpectColumnValuesToBeBetween(
-                column="user_idx",
-                min_value=0,
-                max_value=max(n_users - 1, 0),
-                **_m(f"user_idx outside [0, {n_users})"),
-            ),
-            E.ExpectColumnValuesToNotBeNull(column="user_id"),
-            E.ExpectColumnValuesToBeUnique(column="user_id"),
-            E.ExpectColumnValuesToBeBetween(
-                column="items_len",
-                min_value=k,
-                **_m(f"sequence shorter than {k} (preprocess.min_user_events)"),
-            ),
-            _all_true(E, "items_in_vocab", f"items token outside [{lo}, {V})", "user_idx"),
-            E.ExpectColumnPairValuesToBeEqual(
-                column_A="timestamps_len", column_B="items_len", **_m("timestamps and items differ in length")
-            ),
-            _all_true(E, "timestamps_sorted", "timestamps decrease within the sequence", "user_idx"),
-        ]
+    def build_train(r: _Rules) -> None:
+        E, X = r.E, r.X
+        r.types(PROCESSED_TABLES["train"], r.structure(tf, PROCESSED_TABLES["train"], min_rows=0))
+        r.add(E.ExpectColumnValuesToNotBeNull, "missing user_idx", column="user_idx")
+        r.add(X.ExpectUsersToBeInSequences, "user_idx not in sequences.parquet", column_A="user_idx",
+              column_B="sequence_user_idx", ignore_row_if="both_values_are_missing")
+        r.add(X.ExpectListLengthsToBeBetween, f"window length outside [2, max_len+1={L + 1}]", column="tokens",
+              min_value=2, max_value=L + 1)
+        r.add(X.ExpectListValuesToBeBetween, f"token outside [{lo}, {V})", "user_idx", column="tokens",
+              min_value=lo, max_value=hi)
+        r.add(E.ExpectColumnValuesToBeBetween, "negative first_label", column="first_label", min_value=0)
+        r.add(X.ExpectLabelsToBeWithinWindows, "first_label beyond the window's last label",
+              column_A="tokens", column_B="first_label", ignore_row_if="either_value_is_missing")
+        r.add(X.ExpectTrainWindowsToBeSlicesOfTrainingPart,
+              "window is not a slice of the user's training items (items[:-2]): leakage or corruption",
+              "user_idx", column_list=["tokens", "training_items"], ignore_row_if="any_value_is_missing")
 
-    # train windows
-    tt = tables["train"]
-    tokens = _lists_from_arrow(tt.column("tokens"))
-    tr_uidx = col(tt, "user_idx")
-    tr_pos = _lookup(_int_values(tr_uidx), seq_key)
-    tlen = tokens.lengths
-    train_frame = pd.DataFrame(
-        {
-            "user_idx": tr_uidx,
-            "user_known": tr_pos >= 0,
-            "tokens_len": tlen,
-            "tokens_in_vocab": in_vocab(tokens),
-            "first_label": col(tt, "first_label"),
-            "last_label": np.maximum(tlen - 2, 0),
-            "window_in_train_part": _seq_windows_ok(items, tr_pos, tokens, 2),
-        }
-    )
+    def held_out(name: str, back: int) -> _Table:
+        f = frames[name][list(PROCESSED_TABLES[name])]
+        pos = seqs.pos(f["user_idx"])
+        f = f.assign(sequence_user_idx=_found(f["user_idx"], pos), held_out_item=seqs.item(pos, back),
+                     sequence_prefix=seqs.part(pos, back))
+        which = f"items[-{back}]"
 
-    def build_train(gx):
-        E = gx.expectations
-        return [
-            *_structure_expectations(gx, list(train_frame.columns)),
-            E.ExpectColumnValuesToNotBeNull(column="user_idx"),
-            E.ExpectColumnValuesToBeInSet(
-                column="user_known", value_set=[True], **_m("user_idx not in sequences", "user_idx")
-            ),
-            E.ExpectColumnValuesToBeBetween(
-                column="tokens_len",
-                min_value=2,
-                max_value=L + 1,
-                **_m(f"window length outside [2, max_len+1={L + 1}]"),
-            ),
-            E.ExpectColumnValuesToBeInSet(
-                column="tokens_in_vocab", value_set=[True], **_m(f"token outside [{lo}, {V})", "user_idx")
-            ),
-            E.ExpectColumnValuesToBeBetween(column="first_label", min_value=0, **_m("negative first_label")),
-            E.ExpectColumnPairValuesAToBeGreaterThanB(
-                column_A="last_label",
-                column_B="first_label",
-                or_equal=True,
-                **_m("first_label beyond the window's last label"),
-            ),
-            _all_true(E, "window_in_train_part", 
-                    "window is not a slice of the user's training items (items[:-2]): leakage or corruption",
-                    "user_idx",
-                ),
-        ]
+        def build(r: _Rules) -> None:
+            E, X = r.E, r.X
+            r.types(PROCESSED_TABLES[name], r.structure(f, PROCESSED_TABLES[name]))
+            r.add(E.ExpectTableRowCountToEqual, "one row per user of sequences.parquet", value=n_users)
+            r.add(E.ExpectColumnValuesToNotBeNull, "missing user_idx", column="user_idx")
+            r.add(E.ExpectColumnValuesToBeUnique, "one row per user", column="user_idx")
+            r.add(X.ExpectUsersToBeInSequences, "user_idx not in sequences.parquet", column_A="user_idx",
+                  column_B="sequence_user_idx", ignore_row_if="both_values_are_missing")
+            r.add(X.ExpectListLengthsToBeBetween, f"input length outside [1, max_len={L}]", column="input",
+                  min_value=1, max_value=L)
+            r.add(X.ExpectListValuesToBeBetween, f"input token outside [{lo}, {V})", "user_idx", column="input",
+                  min_value=lo, max_value=hi)
+            r.add(X.ExpectInputsToBeHistoryTails, f"input != history[-{L}:]", "user_idx", column_A="input",
+                  column_B="history", max_len=L, ignore_row_if="either_value_is_missing")
+            r.add(X.ExpectListValuesToBeBetween, f"history token outside [{lo}, {V})", "user_idx",
+                  column="history", min_value=lo, max_value=hi)
+            r.add(X.ExpectHistoriesToBeSequencePrefixes, f"history != items[:-{back}] of the user's sequence",
+                  "user_idx", column_A="history", column_B="sequence_prefix", ignore_row_if="either_value_is_missing")
+            r.add(E.ExpectColumnValuesToNotBeNull, "missing target", column="target")
+            r.add(E.ExpectColumnValuesToBeBetween, f"target outside [{lo}, {V})", column="target", min_value=lo,
+                  max_value=hi)
+            r.add(E.ExpectColumnPairValuesToBeEqual, f"target != {which} of the user's sequence",
+                  column_A="target", column_B="held_out_item")
 
-    def eval_frame(name: str, offset: int) -> tuple[pd.DataFrame, Callable]:
-        t = tables[name]
-        uidx = col(t, "user_idx")
-        pos = _lookup(_int_values(uidx), seq_key)
-        inp = _lists_from_arrow(t.column("input"))
-        hist = _lists_from_arrow(t.column("history"))
-        target = col(t, "target")
-        expected = np.full(len(pos), np.nan)
-        hist_ok = np.zeros(len(pos), dtype=bool)
-        input_ok = np.zeros(len(pos), dtype=bool)
-        for i, p in enumerate(pos):
-            h = hist.row(i)
-            if not inp.null[i] and not hist.null[i]:
-                input_ok[i] = np.array_equal(inp.row(i), h[-L:])
-            if p < 0 or ilen[p] < offset:
-                continue
-            seq = items.row(int(p))
-            expected[i] = seq[len(seq) - offset]
-            hist_ok[i] = not hist.null[i] and np.array_equal(h, seq[: len(seq) - offset])
-        tv = _int_values(target, fill=-1)
-        frame = pd.DataFrame(
-            {
-                "user_idx": uidx,
-                "user_known": pos >= 0,
-                "input_len": inp.lengths,
-                "input_in_vocab": in_vocab(inp),
-                "input_is_history_tail": input_ok,
-                "history_in_vocab": in_vocab(hist),
-                "history_matches_sequence": hist_ok,
-                "target": target,
-                "target_in_vocab": (tv >= lo) & (tv <= hi),
-                "expected_target": expected,
-            }
-        )
-        which = "items[-2]" if offset == 2 else "items[-1]"
+        return _Table(name, f, build, f"{name}.")
 
-        def build(gx):
-            E = gx.expectations
-            return [
-                *_structure_expectations(gx, list(frame.columns)),
-                E.ExpectTableRowCountToEqual(value=n_users, **_m("one row per user of sequences.parquet")),
-                E.ExpectColumnValuesToNotBeNull(column="user_idx"),
-                E.ExpectColumnValuesToBeUnique(column="user_idx", **_m("one row per user")),
-                E.ExpectColumnValuesToBeInSet(
-                    column="user_known", value_set=[True], **_m("user_idx not in sequences", "user_idx")
-                ),
-                E.ExpectColumnValuesToBeBetween(
-                    column="input_len",
-                    min_value=1,
-                    max_value=L,
-                    **_m(f"input length outside [1, max_len={L}]"),
-                ),
-                _all_true(E, "input_in_vocab", f"input token outside [{lo}, {V})", "user_idx"),
-                _all_true(E, "input_is_history_tail", f"input != history[-{L}:]", "user_idx"),
-                _all_true(E, "history_in_vocab", f"history token outside [{lo}, {V})", "user_idx"),
-                _all_true(E, "history_matches_sequence", f"history != items[:-{offset}] of the user's sequence", "user_idx"),
-                E.ExpectColumnValuesToNotBeNull(column="target"),
-                E.ExpectColumnValuesToBeInSet(
-                    column="target_in_vocab", value_set=[True], **_m(f"target outside [{lo}, {V})", "target")
-                ),
-                E.ExpectColumnPairValuesToBeEqual(
-                    column_A="target",
-                    column_B="expected_target",
-                    **_m(f"target != {which} of the user's sequence"),
-                ),
-            ]
-
-        return frame, build
-
-    valid_frame, build_valid = eval_frame("valid", 2)
-    test_frame, build_test = eval_frame("test", 1)
-
-    # stats.json against the tables
-    train_events = int(np.maximum(ilen[ilen >= 0] - 2, 0).sum())
+    ilen = seqs.items.lengths
     actual = {
         "users": n_users,
         "items": vocab.n_items,
         "vocab_size": V,
         "events": int(ilen[ilen >= 0].sum()),
-        "train_events": train_events,
-        "train_windows": tt.num_rows,
+        "train_events": int(np.maximum(ilen[ilen >= 0] - HOLDOUT, 0).sum()),
+        "train_windows": len(tf),
         "max_len": L,
         "min_user_events": k,
     }
@@ -1120,76 +814,31 @@ def validate_processed(processed_dir: str | Path, cfg: Config, docs_dir: str | P
         }
     )
 
-    def build_stats(gx):
-        E = gx.expectations
-        return [
-            E.ExpectColumnPairValuesToBeEqual(
-                column_A="stated",
-                column_B="actual",
-                **_m("stats.json disagrees with the tables/config", "key"),
-            )
-        ]
+    def build_stats(r: _Rules) -> None:
+        r.add(r.E.ExpectColumnPairValuesToBeEqual, "stats.json disagrees with the tables/config", "key",
+              column_A="stated", column_B="actual")
 
-    parts = [
-        _Table("sequences", seq_frame, build_seq, "sequences."),
-        _Table("train", train_frame, build_train, "train."),
-        _Table("valid", valid_frame, build_valid, "valid."),
-        _Table("test", test_frame, build_test, "test."),
+    parts += [
+        _Table("sequences", sf, build_seq, "sequences."),
+        _Table("train", tf, build_train, "train."),
+        held_out("valid", 2),
+        held_out("test", 1),
         _Table("stats", stats_frame, build_stats, "stats."),
     ]
     out = _run_gx(SUITE_PROCESSED, parts, dataset, cfg, docs_dir)
-    report = {
-        "rows": {p.name: len(p.frame) for p in parts if p.name != "stats"},
+    return _finish(SUITE_PROCESSED, dataset, out, lambda: {
+        "rows": {p.name: len(p.frame) for p in parts if p.name not in ("stats", "files")},
         "users": n_users,
         "items": vocab.n_items,
         "vocab_size": V,
         "events": actual["events"],
-        "train_windows": tt.num_rows,
+        "train_windows": len(tf),
         "max_len": L,
         "seconds": round(time.perf_counter() - t0, 3),
-    }
-    return _finish(SUITE_PROCESSED, dataset, pre, out, report, docs_dir)
+    }, docs_dir)
 
 
 # ----------------------------------------------------------------------- suite 3: preference pairs
-def _pair_prechecks(pairs: Any, sample: int) -> list[Failure]:
-    if not isinstance(pairs, pd.DataFrame):
-        return [
-            Failure(
-                "expect_table_row_count_to_be_between", None, 0, detail=f"not a table: {type(pairs).__name__}"
-            )
-        ]
-    fails = _missing_columns(pairs, PAIR_COLUMNS)
-    if len(pairs) == 0:
-        fails.append(Failure("expect_table_row_count_to_be_between", None, 0, detail="no preference pairs"))
-    if fails:
-        return fails
-    for c, kind in PAIR_COLUMNS.items():
-        s = pairs[c]
-        if kind == "int":
-            f = _int_column_failure(s, c, sample)
-            if f:
-                fails.append(f)
-        elif kind == "float" and not _is_numeric(s):
-            num = (
-                pd.to_numeric(s, errors="coerce")
-                if not pd.api.types.is_bool_dtype(s.dtype)
-                else s.map(lambda _: np.nan)
-            )
-            bad = (num.isna() & s.notna()).to_numpy()
-            rows = _positions(bad)
-            fails.append(
-                Failure(
-                    "expect_column_values_to_be_of_type",
-                    c,
-                    len(rows) or len(s),
-                    rows[:sample],
-                    f"float expected, got {s.dtype}",
-                )
-            )
-    return fails
-
-
 def validate_preferences(
     pairs: pd.DataFrame,
     processed_dir: str | Path,
@@ -1199,224 +848,120 @@ def validate_preferences(
 ) -> dict:
     """Validate preference pairs against the processed sequences they were built from.
 
-    Expectations: all columns exist and are not null (ratings may be NaN); pair_id unique; chosen !=
-    rejected; chosen/rejected tokens in the vocabulary; source in the allowed set (configured sources or
-    all five); split in {train, valid, test} with a non-empty train split; fold in {0, 1}; judge in
-    [-1, n_judges); margin > 0; ratings (when known) within [rating_min, rating_max]; user_idx known;
-    one split and one fold per user; context_id <-> (user_idx, context_end) one-to-one; context length in
-    [1, max_len] and == min(context_end, max_len); context == items[:context_end][-max_len:];
-    1 <= context_end <= len(items)-2 (the training part); no leakage: neither chosen nor rejected is the
-    user's validation or test target (``chosen_leaks`` / ``rejected_leaks``); every source present has
-    a share >= ``validation.min_source_share``.
+    Expectations: the processed files the pairs refer to exist and are readable; all columns exist,
+    have their type and are not null (ratings may be NaN); pair_id unique; chosen != rejected;
+    chosen/rejected tokens in the vocabulary; source in the allowed set (configured sources or all
+    five); split in {train, valid, test} with a non-empty train split; fold in {0, 1}; judge in
+    [-1, n_judges); margin > 0 and finite; ratings (when known) on the dataset's scale; users known;
+    one split and one fold per user; context_id <-> (user_idx, context_end) one-to-one;
+    1 <= context_end <= len(items)-2 (the training part); context length in [1, max_len];
+    context == items[:context_end][-max_len:]; no leakage: neither chosen nor rejected is the user's
+    validation or test target; every source present has a share >= ``validation.min_source_share``.
     """
     from asft.data.preprocess import NUM_SPECIAL
 
     t0 = time.perf_counter()
-    sample = int(cfg.validation.sample_rows)
     vcfg = cfg.validation
     L = int(cfg.preprocess.max_len)
     root = Path(processed_dir)
-    pre = _pair_prechecks(pairs, sample)
-    tables, pstats, vocab, pfails = _read_processed(root)
+    tables, pstats, vocab = _read_processed(root, ("sequences", "valid", "test"))
     r_lo, r_hi, _ = rating_scale(pstats.get("format"), vcfg.rating_min, vcfg.rating_max)
-    pfails = [
-        Failure(f.expectation, f.column, f.count, f.sample_rows, f"processed dir: {f.detail}".rstrip(": "))
-        for f in pfails
-    ]
-    if vocab is None and not pfails:
-        pfails = [
-            Failure("expect_file_to_exist", None, 1, detail=f"processed dir: vocab.json missing in {root}")
-        ]
-    pre = pre + pfails
-    if pre:
-        frame = pairs.reset_index(drop=True) if isinstance(pairs, pd.DataFrame) else None
-        if frame is not None and frame.columns.duplicated().any():
-            frame = None
-        out = _Outcome()
-        if docs_dir is not None and vcfg.data_docs and frame is not None:
-            shallow = pd.DataFrame({c: np.zeros(len(frame), np.int8) for c in frame.columns})
-            out = _run_gx(
-                SUITE_PREFERENCES,
-                [_Table(SUITE_PREFERENCES, shallow, lambda gx: _structure_expectations(gx, PAIR_COLUMNS))],
-                dataset,
-                cfg,
-                docs_dir,
-            )
-            out.failures = [f for f in out.failures if f.expectation == "great_expectations_run"]
-        return _finish(SUITE_PREFERENCES, dataset, pre, out, {}, docs_dir)
-
-    V = vocab.size
-    lo, hi = NUM_SPECIAL, V - 1
-    df = pairs.reset_index(drop=True)
-    n = len(df)
-
-    st = tables["sequences"]
-    seq_key = _int_values(st.column("user_idx").to_pandas(), fill=-(2**40))
-    items = _lists_from_arrow(st.column("items"))
-    ilen = items.lengths
-    uidx = _int_values(df["user_idx"])
-    pos = _lookup(uidx, seq_key)
-    known = pos >= 0
-    train_len = np.where(known, ilen[np.maximum(pos, 0)] - 2, -1)
-
-    targets = []
-    for name in ("valid", "test"):
-        t = tables[name]
-        tpos = _lookup(uidx, _int_values(t.column("user_idx").to_pandas(), fill=-(2**40)))
-        tv = _int_values(t.column("target").to_pandas(), fill=-(2**40))
-        targets.append(np.where(tpos >= 0, tv[np.maximum(tpos, 0)] if len(tv) else -(2**40), -(2**40)))
-    chosen = _int_values(df["chosen"], fill=-(2**41))
-    rejected = _int_values(df["rejected"], fill=-(2**41))
-    cend = _int_values(df["context_end"], fill=-1)
-
-    ctx, ctx_bad = _lists_from_objects(df["context"])
-    clen = ctx.lengths
-    match = _tails_match(ctx, items, pos, cend, L)
-
-    src = df["source"]
-    shares = src.value_counts(normalize=True, dropna=True)
+    frame = _present(pairs)
+    not_table = "" if isinstance(pairs, pd.DataFrame) else f"not a table: {type(pairs).__name__}"
+    files = _files_table(root, ("sequences.parquet", "valid.parquet", "test.parquet", "vocab.json", "stats.json"),
+                         "processed.")
+    cols = usable(frame, PAIR_COLUMNS)
+    refs = vocab is not None and len(tables) == 3 and all(
+        usable(tables[n].to_pandas().iloc[:0], ["user_idx"] + (["target"] if n != "sequences" else ["items"]))
+        for n in tables
+    )
+    deep = refs and len(cols) == len(PAIR_COLUMNS) and len(frame) > 0
     allowed = list(PAIR_SOURCES) if cfg.preferences.sources == "auto" else list(cfg.preferences.sources)
     if cfg.preferences.extra_pairs_file:
         allowed.append(EXTERNAL_SOURCE)
-    keys = pd.DataFrame({"u": uidx, "e": cend, "c": _int_values(df["context_id"], fill=-(2**41))})
-    per_id = keys.groupby("c")[["u", "e"]].transform("nunique")
-    per_key = keys.groupby(["u", "e"])["c"].transform("nunique")
-    id_ok = (per_id["u"] == 1) & (per_id["e"] == 1) & (per_key == 1)
-    frame = pd.DataFrame({c: df[c] for c in PAIR_COLUMNS if c != "context"})
-    # GX sees only whether a context is there; its content is checked through the derived columns
-    frame["context"] = pd.Series(np.where(ctx.null & ~ctx_bad, None, "list"), dtype=object)
-    by_user = df.groupby(uidx)
-    frame = frame.assign(
-        user_in_sequences=known,
-        train_part_len=train_len,
-        context_len=clen,
-        expected_context_len=np.minimum(cend, L),
-        context_matches_sequence=match,
-        context_id_consistent=id_ok.to_numpy(dtype=bool),
-        chosen_is_rejected=chosen == rejected,
-        chosen_leaks=known & ((chosen == targets[0]) | (chosen == targets[1])),
-        rejected_leaks=known & ((rejected == targets[0]) | (rejected == targets[1])),
-        source_share=src.map(shares).fillna(0.0).to_numpy(dtype=np.float64),
-        user_split_count=by_user["split"].transform("nunique").to_numpy(),
-        user_fold_count=by_user["fold"].transform("nunique").to_numpy(),
-    )
+    if deep:
+        seqs = _Sequences(tables["sequences"])
+        pos = seqs.pos(frame["user_idx"])
+        held = {}
+        for name in ("valid", "test"):
+            t = tables[name]
+            tpos = _lookup(_int_values(frame["user_idx"]), _int_values(t.column("user_idx").to_pandas(), -(2**40)))
+            tv = np.append(pd.to_numeric(t.column("target").to_pandas(), errors="coerce").to_numpy(np.float64), np.nan)
+            held[f"{name}_target"] = tv[np.where(tpos >= 0, tpos, len(tv) - 1)]
+        from asft.data.gx_custom import arrow_lists
+
+        frame = frame.assign(context=arrow_lists(frame["context"]), sequence_user_idx=_found(frame["user_idx"], pos),
+                             training_items=seqs.part(pos, HOLDOUT), **held)
     n_judges = int(cfg.preferences.judge.n_judges)
 
-    def build(gx):
-        E = gx.expectations
-        exps = _structure_expectations(gx, PAIR_COLUMNS)
-        for c in PAIR_COLUMNS:
+    def build(r: _Rules) -> None:
+        E, X = r.E, r.X
+        present = r.structure(frame, PAIR_COLUMNS, what=not_table or "no preference pairs")
+        r.types(PAIR_COLUMNS, present)
+        for c in present:
             if c not in PAIR_NULLABLE:
-                exps.append(E.ExpectColumnValuesToNotBeNull(column=c))
-        exps += [
-            E.ExpectColumnValuesToBeUnique(column="pair_id"),
-            E.ExpectColumnValuesToBeInSet(
-                column="chosen_is_rejected", value_set=[False], **_m("chosen == rejected", "chosen")
-            ),
-            E.ExpectColumnValuesToBeBetween(
-                column="chosen",
-                min_value=lo,
-                max_value=hi,
-                **_m(f"chosen token outside the catalog [{lo}, {V})"),
-            ),
-            E.ExpectColumnValuesToBeBetween(
-                column="rejected",
-                min_value=lo,
-                max_value=hi,
-                **_m(f"rejected token outside the catalog [{lo}, {V})"),
-            ),
-            E.ExpectColumnValuesToBeInSet(column="source", value_set=allowed),
-            E.ExpectColumnValuesToBeInSet(column="split", value_set=list(PAIR_SPLITS)),
-            E.ExpectColumnDistinctValuesToContainSet(
-                column="split", value_set=["train"], **_m("the train split is empty")
-            ),
-            E.ExpectColumnValuesToBeInSet(column="fold", value_set=[0, 1]),
-            E.ExpectColumnValuesToBeBetween(
-                column="judge", min_value=-1, max_value=n_judges - 1, **_m(f"judge outside [-1, {n_judges})")
-            ),
-            E.ExpectColumnValuesToBeBetween(
-                column="margin",
-                min_value=0,
-                strict_min=True,
-                max_value=MARGIN_MAX,
-                **_m("margin must be > 0 and finite"),
-            ),
-            E.ExpectColumnValuesToBeBetween(
-                column="chosen_rating",
-                min_value=r_lo,
-                max_value=r_hi,
-                **_m(f"rating outside [{r_lo}, {r_hi}]"),
-            ),
-            E.ExpectColumnValuesToBeBetween(
-                column="rejected_rating",
-                min_value=r_lo,
-                max_value=r_hi,
-                **_m(f"rating outside [{r_lo}, {r_hi}]"),
-            ),
-            _all_true(E, "user_in_sequences", "user_idx not in sequences.parquet", "user_idx"),
-            E.ExpectColumnValuesToBeBetween(
-                column="user_split_count",
-                min_value=1,
-                max_value=1,
-                **_m("user's pairs are in more than one split", "user_idx"),
-            ),
-            E.ExpectColumnValuesToBeBetween(
-                column="user_fold_count",
-                min_value=1,
-                max_value=1,
-                **_m("user's pairs are in more than one fold", "user_idx"),
-            ),
-            _all_true(E, "context_id_consistent", "context_id is not one-to-one with (user_idx, context_end)", "context_id"),
-            E.ExpectColumnValuesToBeBetween(column="context_end", min_value=1, **_m("context_end < 1")),
-            E.ExpectColumnPairValuesAToBeGreaterThanB(
-                column_A="train_part_len",
-                column_B="context_end",
-                or_equal=True,
-                **_m("context_end beyond the training part (len(items)-2)"),
-            ),
-            E.ExpectColumnValuesToBeBetween(
-                column="context_len",
-                min_value=1,
-                max_value=L,
-                **_m(f"context length outside [1, max_len={L}] (-1: not a list)"),
-            ),
-            E.ExpectColumnPairValuesToBeEqual(
-                column_A="context_len",
-                column_B="expected_context_len",
-                **_m("context length != min(context_end, max_len)"),
-            ),
-            _all_true(E, "context_matches_sequence", f"context != items[:context_end][-{L}:] of the user's sequence", "user_idx"),
-            _all_false(E, "chosen_leaks", "chosen is the user's validation or test target (leakage)", "chosen"),
-            _all_false(E, "rejected_leaks", "rejected is the user's validation or test target (leakage)", "rejected"),
-            E.ExpectColumnValuesToBeBetween(
-                column="source_share",
-                min_value=float(vcfg.min_source_share),
-                max_value=1.0,
-                **_m(f"source supplies less than {vcfg.min_source_share:.1%} of the pairs", "source"),
-            ),
-        ]
-        return exps
+                r.add(E.ExpectColumnValuesToNotBeNull, "missing values", column=c)
+        if not deep:
+            return
+        V = vocab.size
+        lo, hi = NUM_SPECIAL, V - 1
+        r.add(E.ExpectColumnValuesToBeUnique, "duplicated pair_id", column="pair_id")
+        r.add(X.ExpectColumnPairValuesToDiffer, "chosen == rejected", column_A="chosen", column_B="rejected",
+              ignore_row_if="either_value_is_missing")
+        for c in ("chosen", "rejected"):
+            r.add(E.ExpectColumnValuesToBeBetween, f"{c} token outside the catalog [{lo}, {V})", column=c,
+                  min_value=lo, max_value=hi)
+        r.add(E.ExpectColumnValuesToBeInSet, f"source not in {allowed}", column="source", value_set=allowed)
+        r.add(E.ExpectColumnValuesToBeInSet, "unknown split", column="split", value_set=list(PAIR_SPLITS))
+        r.add(E.ExpectColumnDistinctValuesToContainSet, "the train split is empty", column="split",
+              value_set=["train"])
+        r.add(E.ExpectColumnValuesToBeInSet, "fold must be 0 or 1", column="fold", value_set=[0, 1])
+        r.add(E.ExpectColumnValuesToBeBetween, f"judge outside [-1, {n_judges})", column="judge", min_value=-1,
+              max_value=n_judges - 1)
+        r.add(E.ExpectColumnValuesToBeBetween, "margin must be > 0 and finite", column="margin", min_value=0,
+              strict_min=True, max_value=MARGIN_MAX)
+        for c in PAIR_NULLABLE:
+            r.add(E.ExpectColumnValuesToBeBetween, f"rating outside [{r_lo}, {r_hi}]", column=c, min_value=r_lo,
+                  max_value=r_hi)
+        r.add(X.ExpectUsersToBeInSequences, "user_idx not in sequences.parquet", column_A="user_idx",
+              column_B="sequence_user_idx", ignore_row_if="both_values_are_missing")
+        r.add(X.ExpectOneValuePerUser, "user's pairs are in more than one split", column_list=["user_idx", "split"])
+        r.add(X.ExpectOneValuePerUser, "user's pairs are in more than one fold", column_list=["user_idx", "fold"])
+        r.add(X.ExpectIdsToBeOneToOne, "context_id is not one-to-one with (user_idx, context_end)",
+              column_list=["context_id", "user_idx", "context_end"], ignore_row_if="any_value_is_missing")
+        r.add(E.ExpectColumnValuesToBeBetween, "context_end < 1", column="context_end", min_value=1)
+        r.add(X.ExpectContextsToEndInTrainingPart, "context_end beyond the training part (len(items)-2)",
+              column_list=["context_end", "training_items"], ignore_row_if="any_value_is_missing")
+        r.add(X.ExpectListLengthsToBeBetween, f"context length outside [1, max_len={L}]", column="context",
+              min_value=1, max_value=L)
+        r.add(X.ExpectContextsToBeTrainingTails, f"context != items[:context_end][-{L}:] of the user's sequence",
+              "user_idx", column_list=["context", "context_end", "training_items"], max_len=L,
+              ignore_row_if="any_value_is_missing")
+        for c in ("chosen", "rejected"):
+            r.add(X.ExpectItemsToNotBeHeldOutTargets, f"{c} is the user's validation or test target (leakage)",
+                  column_list=[c, "valid_target", "test_target"], ignore_row_if="all_values_are_missing")
+        r.add(X.ExpectValueSharesToBeAtLeast, f"source supplies less than {vcfg.min_source_share:.1%} of the pairs",
+              "source", column="source", min_share=float(vcfg.min_source_share))
 
-    out = _run_gx(SUITE_PREFERENCES, [_Table(SUITE_PREFERENCES, frame, build)], dataset, cfg, docs_dir)
-    if ctx_bad.any():
-        rows = _positions(ctx_bad)
-        out.failures.insert(
-            0,
-            Failure(
-                "expect_column_values_to_be_of_type",
-                "context",
-                len(rows),
-                rows[:sample],
-                "list of integer tokens expected",
-            ),
-        )
-    report = {
-        "rows": n,
-        "users": int(pd.Series(uidx).nunique()),
-        "contexts": int(keys["c"].nunique()),
-        "source_shares": {str(k): round(float(v), 4) for k, v in shares.items()},
-        "splits": {str(k): int(v) for k, v in df["split"].value_counts().items()},
-        "leaking_pairs": int((frame["chosen_leaks"] | frame["rejected_leaks"]).sum()),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    return _finish(SUITE_PREFERENCES, dataset, pre, out, report, docs_dir)
+    out = _run_gx(SUITE_PREFERENCES, [files, _Table(SUITE_PREFERENCES, frame, build)], dataset, cfg, docs_dir)
+    if not out.failures and not deep:  # vocab.json parses as JSON but is no vocabulary
+        out.failures.append(Failure("expect_files_to_be_readable", "processed.file", 1, [], f"vocab.json in {root}"))
+
+    def report() -> dict:
+        shares = frame["source"].value_counts(normalize=True, dropna=True)
+        leaks = np.zeros(len(frame), dtype=bool)
+        for c in ("chosen", "rejected"):
+            v = pd.to_numeric(frame[c], errors="coerce").to_numpy(np.float64)
+            leaks |= (v == frame["valid_target"].to_numpy()) | (v == frame["test_target"].to_numpy())
+        keys = frame[["user_idx", "context_id"]]
+        return {
+            "rows": len(frame),
+            "users": int(keys["user_idx"].nunique()),
+            "contexts": int(keys["context_id"].nunique()),
+            "source_shares": {str(k): round(float(v), 4) for k, v in shares.items()},
+            "splits": {str(k): int(v) for k, v in frame["split"].value_counts().items()},
+            "leaking_pairs": int(leaks.sum()),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+
+    return _finish(SUITE_PREFERENCES, dataset, out, report, docs_dir)
