@@ -217,10 +217,11 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     cmd = args.command
     if cmd == "retrain":
-        from flows.retrain import ensure_prefect_api, retrain
+        from flows.retrain import ensure_prefect_api, quiet_data_errors_on_console, retrain
 
         _load_cfg(args, [f"data.source={args.data}"] if args.data else [])  # fail fast on a bad config
         ensure_prefect_api()
+        quiet_data_errors_on_console()
         result = retrain(data=args.data, output=args.output,
                          config=args.config if Path(args.config).is_file() else None,
                          overrides=list(args.overrides), use_cache=not args.no_cache,

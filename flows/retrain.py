@@ -24,6 +24,7 @@ its own process, under a Prefect global concurrency limit).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -42,11 +43,19 @@ from asft.config import Config, ConfigOverrides, dump_config, load_config, overr
 from asft.utils import dvc_md5, write_json
 from tasks import lineage
 from tasks.stages import CONCURRENCY_LIMIT, CONSOLE, TASKS, RunContext, log_policy_reports, promote_task, spec_key
-from tasks.tracking import record_cached_stage, start_parent
+from tasks.samples import recommendation_sample
+from tasks.tracking import (
+    experiment_url,
+    log_dataset,
+    log_recommendation_sample,
+    record_cached_stage,
+    start_parent,
+)
 
 RUNS_DIR = os.environ.get("ASFT_RUNS_DIR", "runs")
 WORK_DIR = ".work"  # under RUNS_DIR: resumable work directories of training stages
 METRIC_TIMING_KEYS = ("seconds", "_s", "per_s", "timing", "flow_", "time")
+DATASET_CONTEXT = {"raw": "raw", "processed": "training", "preferences": "preferences"}  # MLflow dataset contexts
 
 
 def default_output_dir() -> Path:
@@ -77,6 +86,31 @@ def ensure_prefect_api() -> None:
     home.mkdir(parents=True, exist_ok=True)
     with FileLock(str(home / "ephemeral-server.lock"), timeout=600), get_client(sync_client=True) as client:
         client.hello()
+
+
+DATA_ERRORS = ("DataValidationError", "DataFormatError", "ConfigError", "PreferenceConfigError")
+
+
+class _DataErrorConsoleFilter(logging.Filter):
+    """Keeps a data error off the console's Prefect lines (the task failure, the engine's traceback, the
+    flow's failure hook): the command prints its message once, without a traceback. The Prefect API (the
+    UI's logs) still receives every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and type(exc).__name__ in DATA_ERRORS:
+            return False
+        msg = record.getMessage()
+        return not (record.name.startswith("prefect") and (any(n in msg for n in DATA_ERRORS)
+                                                            or "data validation failed" in msg))
+
+
+def quiet_data_errors_on_console() -> None:
+    """Install :class:`_DataErrorConsoleFilter` on the console handlers Prefect configured."""
+    for h in logging.getLogger().handlers:
+        if type(h).__name__ == "PrefectConsoleHandler" and not any(isinstance(f, _DataErrorConsoleFilter)
+                                                                   for f in h.filters):
+            h.addFilter(_DataErrorConsoleFilter())
 
 
 def report_failure(flow_, flow_run, state) -> None:
@@ -215,6 +249,7 @@ def _dataset_pointer(parent, name: str, res: dict, out: Path) -> str:
     md5 = res["out_md5"]
     datastore.pointer_file(md5, name, out / "dvc" / f"{name}.dvc")
     parent.set_tags({f"dvc.{name}.md5": md5, f"{name}_sha256": res["sha256"]})
+    log_dataset(parent, name, res["out_dir"], md5, DATASET_CONTEXT[name])
     return md5
 
 
@@ -363,7 +398,8 @@ def retrain(
                             **{f"dvc.{k}.md5": v for k, v in datasets.items()}}
             t = time.perf_counter()
             promotion = promote_task(method, post[method]["model_dir"], policies[method]["valid"], reward["out_dir"],
-                                     lineage_tags, ref, processed, judge["out_dir"], raw_dir, cfg, str(out), uri, pid)
+                                     lineage_tags, ref, processed, judge["out_dir"], raw_dir, cfg, str(out), uri, pid,
+                                     reward_metrics=report["ensemble"])
             run.timings["promote"] = time.perf_counter() - t
             parent.set_tags({"promotion.alias": promotion["alias"], "promotion.reason": promotion["reason"][:4000]})
     except BaseException as e:
@@ -372,7 +408,7 @@ def retrain(
         write_json(out / "failure.json", failure)
         parent.set_tags({"failed_stage": run.current, "failed_stage_error": failure["error"]})
         parent.log_artifact(out / "failure.json")
-        parent.client.set_terminated(pid, "FAILED")
+        parent.end("FAILED")
         raise
 
     run.timings["flow_total"] = time.perf_counter() - t_start
@@ -416,7 +452,10 @@ def retrain(
     parent.log_metrics({f"timing/{k}": v for k, v in run.timings.items()})
     parent.log_metrics({"cache_hits": sum(c["hit"] for c in run.cache.values())})
     parent.log_artifact(out / "metrics.json")
-    parent.client.set_terminated(pid, "FINISHED")
+    if cfg.posttrain.champion_method in post:  # what the policy recommends, per user, as an MLflow table
+        log_recommendation_sample(parent, recommendation_sample(post[cfg.posttrain.champion_method]["model_dir"],
+                                                                processed, "test", seed=cfg.seed))
+    parent.end()
     links = _mlflow_links(uri, parent, post)
     _artifacts(result, policies, links)
     _final_summary(result, policies, links, run.timings["flow_total"])
@@ -439,7 +478,8 @@ def _mlflow_links(uri: str, parent, post: dict) -> dict[str, str]:
     exp = parent.client.get_run(parent.run_id).info.experiment_id
     base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
     url = lambda rid: f"{base}/#/experiments/{exp}/runs/{rid}"  # noqa: E731
-    return {"retrain": url(parent.run_id), **{m: url(r["run_id"]) for m, r in post.items()}}
+    return {"retrain": url(parent.run_id), "experiment": experiment_url(base, exp),
+            **{m: url(r["run_id"]) for m, r in post.items()}}
 
 
 def _artifacts(result: dict, policies: dict, links: dict[str, str]) -> None:

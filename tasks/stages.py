@@ -281,7 +281,10 @@ def stage_task(spec: StageSpec):
                 if spec.training and ctx.work_root else None)
         guard = (_ValidationGuard(ctx.reports_dir, label) if spec.docs or spec.dataset
                  else contextlib.nullcontext())
-        with stage_run(ctx.tracking_uri, ctx.parent_run_id, label, tags={**named, "stage_spec": spec.name}) as run:
+        inputs = {n: "training" if spec.training else "input" for n in ("raw", "processed", "preferences")
+                  if paths.get(f"{n}_dir") or (n == "preferences" and paths.get("pref_dir"))}
+        with stage_run(ctx.tracking_uri, ctx.parent_run_id, label, tags={**named, "stage_spec": spec.name},
+                       inputs=inputs) as run:
             run.log_params({**pipeline.flat_params(spec, cfg.to_dict()), **named})
             if isinstance(guard, _ValidationGuard):
                 guard.run = run
@@ -388,7 +391,7 @@ def flat_report(rep: dict, prefix: str = "") -> dict[str, float]:
       retry_jitter_factor=0.5, retry_condition_fn=_retry_condition, on_failure=[_report_task_failure])
 def promote_task(method: str, model_dir: str, valid_report: dict, reward_dir: str, lineage_tags: dict,
                  ref_dir: str, processed_dir: str, judge_dir: str, raw_dir: str, cfg: Config, out_dir: str,
-                 tracking_uri: str, parent_run_id: str) -> dict:
+                 tracking_uri: str, parent_run_id: str, reward_metrics: dict[str, float] | None = None) -> dict:
     """Register the ``method`` policy and its reward ensemble; champion only if the gate passes.
 
     The current champion is re-evaluated on this run's validation contexts with this run's held-out
@@ -427,11 +430,17 @@ def promote_task(method: str, model_dir: str, valid_report: dict, reward_dir: st
                   "retrain_run_id": parent_run_id}
         rec_local = registry.save_serving_model("recommender", model_dir, out / "serving" / "recommender", rc.serve_k)
         rew_local = registry.save_serving_model("reward", reward_dir, out / "serving" / "reward")
-        rec = registry.register_version(client, rc.recommender_model, parent_run_id, rec_local, "recommender", common,
-                                        "Generative recommender post-trained with A-SFT; pyfunc: history -> top-K")
-        rew = registry.register_version(client, rc.reward_model, parent_run_id, rew_local, "reward_model",
-                                        {**common, "recommender_version": rec.version},
-                                        "Bradley-Terry reward ensemble; pyfunc: (history, items) -> rewards")
+        rec = registry.register_version(
+            client, rc.recommender_model, parent_run_id, rec_local, "recommender", common,
+            "Generative recommender post-trained with A-SFT; pyfunc: history -> top-K",
+            metrics={f"posttrain/{method}/valid/{k}": v for k, v in valid_report.items()},
+            dataset=("processed", lineage_tags["dvc.processed.md5"]))
+        rew = registry.register_version(
+            client, rc.reward_model, parent_run_id, rew_local, "reward_model",
+            {**common, "recommender_version": rec.version},
+            "Bradley-Terry reward ensemble; pyfunc: (history, items) -> rewards",
+            metrics={f"reward/{k}": v for k, v in (reward_metrics or {}).items()},
+            dataset=("preferences", lineage_tags["dvc.preferences.md5"]))
         client.set_model_version_tag(rc.recommender_model, rec.version, "reward_version", rew.version)
         client.set_registered_model_alias(rc.recommender_model, decision.alias, rec.version)
         client.set_registered_model_alias(rc.reward_model, decision.alias, rew.version)

@@ -20,8 +20,16 @@ from pathlib import Path
 import pytest
 
 TEST_THREADS = os.environ.get("ASFT_TEST_THREADS", "1")
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ[_var] = TEST_THREADS  # before torch/numpy start their thread pools; subprocesses inherit it
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def pinned_threads() -> dict[str, str]:
+    """The math-library thread settings of this suite, for the environment of a subprocess whose
+    results are compared bit for bit with another process's."""
+    return {v: TEST_THREADS for v in THREAD_VARS}
+
+
+os.environ.update(pinned_threads())  # before torch/numpy start their thread pools; subprocesses inherit it
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="asft-prefect-home-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME  # never the user's home

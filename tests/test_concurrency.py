@@ -4,7 +4,6 @@ stays consistent (see benchmarks/concurrent_retrain.py, which this drives with t
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,13 +13,16 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_two_concurrent_retrains_share_the_stores_consistently(tmp_path):
-    sys.path.insert(0, str(REPO / "benchmarks"))
+def test_two_concurrent_retrains_share_the_stores_consistently(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     from concurrent_retrain import check, consistent, launch
-    from conftest import TINY
+    from conftest import TINY, pinned_threads
 
-    results = launch(2, tmp_path, [*TINY, "posttrain.methods=[asft]"],
-                     env_extra={"PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results")})
+    # one shared DVC cache, not the repository's: for the commands (inherited) and for check() here
+    monkeypatch.setenv("ASFT_DVC_CACHE_DIR", str(tmp_path / "dvc-cache"))
+    # identical metrics are asserted: both commands run with the suite's pinned math-library threads
+    env = {**pinned_threads(), "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results")}
+    results = launch(2, tmp_path, [*TINY, "posttrain.methods=[asft]"], env_extra=env)
     report = check(tmp_path, results)
     failed = [r["log_tail"] for r in results if r["rc"] != 0]
     assert not failed, failed

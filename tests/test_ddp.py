@@ -10,6 +10,7 @@ the only difference is the order of floating-point sums (the all-reduce).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pytest
 
 from asft import stages
 from asft.config import load_config
+from conftest import pinned_threads
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +55,8 @@ def _half(common: list[str], key: str, value: int) -> list[str]:
 
 
 def torchrun(setup, *args: str, overrides: list[str]) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # Sampling is compared bit for bit with this process's: the same math-library threads on both sides.
+    env = {**os.environ, **pinned_threads(), "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "asft.cli", *args, "--config", str(setup["dir"] / "params.yaml"), *overrides]
     p = subprocess.run(cmd, cwd=setup["dir"], env=env, capture_output=True, text=True, timeout=300, check=False)
@@ -129,22 +132,32 @@ def test_asft_two_processes_match_one(setup):
     (d / "curves.json").write_text(json.dumps(curves))
 
 
-def test_retrain_flow_launches_stages_under_torchrun(prefect_server, tmp_path):
+def _steps_per_epoch(n: int, per_process_batch: int, world: int) -> int:
+    return math.ceil(n / (per_process_batch * world))
+
+
+def test_retrain_flow_launches_stages_under_torchrun(prefect_server, isolated_runs, tmp_path):
     """``distributed.nproc_per_node=2``: the flow runs base, reward, judge, sampling, scoring and A-SFT as
-    2-process torchrun jobs (gloo here, NCCL on a GPU worker) and finishes as usual."""
+    2-process torchrun jobs (gloo here, NCCL on a GPU worker) and finishes as usual; the training stages
+    really ran on 2 processes (their optimizer steps cover 2 x the per-process batch)."""
     from conftest import TINY
     from mlflow.tracking import MlflowClient
 
     from flows.retrain import retrain
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    res = retrain(output=str(tmp_path / "run"), config=None, register_models=False,
+    run = tmp_path / "run"
+    res = retrain(output=str(run), config=None, register_models=False,
                   overrides=[*TINY, "distributed.nproc_per_node=2", "train.batch_size=8", "reward.train.batch_size=16",
                              "posttrain.train.batch_size=8", "reward.members=1", "posttrain.methods=[asft]",
                              f"tracking.mlflow_uri={store}", "tracking.experiment=ddp-flow"])
     assert res["models"]["base"]["test"]["ndcg@10"] > 0
-    assert (tmp_path / "run" / "models" / "posttrain" / "asft" / "best" / "model.safetensors").is_file()
-    assert json.loads((tmp_path / "run" / "models" / "base" / "train_summary.json").read_text())["steps"] > 0
+    assert (run / "models" / "posttrain" / "asft" / "best" / "model.safetensors").is_file()
+    base = json.loads((run / "models" / "base" / "train_summary.json").read_text())
+    n = base["train_windows"]
+    assert n > 2 * 8 * 2  # enough windows that 1 and 2 processes need different numbers of steps
+    assert _steps_per_epoch(n, 8, 2) != _steps_per_epoch(n, 8, 1)
+    assert base["steps"] == base["epochs_run"] * _steps_per_epoch(n, 8, world=2), base
     client = MlflowClient(store)
     runs = client.search_runs([client.get_experiment_by_name("ddp-flow").experiment_id])
     assert {r.info.status for r in runs} == {"FINISHED"}

@@ -124,7 +124,7 @@ def test_dvc_stages_call_the_cli():
     for name, st in stages.items():
         st = st.get("do", st)  # foreach stages
         assert st["cmd"].startswith("python -m asft.cli "), name
-        assert st.get("outs") and st.get("deps") and st.get("params"), name
+        assert (st.get("outs") or st.get("metrics")) and st.get("deps") and st.get("params"), name
 
 
 def test_dvc_md5_matches_dvc_add(tmp_path):

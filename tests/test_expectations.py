@@ -1,6 +1,7 @@
 """Tests for asft.data.expectations: the three GX suites pass on good data, and each family of
-corruption fails with the GX expectation name, the column, the count and the 0-based sample rows;
-data docs are built into docs_dir on success and on failure; nothing is written anywhere else."""
+corruption fails with the GX expectation name (the project's own for its rules), the column, the count
+and the 0-based sample rows; every rule is a GX expectation; a file-backed GX context in docs_dir keeps
+each run's validation results and data docs; nothing is written anywhere else."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from asft.config import Config, PreprocessConfig, SimulatorConfig
-from asft.data.expectations import validate_preferences, validate_processed, validate_raw
+from asft.data.expectations import TYPE_RULES, validate_preferences, validate_processed, validate_raw
 from asft.data.preprocess import NUM_SPECIAL, preprocess
 from asft.data.validation import DataValidationError, Failure
 from asft.simulator import Simulator
@@ -113,7 +114,7 @@ def raw_copy(world) -> pd.DataFrame:
     return world["raw"].copy()
 
 
-def test_raw_passes_with_docs(world, tmp_path, monkeypatch):
+def test_raw_passes_with_docs_and_keeps_history(world, tmp_path, monkeypatch):
     home, cwd, docs = tmp_path / "home", tmp_path / "cwd", tmp_path / "docs"
     home.mkdir()
     cwd.mkdir()
@@ -123,22 +124,34 @@ def test_raw_passes_with_docs(world, tmp_path, monkeypatch):
     assert rep["suite"] == "raw_interactions" and rep["failed"] == 0 and rep["rows"] == len(world["raw"])
     assert rep["expectations"] >= 12 and rep["users"] == 60
     assert rep["docs"] == str(docs.resolve() / "index.html") and Path(rep["docs"]).is_file()
-    first = list((docs / "validations").rglob("*.html"))
-    assert len(first) == 1
+    pages = lambda: sorted((docs / "validations").rglob("*.html"))  # noqa: E731
+    results = lambda: sorted((docs / "gx" / "uncommitted" / "validations").rglob("*.json"))  # noqa: E731
+    first = pages()
+    assert len(first) == 2 and len(results()) == 2  # interactions + catalog
+    assert (docs / "gx" / "great_expectations.yml").is_file()
+    assert (docs / "gx" / "expectations" / "raw_interactions.json").is_file()
     json.dumps(rep)
-    # a failure also builds the docs (the site then shows this validation) and names them in the error
+    # a failure also builds the docs, names them in the error, and the earlier run stays in the history
     bad = raw_copy(world)
     bad.loc[2, "rating"] = 9.0
     err = failures(lambda: validate_raw(bad, world["catalog"], world["cfg"], "sim", docs_dir=docs))
     assert err.docs_dir == str(docs.resolve()) and err.to_dict()["docs_dir"] == err.docs_dir
-    second = list((docs / "validations").rglob("*.html"))
-    assert len(second) == 1 and second != first and "expect_column_values_to_be_between" in str(err)
-    # a structural failure (pre-check) too
+    second = pages()
+    assert len(second) == 4 and set(first) < set(second) and len(results()) == 4
+    assert "expect_column_values_to_be_on_rating_scale" in str(err)
+    newest = [p for p in second if p not in first and "catalog" not in p.parts]
+    assert "expect_column_values_to_be_on_rating_scale" in newest[0].read_text()
+    index = (docs / "index.html").read_text()
+    assert index.count("raw_interactions") >= 2
+    # a structural failure (a missing column) is a GX result too
     docs2 = tmp_path / "docs2"
     err = failures(
         lambda: validate_raw(bad.drop(columns=["item_id"]), None, world["cfg"], "sim", docs_dir=docs2)
     )
     assert err.docs_dir and (docs2 / "index.html").is_file()
+    f = find(err, "expect_column_to_exist", "item_id")
+    page = next((docs2 / "validations").rglob("*.html")).read_text()
+    assert "expect_column_to_exist" in page and f.count == 1
     # nothing written to the (fake) home, the working directory or the repository root
     assert list(home.iterdir()) == [] and list(cwd.iterdir()) == []
     assert not (Path(__file__).resolve().parents[1] / "gx").exists()
@@ -157,33 +170,29 @@ def test_raw_nulls_and_blank_ids(world):
     err = failures(lambda: validate_raw(df, None, world["cfg"], "toy"))
     f = find(err, "expect_column_values_to_not_be_null", "user_id")
     assert (f.count, f.sample_rows) == (2, [1, 4])
-    f = find(err, "expect_column_values_to_not_match_regex", "item_id")
+    f = find(err, "expect_column_values_to_be_nonblank_strings", "item_id")
     assert (f.count, f.sample_rows) == (1, [7])
     msg = str(err)
     assert msg.startswith("toy: validation failed") and "'user_id' 2 failing; rows [1, 4]" in msg
 
 
-def test_raw_rating_out_of_range(world):
+def test_raw_rating_out_of_range_or_missing(world):
     df = raw_copy(world)
     df.loc[3, "rating"] = 7.0
     df.loc[10, "rating"] = 0.0
-    f = only(failures(lambda: validate_raw(df, world["catalog"], world["cfg"], "toy")))
+    df.loc[12, "rating"] = np.nan
+    f = only(failures(lambda: validate_raw(df, world["catalog"], world["cfg"], "toy", fmt="simulator")))
     assert (f.expectation, f.column, f.count, f.sample_rows) == (
-        "expect_column_values_to_be_between",
+        "expect_column_values_to_be_on_rating_scale",
         "rating",
-        2,
-        [3, 10],
+        3,
+        [3, 10, 12],
     )
-    assert "rating outside [1.0, 5.0]" in f.detail
-    df.loc[3, "rating"] = np.nan
-    df.loc[10, "rating"] = 3.0
-    f = only(failures(lambda: validate_raw(df, world["catalog"], world["cfg"], "toy")))
-    assert (f.expectation, f.column, f.count, f.sample_rows) == (
-        "expect_column_values_to_not_be_null",
-        "rating",
-        1,
-        [3],
-    )
+    assert "between 1.0 and 5.0 in steps of 1.0" in f.detail and "[7.0, 0.0, nan]" in f.detail
+    df = raw_copy(world)
+    df.loc[4, "rating"] = 3.5  # off the simulator's whole-star grid, fine for a format without one
+    assert only(failures(lambda: validate_raw(df, None, world["cfg"], "toy", fmt="simulator"))).sample_rows == [4]
+    assert validate_raw(df, None, world["cfg"], "toy")["failed"] == 0
 
 
 def test_raw_duplicates(world):
@@ -204,8 +213,8 @@ def test_raw_unknown_catalog_item(world):
     assert len(expected) > 0
     f = only(failures(lambda: validate_raw(world["raw"], catalog, world["cfg"], "toy")))
     assert (f.expectation, f.column, f.count) == (
-        "expect_column_values_to_be_in_set",
-        "item_in_catalog",
+        "expect_items_to_be_listed_in_catalog",
+        "item_id,catalog_item_id",
         len(expected),
     )
     assert f.sample_rows == expected[:10].tolist() and "'i3'" in f.detail
@@ -215,11 +224,12 @@ def test_raw_short_histories(world):
     df = world["raw"].groupby("user_id", sort=False).head(2).reset_index(drop=True)  # every user 2 events
     f = only(failures(lambda: validate_raw(df, None, world["cfg"], "toy")))
     assert (f.expectation, f.column, f.count, f.sample_rows) == (
-        "expect_column_values_to_be_between",
-        "user_event_count",
+        "expect_users_to_have_min_events",
+        "user_id",
         len(df),
         list(range(10)),
     )
+    assert "user_event_count < preprocess.min_user_events" in f.detail
     # mostly: 60 users, 10 of them short -> passes at mostly=0.5, fails at mostly=1
     short = set(df["user_id"].unique()[:10])
     mixed = pd.concat(
@@ -237,31 +247,34 @@ def test_raw_bad_timestamps(world):
     df.loc[[4, 9], "timestamp"] = "yesterday"
     f = only(failures(lambda: validate_raw(df, None, world["cfg"], "toy")))
     assert (f.expectation, f.column, f.count, f.sample_rows) == (
-        "expect_column_values_to_be_of_type",
+        "expect_column_values_to_be_int64_timestamps",
         "timestamp",
         2,
         [4, 9],
     )
-    assert "'yesterday'" in f.detail
+    assert "'yesterday'" in f.detail and "column dtype object" in f.detail
     df = raw_copy(world)
-    df["timestamp"] = df["timestamp"].astype(float)
+    df["timestamp"] = df["timestamp"].astype(float)  # integral floats: the dtype is wrong, every row
     df.loc[6, "timestamp"] = np.nan
-    f = only(failures(lambda: validate_raw(df, None, world["cfg"], "toy")))
-    assert (f.expectation, f.column, f.count, f.sample_rows) == (
-        "expect_column_values_to_be_of_type",
-        "timestamp",
-        1,
-        [6],
-    )
+    err = failures(lambda: validate_raw(df, None, world["cfg"], "toy"))
+    f = find(err, "expect_column_values_to_not_be_null", "timestamp")
+    assert (f.count, f.sample_rows) == (1, [6])
+    f = find(err, "expect_column_values_to_be_int64_timestamps", "timestamp")
+    assert f.count == len(df) - 1 and "column dtype float64" in f.detail and len(err.failures) == 2
     df = raw_copy(world)
     df.loc[11, "timestamp"] = -5
+    df.loc[13, "timestamp"] = 2**62 + 1
     f = only(failures(lambda: validate_raw(df, None, world["cfg"], "toy")))
     assert (f.expectation, f.column, f.count, f.sample_rows) == (
-        "expect_column_values_to_be_between",
+        "expect_column_values_to_be_int64_timestamps",
         "timestamp",
-        1,
-        [11],
+        2,
+        [11, 13],
     )
+    df = raw_copy(world)
+    df["timestamp"] = pd.array(df["timestamp"].tolist(), dtype="Int64")
+    f = only(failures(lambda: validate_raw(df, None, world["cfg"], "toy")))
+    assert f.expectation == "expect_column_values_to_be_int64_timestamps" and "Int64" in f.detail
 
 
 def test_raw_structure(world):
@@ -274,22 +287,34 @@ def test_raw_structure(world):
         failures(lambda: validate_raw(world["raw"], world["catalog"].drop(columns=["item_id"]), cfg, "toy"))
     )
     assert (f.expectation, f.column) == ("expect_column_to_exist", "catalog.item_id")
+    catalog = pd.concat([world["catalog"], world["catalog"].iloc[[2]]], ignore_index=True)
+    f = only(failures(lambda: validate_raw(world["raw"], catalog, cfg, "toy")))
+    assert (f.expectation, f.column, f.sample_rows) == ("expect_column_values_to_be_unique", "catalog.item_id",
+                                                        [2, len(catalog) - 1])
     df = raw_copy(world)
-    df["user_id"] = np.arange(len(df))  # ints, not strings
+    df["user_id"] = df["user_id"].str[1:].astype(np.int64)  # ints, not strings
     f = only(failures(lambda: validate_raw(df, None, cfg, "toy")))
-    assert (f.expectation, f.column) == ("expect_column_values_to_be_of_type", "user_id")
+    assert (f.expectation, f.column) == ("expect_column_values_to_be_nonblank_strings", "user_id")
+    assert "column dtype int64" in f.detail
     df = raw_copy(world)
     df["rating"] = df["rating"].astype(object)
     df.loc[8, "rating"] = "five"
     f = only(failures(lambda: validate_raw(df, None, cfg, "toy")))
     assert (f.expectation, f.column, f.count, f.sample_rows) == (
-        "expect_column_values_to_be_of_type",
+        "expect_column_values_to_be_on_rating_scale",
         "rating",
         1,
         [8],
     )
-    f = only(failures(lambda: validate_raw(None, None, cfg, "toy")))
-    assert f.expectation == "expect_table_row_count_to_be_between"
+    assert "'five'" in f.detail
+    err = failures(lambda: validate_raw(None, None, cfg, "toy"))
+    f = find(err, "expect_table_row_count_to_be_between", None)
+    assert "not a table: NoneType" in f.detail
+    assert {g.column for g in err.failures if g.expectation == "expect_column_to_exist"} == {
+        "user_id", "item_id", "timestamp"}
+    df = pd.concat([raw_copy(world), raw_copy(world)[["rating"]]], axis=1)  # two "rating" columns
+    f = only(failures(lambda: validate_raw(df, None, cfg, "toy")))
+    assert f.expectation == "expect_table_columns_to_be_unique" and "'rating'" in f.detail
 
 
 # ----------------------------------------------------------------------------------- processed
@@ -335,11 +360,14 @@ def test_processed_train_leak(world, tmp_path):
     )
     f = only(err)
     assert (f.expectation, f.column, f.count, f.sample_rows) == (
-        "expect_column_values_to_be_in_set",
-        "train.window_in_train_part",
+        "expect_train_windows_to_be_slices_of_training_part",
+        "train.tokens,training_items",
         1,
         [4],
     )
+    assert "leakage" in f.detail
+    page = next(p for p in (tmp_path / "docs" / "validations").rglob("*.html") if "train" in p.parts)
+    assert "expect_train_windows_to_be_slices_of_training_part" in page.read_text()
     assert err.docs_dir and (tmp_path / "docs" / "index.html").is_file()
 
 
@@ -351,11 +379,12 @@ def test_processed_window_too_long_and_oov(world, tmp_path):
         return df
 
     err = failures(lambda: validate_processed(corrupt(world, tmp_path, "train", bad), world["cfg"]))
-    f = find(err, "expect_column_values_to_be_between", "train.tokens_len")
+    f = find(err, "expect_list_lengths_to_be_between", "train.tokens")
     assert (f.count, f.sample_rows) == (1, [0])
-    f = find(err, "expect_column_values_to_be_in_set", "train.tokens_in_vocab")
+    f = find(err, "expect_list_values_to_be_between", "train.tokens")
     assert (f.count, f.sample_rows) == (1, [2])
-    assert find(err, "expect_column_values_to_be_in_set", "train.window_in_train_part").sample_rows == [0, 2]
+    f = find(err, "expect_train_windows_to_be_slices_of_training_part", "train.tokens,training_items")
+    assert f.sample_rows == [0, 2]
 
 
 def test_processed_wrong_targets_and_inputs(world, tmp_path):
@@ -366,11 +395,12 @@ def test_processed_wrong_targets_and_inputs(world, tmp_path):
         return df
 
     err = failures(lambda: validate_processed(corrupt(world, tmp_path, "valid", bad), world["cfg"]))
-    f = find(err, "expect_column_pair_values_to_be_equal", "valid.target,expected_target")
+    f = find(err, "expect_column_pair_values_to_be_equal", "valid.target,held_out_item")
     assert (f.count, f.sample_rows) == (2, [3, 5])
-    f = find(err, "expect_column_values_to_be_between", "valid.input_len")
+    f = find(err, "expect_list_lengths_to_be_between", "valid.input")
     assert (f.count, f.sample_rows) == (1, [7])
-    assert find(err, "expect_column_values_to_be_in_set", "valid.input_is_history_tail").sample_rows == [7]
+    assert find(err, "expect_inputs_to_be_history_tails", "valid.input,history").sample_rows == [7]
+    assert len(err.failures) == 3, str(err)
 
 
 def test_processed_sequences_and_stats(world, tmp_path):
@@ -383,7 +413,7 @@ def test_processed_sequences_and_stats(world, tmp_path):
         return df
 
     err = failures(lambda: validate_processed(corrupt(world, tmp_path, "sequences", bad), world["cfg"]))
-    f = find(err, "expect_column_values_to_be_in_set", "sequences.timestamps_sorted")
+    f = find(err, "expect_list_values_to_be_non_decreasing", "sequences.timestamps")
     assert (f.count, f.sample_rows) == (1, [1])
     f = find(err, "expect_column_values_to_be_unique", "sequences.user_idx")
     assert (f.count, f.sample_rows) == (2, [2, 3])
@@ -409,15 +439,28 @@ def test_processed_structure(world, tmp_path):
     shutil.copytree(world["processed"], out)
     (out / "test.parquet").unlink()
     f = only(failures(lambda: validate_processed(out, world["cfg"], docs_dir=tmp_path / "docs")))
-    assert f.expectation == "expect_file_to_exist" and "test.parquet" in f.detail
+    assert (f.expectation, f.column, f.sample_rows) == ("expect_files_to_exist", "files.file", [3])
+    assert "'test.parquet'" in f.detail
     pq.write_table(pq.read_table(out / "valid.parquet").drop_columns(["target"]), out / "test.parquet")
     f = only(failures(lambda: validate_processed(out, world["cfg"])))
     assert (f.expectation, f.column) == ("expect_column_to_exist", "test.target")
-    (out / "test.parquet").write_text("not parquet")
+    t = pq.read_table(world["processed"] / "test.parquet")
+    pq.write_table(t.set_column(t.column_names.index("input"), "input", pa.array([["a"]] * t.num_rows)),
+                   out / "test.parquet")
     f = only(failures(lambda: validate_processed(out, world["cfg"])))
-    assert f.expectation == "expect_file_to_be_valid_parquet"
+    assert (f.expectation, f.column, f.count) == ("expect_column_values_to_be_integer_lists", "test.input", 60)
+    (out / "test.parquet").write_text("not parquet")
+    (out / "stats.json").write_text("[1, 2]")
+    f = only(failures(lambda: validate_processed(out, world["cfg"])))
+    assert (f.expectation, f.column, f.sample_rows) == ("expect_files_to_be_readable", "files.file", [3, 5])
+    (out / "stats.json").write_text("{}")
+    (out / "test.parquet").unlink()
+    (out / "vocab.json").write_text("{}")  # JSON, but no vocabulary
+    err = failures(lambda: validate_processed(out, world["cfg"]))
+    assert [(f.expectation, f.sample_rows) for f in err.failures] == [("expect_files_to_exist", [3]),
+                                                                      ("expect_files_to_be_readable", [4])]
     f = only(failures(lambda: validate_processed(tmp_path / "nowhere", world["cfg"])))
-    assert f.expectation == "expect_file_to_exist"
+    assert (f.expectation, f.count) == ("expect_files_to_exist", 6)
 
 
 # ----------------------------------------------------------------------------------- preferences
@@ -450,10 +493,12 @@ def test_preferences_leak(world, tmp_path):
         )
     )
     assert len(err.failures) == 2, str(err)
-    f = find(err, "expect_column_values_to_be_in_set", "chosen_leaks")
+    f = find(err, "expect_items_to_not_be_held_out_targets", "chosen,valid_target,test_target")
     assert (f.count, f.sample_rows) == (1, [5])
-    f = find(err, "expect_column_values_to_be_in_set", "rejected_leaks")
+    f = find(err, "expect_items_to_not_be_held_out_targets", "rejected,valid_target,test_target")
     assert (f.count, f.sample_rows) == (2, [8, 9])
+    page = next((tmp_path / "docs" / "validations").rglob("*preference_pairs.html")).read_text()
+    assert "expect_items_to_not_be_held_out_targets" in page
     assert "leakage" in f.detail and (tmp_path / "docs" / "index.html").is_file() and err.docs_dir
 
 
@@ -463,7 +508,7 @@ def test_preferences_chosen_is_rejected_and_vocab(world):
     df.loc[[6, 11], "chosen"] = 10_000
     err = failures(lambda: validate_preferences(df, world["processed"], world["cfg"], "pairs"))
     assert len(err.failures) == 2, str(err)
-    f = find(err, "expect_column_values_to_be_in_set", "chosen_is_rejected")
+    f = find(err, "expect_column_pair_values_to_differ", "chosen,rejected")
     assert (f.count, f.sample_rows) == (1, [2])
     f = find(err, "expect_column_values_to_be_between", "chosen")
     assert (f.count, f.sample_rows) == (2, [6, 11])
@@ -474,15 +519,15 @@ def test_preferences_context(world):
     df.at[3, "context"] = df.loc[3, "context"][::-1].copy()
     f = only(failures(lambda: validate_preferences(df, world["processed"], world["cfg"], "pairs")))
     assert (f.expectation, f.column, f.count, f.sample_rows) == (
-        "expect_column_values_to_be_in_set",
-        "context_matches_sequence",
+        "expect_contexts_to_be_training_tails",
+        "context,context_end,training_items",
         1,
         [3],
     )
     df = world["pairs"].copy()
     df.at[4, "context"] = df.loc[4, "context"][1:].copy()  # too short for context_end=3
     err = failures(lambda: validate_preferences(df, world["processed"], world["cfg"], "pairs"))
-    f = find(err, "expect_column_pair_values_to_be_equal", "context_len,expected_context_len")
+    f = find(err, "expect_contexts_to_be_training_tails", "context,context_end,training_items")
     assert (f.count, f.sample_rows) == (1, [4])
     df = world["pairs"].copy()
     seqs = pd.read_parquet(world["processed"] / "sequences.parquet").set_index("user_idx")["items"]
@@ -493,8 +538,8 @@ def test_preferences_context(world):
     df.loc[0, "context_id"] = -1
     f = only(failures(lambda: validate_preferences(df, world["processed"], world["cfg"], "pairs")))
     assert (f.expectation, f.column, f.count, f.sample_rows) == (
-        "expect_column_pair_values_a_to_be_greater_than_b",
-        "train_part_len,context_end",
+        "expect_contexts_to_end_in_training_part",
+        "context_end,training_items",
         1,
         [0],
     )
@@ -509,7 +554,7 @@ def test_preferences_values_and_balance(world):
     err = failures(
         lambda: validate_preferences(df, world["processed"], make_cfg(min_source_share=0.05), "pairs")
     )
-    f = find(err, "expect_column_values_to_be_between", "source_share")
+    f = find(err, "expect_value_shares_to_be_at_least", "source")
     assert (f.count, f.sample_rows) == (1, [1]) and "'ranking'" in f.detail
     f = find(err, "expect_column_values_to_be_between", "margin")
     assert (f.count, f.sample_rows) == (2, [2, 12])
@@ -537,7 +582,7 @@ def test_preferences_structure(world):
     df.loc[7, "chosen"] = "i3"
     f = only(failures(lambda: validate_preferences(df, proc, cfg, "pairs")))
     assert (f.expectation, f.column, f.count, f.sample_rows) == (
-        "expect_column_values_to_be_of_type",
+        "expect_column_values_to_be_integers",
         "chosen",
         1,
         [7],
@@ -549,10 +594,10 @@ def test_preferences_structure(world):
     err = failures(lambda: validate_preferences(df, proc, cfg, "pairs"))
     f = find(err, "expect_column_values_to_not_be_null", "margin")
     assert (f.count, f.sample_rows) == (2, [3, 4])
-    f = find(err, "expect_column_values_to_be_of_type", "context")
+    f = find(err, "expect_column_values_to_be_integer_lists", "context")
     assert (f.count, f.sample_rows) == (1, [9])
     f = only(failures(lambda: validate_preferences(world["pairs"], proc.parent / "missing", cfg, "pairs")))
-    assert f.expectation == "expect_file_to_exist"
+    assert (f.expectation, f.column, f.count) == ("expect_files_to_exist", "processed.file", 5)
 
 
 def test_module_imports_are_light():
@@ -572,3 +617,46 @@ def test_module_imports_are_light():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
     assert os.environ.get("GX_ANALYTICS_ENABLED") == "false"
+
+
+def test_every_rule_is_a_named_gx_expectation(world):
+    """The project's rules are registered GX expectations (GX's own or asft's), and the suites contain
+    no helper-column verdicts ("value in set [True]")."""
+    import great_expectations as gx
+
+    from asft.data import gx_custom
+    from asft.data.expectations import _Rules
+
+    names = set(gx_custom.EXPECTATIONS)
+    assert TYPE_RULES <= names
+    assert {"expect_train_windows_to_be_slices_of_training_part", "expect_items_to_not_be_held_out_targets",
+            "expect_contexts_to_be_training_tails", "expect_contexts_to_end_in_training_part",
+            "expect_column_values_to_be_on_rating_scale", "expect_column_values_to_be_int64_timestamps"} <= names
+    for name, cls in gx_custom.EXPECTATIONS.items():
+        assert cls().expectation_type == name if name == "expect_table_columns_to_be_unique" else True
+        assert gx.expectations.registry.get_expectation_impl(name) is cls
+    rules = _Rules(gx)
+    rules.add(gx_custom.ExpectItemsToNotBeHeldOutTargets, "leak", column_list=["chosen", "valid_target"])
+    e = rules.items[0]
+    assert e.expectation_type == "expect_items_to_not_be_held_out_targets"
+    assert e.description == "expect_items_to_not_be_held_out_targets: leak"
+
+
+def test_custom_rules_are_robust_to_any_value():
+    """Rule functions never raise on hostile cells; type rules flag them, value rules leave them."""
+    from asft.data import gx_custom as X
+
+    s = pd.Series([[4, 5], "x", None, np.array([1.0, 2.5]), (7,), {"a": 1}, 3, np.array([], dtype=np.int32)],
+                  dtype=object)
+    assert X.integer_lists(s).tolist() == [True, False, False, False, True, False, False, True]
+    assert X.list_values_between(s, 4, 7).tolist() == [True] * 8
+    assert X.list_lengths_between(s, 1, 2).tolist() == [True, True, True, True, True, True, True, False]
+    v = pd.Series([1, 2.0, 2.5, True, "3", None, np.inf], dtype=object)
+    assert X.integers(v).tolist() == [True, True, False, False, False, False, False]
+    assert X.real_numbers(v).tolist() == [True, True, True, False, False, False, True]
+    r = X.on_rating_scale(pd.Series([0.5, 1.0, 4.5, 5.0, np.nan, 5.5]), 0.5, 5.0, 0.5)
+    assert r.tolist() == [True, True, True, True, False, False]
+    assert X.on_rating_scale(pd.Series([1.0, 1.25]), 1.0, 5.0, 0.5).tolist() == [True, False]
+    w = pd.DataFrame({"w": [np.array([2, 3]), np.array([3, 2]), np.array([9])],
+                      "p": [np.array([1, 2, 3, 4])] * 3})
+    assert X.windows_in_training_part(w).tolist() == [True, False, False]

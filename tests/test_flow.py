@@ -18,7 +18,7 @@ def _runs(client: MlflowClient, experiment: str):
     return client.search_runs([exp.experiment_id], max_results=100)
 
 
-def test_retrain_flow_records_everything(prefect_server, tmp_path, tiny_overrides):
+def test_retrain_flow_records_everything(prefect_server, isolated_runs, tmp_path, tiny_overrides):
     from prefect.client.orchestration import get_client  # noqa: F401  (server must be reachable)
 
     from flows.retrain import retrain
@@ -160,7 +160,7 @@ def test_retrain_flow_records_everything(prefect_server, tmp_path, tiny_override
     assert parent.data.tags["promotion.alias"] == "champion"
 
 
-def test_retrain_reuses_cache_and_champion_base(prefect_server, tmp_path, tiny_overrides):
+def test_retrain_reuses_cache_and_champion_base(prefect_server, isolated_runs, tmp_path, tiny_overrides):
     """Same data, params and code: every stage comes from the cache (verified, attributed to the source
     run), the base model from the registered champion; an identical model is not promoted."""
     from flows.retrain import retrain
@@ -177,6 +177,7 @@ def test_retrain_reuses_cache_and_champion_base(prefect_server, tmp_path, tiny_o
         assert cache[stage]["hit"], stage
         assert cache[stage]["out_dir"].startswith(str(tmp_path / "a")), stage
     assert not cache["evaluate_policies"]["hit"]
+    assert (isolated_runs / ".work").is_dir()  # resumable work directories went to the test's runs/, not the repo's
     assert second["posttrain"]["asft"]["test"] == first["posttrain"]["asft"]["test"]
     assert (tmp_path / "b/models/base/best/model.safetensors").is_file()  # champion base downloaded
     assert second["promotion"]["alias"] == "challenger" and "judged reward" in second["promotion"]["reason"]
@@ -192,7 +193,7 @@ def test_retrain_reuses_cache_and_champion_base(prefect_server, tmp_path, tiny_o
     assert client.get_model_version_by_alias("asft-recommender", "champion").run_id == first["mlflow"]["parent_run_id"]
 
 
-def test_retrain_flow_stops_at_validation(prefect_server, tmp_path, tiny_overrides):
+def test_retrain_flow_stops_at_validation(prefect_server, isolated_runs, tmp_path, tiny_overrides):
     """A malformed log stops the flow at load/validation: nothing trained, parent run FAILED."""
     from flows.retrain import retrain
 

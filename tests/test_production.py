@@ -118,6 +118,34 @@ def _run_deployment(servers, pool: str, output: Path, extra: list[str], tiny: li
     return {"id": fr_id, "deployment_id": dep, "metrics": json.loads((output / "metrics.json").read_text())}
 
 
+def _check_mlflow3_records(client: MlflowClient, parent, champ, reward_champ, metrics: dict) -> None:
+    """What MLflow 3 users look for: LoggedModels behind the versions, the experiment's kind, source
+    tags, system metrics, datasets with their DVC md5, and a table of recommendations."""
+    from mlflow.entities import LoggedModelStatus
+
+    pid = parent.info.run_id
+    for version, name in ((champ, "recommender"), (reward_champ, "reward_model")):
+        assert version.source.startswith("models:/m-"), version.source
+        model = client.get_logged_model(version.source.removeprefix("models:/"))
+        assert (model.name, model.source_run_id, model.status) == (name, pid, LoggedModelStatus.READY)
+        assert {"name": version.name, "version": int(version.version)} in json.loads(model.tags["mlflow.modelVersions"])
+    assert {o.model_id for o in parent.outputs.model_outputs} == {champ.source[len("models:/"):],
+                                                                   reward_champ.source[len("models:/"):]}
+    rec_model = client.get_logged_model(champ.source.removeprefix("models:/"))
+    linked = {m.key: m for m in rec_model.metrics}
+    assert linked["posttrain/asft/valid/ndcg_at_10"].value == pytest.approx(
+        metrics["posttrain"]["asft"]["valid"]["ndcg@10"], abs=1e-12)
+    assert linked["posttrain/asft/valid/ndcg_at_10"].dataset_digest == metrics["datasets"]["processed"]
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    tags = parent.data.tags
+    assert tags["mlflow.source.git.commit"] == tags["git_commit"] and tags["mlflow.source.type"] == "JOB"
+    assert tags["mlflow.source.name"] == "flows/retrain.py:retrain" and tags["mlflow.user"]
+    assert len(client.get_metric_history(pid, "system/cpu_utilization_percentage")) >= 2
+    inputs = {d.dataset.name: d.dataset.digest for d in parent.inputs.dataset_inputs}
+    assert inputs == {k: metrics["datasets"][k] for k in ("raw", "processed", "preferences")}
+    assert "recommendations_sample.json" in {a.path for a in client.list_artifacts(pid)}
+
+
 def test_scheduled_deployment_worker_registry_serving_compare_audit(servers, tiny_overrides):
     env = servers["env"]
     tmp = servers["tmp"]
@@ -155,6 +183,7 @@ def test_scheduled_deployment_worker_registry_serving_compare_audit(servers, tin
     assert champ.run_id == parent.info.run_id and champ.tags["method"] == "asft"
     assert reward_champ.run_id == parent.info.run_id
     assert champ.tags["dvc.processed.md5"] == m1["datasets"]["processed"]
+    _check_mlflow3_records(client, parent, champ, reward_champ, m1)
 
     # 2nd run, worse (base trained with a learning rate too small to learn): stays challenger, reason logged
     second = _run_deployment(servers, pool, tmp / "run2", ["train.lr=1e-7"], tiny_overrides)

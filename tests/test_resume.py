@@ -45,11 +45,16 @@ KILL_AT = {
 
 
 def _env(tmp: Path, name: str) -> dict[str, str]:
+    """The environment of one chain's ``retrain`` commands: the session's Prefect server, its own stage
+    cache and DVC cache, and the suite's pinned math-library threads (model files are compared bit for
+    bit between the reference and the resumed chain)."""
+    from conftest import pinned_threads
     from prefect.settings import get_current_settings
 
-    env = dict(os.environ)
+    env = {**os.environ, **pinned_threads()}
     env["PREFECT_API_URL"] = str(get_current_settings().api.url)  # the session's server: no start-up per run
     env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(tmp / f"prefect-results-{name}")  # own stage cache
+    env["ASFT_DVC_CACHE_DIR"] = str(tmp / f"dvc-cache-{name}")  # never the repository's .dvc/cache
     env["PYTHONPATH"] = str(REPO)
     return env
 

@@ -1,19 +1,27 @@
-"""Tests for asft.data.validation: each broken expectation is reported with its name, the column and
-the (0-based) failing row numbers, and validate_interactions stops with DataValidationError."""
+"""``asft validate``'s entry point (:func:`asft.data.expectations.validate_raw_dir`: the raw GX suite
+that ``retrain`` runs, on a published raw directory) and the shared types of
+:mod:`asft.data.validation`: a failure names the file, the expectation, the column, the 0-based rows
+and the failing values; missing ratings fail; every advertised format's rating scale is enforced."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from asft.data.validation import DataValidationError, Failure, check_interactions, validate_interactions
+from asft.config import Config
+from asft.data.expectations import validate_raw, validate_raw_dir
+from asft.data.schema import FORMAT_RATING_SCALES, DataFormatError
+from asft.data.validation import DataValidationError, Failure
+
+CFG = Config(validation={"data_docs": False})
 
 
-def good_df(n_users: int = 2, per_user: int = 3) -> pd.DataFrame:
-    rows = [
-        (f"u{u}", f"i{k}", 100 * u + k, float(1 + k % 5)) for u in range(n_users) for k in range(per_user)
-    ]
+def good_df(n_users: int = 3, per_user: int = 4) -> pd.DataFrame:
+    rows = [(f"u{u}", f"i{k}", 100 * u + k, float(1 + (u + k) % 5)) for u in range(n_users) for k in range(per_user)]
     return pd.DataFrame(
         {
             "user_id": pd.Series([r[0] for r in rows], dtype=object),
@@ -24,184 +32,153 @@ def good_df(n_users: int = 2, per_user: int = 3) -> pd.DataFrame:
     )
 
 
-def only_failure(df: pd.DataFrame, **kw) -> Failure:
-    fails = check_interactions(df, **kw)
-    assert len(fails) == 1, fails
-    return fails[0]
+def write_raw(d: Path, df: pd.DataFrame, fmt: str = "generic", catalog: pd.DataFrame | None = None) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(d / "interactions.parquet", index=False)
+    if catalog is not None:
+        catalog.to_parquet(d / "catalog.parquet", index=False)
+    (d / "source.json").write_text(json.dumps({"source": "toy", "format": fmt, "rows": len(df)}))
+    return d
 
 
-def raise_message(df: pd.DataFrame, name: str = "toy", **kw) -> DataValidationError:
+def raised(call) -> DataValidationError:
     with pytest.raises(DataValidationError) as e:
-        validate_interactions(df, name, **kw)
-    assert str(e.value).startswith(f"{name}: validation failed")
+        call()
     return e.value
 
 
-def test_good_table_passes():
-    df = good_df()
-    assert check_interactions(df) == []
-    assert validate_interactions(df, "toy") == {"rows": 6, "users": 2, "items": 3, "expectations_failed": 0}
-    # ratings are optional, missing ratings (NaN) are allowed
-    assert check_interactions(df.drop(columns=["rating"])) == []
-    df2 = df.copy()
-    df2.loc[1, "rating"] = np.nan
-    assert check_interactions(df2) == []
+def only(err: DataValidationError) -> Failure:
+    assert len(err.failures) == 1, str(err)
+    return err.failures[0]
 
 
-def test_null_user_id():
-    df = good_df()
-    df.loc[[1, 4], "user_id"] = None
-    f = only_failure(df)
-    assert (f.expectation, f.column, f.count, f.sample_rows) == (
-        "expect_column_values_to_not_be_null",
-        "user_id",
-        2,
-        [1, 4],
-    )
-    err = raise_message(df)
-    msg = str(err)
-    assert "expect_column_values_to_not_be_null" in msg and "'user_id'" in msg and "[1, 4]" in msg
-    assert err.failures[0].expectation == "expect_column_values_to_not_be_null"
+# ------------------------------------------------------------------------------ shared types
+def test_failure_line_and_error_message():
+    f = Failure("expect_column_values_to_not_be_null", "user_id", 12, list(range(10)), "missing values")
+    assert f.line() == ("expect_column_values_to_not_be_null: column 'user_id' 12 failing; rows [0, 1, 2, 3, 4]"
+                        " (missing values)")
+    g = Failure("expect_table_row_count_to_be_between", None, 0)
+    assert g.line() == "expect_table_row_count_to_be_between: 0 failing"
+    err = DataValidationError("toy (data/raw/interactions.parquet)", [f, g], docs_dir="/r/gx/raw")
+    assert str(err).splitlines() == [
+        "toy (data/raw/interactions.parquet): validation failed (2 expectation(s))",
+        "  - " + f.line(),
+        "  - " + g.line(),
+        "  data docs: /r/gx/raw",
+    ]
     d = err.to_dict()
-    assert d["dataset"] == "toy" and d["failures"][0]["sample_rows"] == [1, 4]
+    assert d["dataset"] == "toy (data/raw/interactions.parquet)" and d["docs_dir"] == "/r/gx/raw"
+    assert d["failures"][0] == {"expectation": "expect_column_values_to_not_be_null", "column": "user_id",
+                                "count": 12, "sample_rows": list(range(10)), "detail": "missing values"}
+    json.dumps(d)
 
 
-def test_null_item_id_nan():
+def test_old_checker_is_gone():
+    import asft.data.validation as v
+
+    assert not hasattr(v, "check_interactions") and not hasattr(v, "validate_interactions")
+
+
+# ------------------------------------------------------------------------------ validate_raw_dir
+def test_raw_dir_passes_and_matches_the_ingest_suite(tmp_path):
     df = good_df()
-    df.loc[2, "item_id"] = np.nan
-    f = only_failure(df)
-    assert (f.expectation, f.column, f.sample_rows) == ("expect_column_values_to_not_be_null", "item_id", [2])
+    raw = write_raw(tmp_path / "raw", df, "simulator")
+    rep = validate_raw_dir(raw, CFG)
+    assert rep["suite"] == "raw_interactions" and rep["failed"] == 0 and rep["rows"] == len(df)
+    same = validate_raw(df, None, CFG, "toy", fmt="simulator")
+    assert rep["expectations"] == same["expectations"] >= 10
 
 
-def test_blank_item_ids():
+def test_raw_dir_error_names_file_column_rows_and_values(tmp_path):
     df = good_df()
-    df.loc[0, "item_id"] = ""
-    df.loc[5, "item_id"] = "   "
-    f = only_failure(df)
-    assert (f.expectation, f.column, f.count, f.sample_rows) == (
-        "expect_column_values_to_not_be_blank",
-        "item_id",
-        2,
-        [0, 5],
-    )
-    msg = str(raise_message(df))
-    assert "expect_column_values_to_not_be_blank" in msg and "'item_id'" in msg and "[0, 5]" in msg
+    df.loc[[2, 7], "rating"] = [np.nan, 9.0]
+    df.loc[5, "user_id"] = None
+    raw = write_raw(tmp_path / "raw", df)
+    err = raised(lambda: validate_raw_dir(raw, CFG))
+    msg = str(err)
+    assert msg.startswith(f"toy ({raw / 'interactions.parquet'}): validation failed (2 expectation(s))")
+    rating = next(f for f in err.failures if f.column == "rating")
+    assert (rating.expectation, rating.count, rating.sample_rows) == ("expect_column_values_to_be_on_rating_scale", 2,
+                                                                     [2, 7])
+    assert "unexpected values: [nan, 9.0]" in rating.detail and "between 1.0 and 5.0" in rating.detail
+    user = next(f for f in err.failures if f.column == "user_id")
+    assert (user.expectation, user.count, user.sample_rows) == ("expect_column_values_to_not_be_null", 1, [5])
+    assert msg.count("expect_column_values_to_be_on_rating_scale") == 1  # reported once
 
 
-def test_float_timestamps():
+def test_raw_dir_nan_rating_fails(tmp_path):
     df = good_df()
-    df["timestamp"] = df["timestamp"].astype(np.float64) + 0.5
-    f = only_failure(df)
-    assert (f.expectation, f.column, f.count) == ("expect_column_values_to_be_of_type", "timestamp", len(df))
-    msg = str(raise_message(df))
-    assert "expect_column_values_to_be_of_type" in msg and "'timestamp'" in msg and "float64" in msg
+    df.loc[4, "rating"] = np.nan
+    f = only(raised(lambda: validate_raw_dir(write_raw(tmp_path / "raw", df), CFG)))
+    assert (f.expectation, f.column, f.count, f.sample_rows) == ("expect_column_values_to_be_on_rating_scale",
+                                                                 "rating", 1, [4])
+    assert "nan" in f.detail and "none missing" in f.detail
 
 
-def test_negative_timestamps():
+def test_raw_dir_catalog_and_docs(tmp_path):
     df = good_df()
-    df.loc[[3, 5], "timestamp"] = [-1, -100]
-    f = only_failure(df)
-    assert (f.expectation, f.column, f.count, f.sample_rows) == (
-        "expect_column_values_to_be_between",
-        "timestamp",
-        2,
-        [3, 5],
-    )
-    msg = str(raise_message(df))
-    assert (
-        "expect_column_values_to_be_between" in msg
-        and "'timestamp'" in msg
-        and "[3, 5]" in msg
-        and ">= 0" in msg
-    )
+    catalog = pd.DataFrame({"item_id": ["i0", "i1", "i2"], "title": "t", "genres": "g"})  # i3 missing
+    raw = write_raw(tmp_path / "raw", df, catalog=catalog)
+    docs = tmp_path / "docs"
+    err = raised(lambda: validate_raw_dir(raw, Config(), docs_dir=docs))
+    f = only(err)
+    assert (f.expectation, f.column) == ("expect_items_to_be_listed_in_catalog", "item_id,catalog_item_id")
+    assert f.count == 3 and f.sample_rows == [3, 7, 11] and "'i3'" in f.detail
+    assert err.docs_dir == str(docs.resolve()) and (docs / "index.html").is_file()
 
 
-def test_non_numeric_and_non_finite_ratings():
-    df = good_df()
-    df["rating"] = pd.Series([4.0, "bad", 3.0, "5", np.inf, None], dtype=object)
-    f = only_failure(df)
-    # "5" is numeric text (fine), None is a missing rating (fine); "bad" and inf fail
-    assert (f.expectation, f.column, f.count, f.sample_rows) == (
-        "expect_column_values_to_be_finite_numbers",
-        "rating",
-        2,
-        [1, 4],
-    )
-    msg = str(raise_message(df))
-    assert "expect_column_values_to_be_finite_numbers" in msg and "'rating'" in msg and "[1, 4]" in msg
+def test_raw_dir_unreadable_files(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    with pytest.raises(DataFormatError) as e:
+        validate_raw_dir(raw, CFG)
+    assert e.value.path == str(raw / "interactions.parquet") and "not found" in str(e.value)
+    (raw / "interactions.parquet").write_bytes(b"PAR1 broken")
+    with pytest.raises(DataFormatError) as e:
+        validate_raw_dir(raw, CFG)
+    assert "not a readable Parquet file" in str(e.value)
 
 
-def test_missing_columns():
-    df = good_df().drop(columns=["timestamp", "item_id"])
-    fails = check_interactions(df)
-    assert [(f.expectation, f.column) for f in fails] == [
-        ("expect_columns_to_exist", "item_id"),
-        ("expect_columns_to_exist", "timestamp"),
-    ]
-    msg = str(raise_message(df))
-    assert "expect_columns_to_exist" in msg and "'item_id'" in msg and "'timestamp'" in msg
-    assert "2 expectation(s)" in msg
+# ------------------------------------------------------------------------------ rating scales
+def _ratings(values) -> pd.DataFrame:
+    df = good_df(n_users=1, per_user=len(values))
+    df["rating"] = np.asarray(values, dtype=np.float64)
+    return df
 
 
-def test_empty_table():
-    df = good_df().iloc[:0]
-    f = only_failure(df)
-    assert f.expectation == "expect_table_row_count_to_be_at_least" and f.count == 0
-    msg = str(raise_message(df))
-    assert "expect_table_row_count_to_be_at_least" in msg and "empty" in msg
+# format -> (valid ratings, invalid ratings) on its real scale
+SCALE_CASES = {
+    "movielens-100k": ([1, 2, 3, 4, 5], [0.5, 4.5, 6]),
+    "movielens-dat": ([1, 2, 3, 4, 5], [0, 3.5, 5.5]),
+    "movielens-csv": ([0.5, 1, 2.5, 4.5, 5], [0, 0.25, 5.5]),
+    "simulator": ([1, 2, 3, 4, 5], [2.5, 0, 6]),
+    "generic": ([1, 2.7, 3.25, 4.5, 5], [0.5, 5.5, np.nan]),
+    "recbole": ([1, 1.5, 3, 4.99, 5], [0, 7, np.nan]),
+}
 
 
-def test_no_user_with_enough_events():
-    df = good_df(n_users=3, per_user=2)
-    f = only_failure(df)
-    assert (f.expectation, f.column) == ("expect_some_user_history_at_least", "user_id")
-    assert check_interactions(df, min_user_events=2) == []
+def test_every_advertised_format_has_a_scale_case():
+    assert set(FORMAT_RATING_SCALES) <= set(SCALE_CASES)
 
 
-def test_several_failures_reported_together():
-    df = good_df()
-    df.loc[0, "user_id"] = None
-    df.loc[1, "item_id"] = " "
-    df.loc[2, "timestamp"] = -5
-    df["rating"] = pd.Series([1.0, 2.0, 3.0, "x", 5.0, 1.0], dtype=object)
-    fails = check_interactions(df)
-    assert [(f.expectation, f.column, f.sample_rows) for f in fails] == [
-        ("expect_column_values_to_not_be_null", "user_id", [0]),
-        ("expect_column_values_to_not_be_blank", "item_id", [1]),
-        ("expect_column_values_to_be_between", "timestamp", [2]),
-        ("expect_column_values_to_be_finite_numbers", "rating", [3]),
-    ]
-    err = raise_message(df, name="multi")
-    assert "4 expectation(s)" in str(err) and len(str(err).splitlines()) == 5
+@pytest.mark.parametrize("fmt", sorted(SCALE_CASES))
+def test_format_rating_scale_enforced_through_validation(fmt, tmp_path):
+    good, bad = SCALE_CASES[fmt]
+    assert validate_raw_dir(write_raw(tmp_path / "ok", _ratings(good), fmt), CFG)["failed"] == 0
+    for i, v in enumerate(bad):
+        values = list(good)
+        values[i] = v
+        f = only(raised(lambda values=values: validate_raw_dir(write_raw(tmp_path / f"bad{i}", _ratings(values), fmt),
+                                                               CFG)))
+        assert (f.expectation, f.column, f.count, f.sample_rows) == (
+            "expect_column_values_to_be_on_rating_scale", "rating", 1, [i]), (fmt, v, f)
 
 
-def test_sample_rows_capped():
-    df = good_df(n_users=5, per_user=4)  # 20 rows
-    df["timestamp"] = -np.arange(1, 21, dtype=np.int64)
-    f = only_failure(df)
-    assert f.count == 20 and f.sample_rows == list(range(10))
-    assert "rows [0, 1, 2, 3, 4]" in f.line()
-
-
-def test_default_string_dtype_nulls_and_blanks():
-    # pandas' inferred string dtype (not object): None becomes NaN and is still caught as null
-    df = pd.DataFrame(
-        {
-            "user_id": ["a", "a", None, "a"],
-            "item_id": ["x", "", "y", "z"],
-            "timestamp": np.array([1, 2, 3, 4], dtype=np.int64),
-        }
-    )
-    fails = check_interactions(df)
-    assert [(f.expectation, f.column, f.sample_rows) for f in fails] == [
-        ("expect_column_values_to_not_be_null", "user_id", [2]),
-        ("expect_column_values_to_not_be_blank", "item_id", [1]),
-    ]
-
-
-def test_nullable_integer_timestamps_rejected():
-    df = good_df()
-    df["timestamp"] = pd.array(df["timestamp"].tolist(), dtype="Int64")
-    f = only_failure(df)
-    assert (f.expectation, f.column) == ("expect_column_values_to_be_of_type", "timestamp")
-    assert "Int64" in f.detail
+def test_declared_rating_bounds_replace_the_format_scale(tmp_path):
+    raw = write_raw(tmp_path / "raw", _ratings([0, 3.5, 7, 10]), "movielens-100k")
+    assert only(raised(lambda: validate_raw_dir(raw, CFG))).sample_rows == [0, 1, 2, 3]
+    cfg = Config(validation={"data_docs": False, "rating_min": 0, "rating_max": 10})
+    assert validate_raw_dir(raw, cfg)["failed"] == 0
+    bad = write_raw(tmp_path / "bad", _ratings([0, 3.5, 11, 10]), "movielens-100k")
+    f = only(raised(lambda: validate_raw_dir(bad, cfg)))
+    assert f.sample_rows == [2] and "validation.rating_min/max" in f.detail

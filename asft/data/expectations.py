@@ -147,9 +147,12 @@ class _Rules:
         e.description = f"{e.expectation_type}: {detail}" if detail else None
         self.items.append(e)
 
-    def structure(self, frame: pd.DataFrame, required, min_rows: int = 1, what: str = "") -> list[str]:
-        """Unique column names, required columns exist, row count; returns the usable required columns."""
-        self.add(self.X.ExpectTableColumnsToBeUnique, "duplicated column names")
+    def structure(self, frame: pd.DataFrame, required, min_rows: int = 1, what: str = "",
+                  unique_names: bool = True) -> list[str]:
+        """Unique column names (unless known), required columns exist, row count; returns the usable
+        required columns."""
+        if unique_names:
+            self.add(self.X.ExpectTableColumnsToBeUnique, "duplicated column names")
         for c in required:
             self.add(self.E.ExpectColumnToExist, f"required column (have {[str(x) for x in frame.columns][:20]})",
                      column=c)
@@ -193,13 +196,18 @@ class _Outcome:
     docs_error: str | None = None
 
 
+def _plain(v: Any) -> Any:
+    if isinstance(v, (np.ndarray, np.generic)):
+        return v.tolist()
+    if isinstance(v, tuple):
+        return tuple(_plain(x) for x in v)
+    return v
+
+
 def _short(v: Any, n: int = 40) -> str:
+    v = _plain(v)
     if isinstance(v, float) and math.isnan(v):
         return "nan"
-    if isinstance(v, np.ndarray):
-        v = v.tolist()
-    if isinstance(v, (np.generic,)):
-        v = v.item()
     s = repr(v)
     return s if len(s) <= n else s[: n - 3] + "..."
 
@@ -282,7 +290,7 @@ def _reported(results: list) -> list:
 
 
 def _widen(frame: pd.DataFrame) -> pd.DataFrame:
-    """int8/16/32 -> int64 and float32 -> float64 (nullable ints with NA -> float64).
+    """numpy int8/16/32 -> int64 and float32 -> float64.
 
     GX quirk: ExpectColumnValuesToBeBetween is vectorised on pandas only for int64/float64 columns;
     other numeric dtypes go through a per-value Python function (~100x slower on large tables).
@@ -293,9 +301,9 @@ def _widen(frame: pd.DataFrame) -> pd.DataFrame:
     for c in frame.columns:
         s = frame[c]
         dt = s.dtype
-        if pd.api.types.is_bool_dtype(dt) or not pd.api.types.is_numeric_dtype(dt):
-            out[c] = s
-        elif pd.api.types.is_integer_dtype(dt) and not s.isna().any():
+        if not isinstance(dt, np.dtype) or pd.api.types.is_bool_dtype(dt) or not pd.api.types.is_numeric_dtype(dt):
+            out[c] = s  # extension dtypes (nullable Int64, arrow lists) are checked as they are
+        elif pd.api.types.is_integer_dtype(dt):
             out[c] = s.astype(np.int64)
         else:
             out[c] = s.astype(np.float64)
@@ -619,7 +627,7 @@ def _read_processed(root: Path, names=tuple(PROCESSED_TABLES)) -> tuple[dict, di
     return tables, stats, vocab
 
 
-def _files_table(root: Path, files, prefix: str = "") -> _Table:
+def _files_table(root: Path, files, prefix: str = "files.") -> _Table:
     def build(r: _Rules) -> None:
         r.add(r.X.ExpectFilesToExist, f"missing in {root}", column="file", root=str(root))
         r.add(r.X.ExpectFilesToBeReadable, f"unreadable in {root} (broken Parquet, JSON or vocabulary)",
@@ -725,7 +733,7 @@ def validate_processed(processed_dir: str | Path, cfg: Config, docs_dir: str | P
 
     def build_seq(r: _Rules) -> None:
         E, X = r.E, r.X
-        r.types(PROCESSED_TABLES["sequences"], r.structure(sf, PROCESSED_TABLES["sequences"]))
+        r.types(PROCESSED_TABLES["sequences"], r.structure(sf, PROCESSED_TABLES["sequences"], unique_names=False))
         r.add(E.ExpectColumnValuesToNotBeNull, "missing user_idx", column="user_idx")
         r.add(E.ExpectColumnValuesToBeUnique, "one sequence per user", column="user_idx")
         r.add(E.ExpectColumnValuesToBeBetween, f"user_idx outside [0, {n_users})", column="user_idx",
@@ -747,7 +755,7 @@ def validate_processed(processed_dir: str | Path, cfg: Config, docs_dir: str | P
 
     def build_train(r: _Rules) -> None:
         E, X = r.E, r.X
-        r.types(PROCESSED_TABLES["train"], r.structure(tf, PROCESSED_TABLES["train"], min_rows=0))
+        r.types(PROCESSED_TABLES["train"], r.structure(tf, PROCESSED_TABLES["train"], min_rows=0, unique_names=False))
         r.add(E.ExpectColumnValuesToNotBeNull, "missing user_idx", column="user_idx")
         r.add(X.ExpectUsersToBeInSequences, "user_idx not in sequences.parquet", column_A="user_idx",
               column_B="sequence_user_idx", ignore_row_if="both_values_are_missing")
@@ -771,7 +779,7 @@ def validate_processed(processed_dir: str | Path, cfg: Config, docs_dir: str | P
 
         def build(r: _Rules) -> None:
             E, X = r.E, r.X
-            r.types(PROCESSED_TABLES[name], r.structure(f, PROCESSED_TABLES[name]))
+            r.types(PROCESSED_TABLES[name], r.structure(f, PROCESSED_TABLES[name], unique_names=False))
             r.add(E.ExpectTableRowCountToEqual, "one row per user of sequences.parquet", value=n_users)
             r.add(E.ExpectColumnValuesToNotBeNull, "missing user_idx", column="user_idx")
             r.add(E.ExpectColumnValuesToBeUnique, "one row per user", column="user_idx")
