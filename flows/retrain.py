@@ -42,7 +42,7 @@ from asft import datastore, pipeline, stages
 from asft.config import Config, ConfigOverrides, dump_config, load_config, overrides_from_model
 from asft.utils import dvc_md5, write_json
 from tasks import lineage
-from tasks.stages import CONCURRENCY_LIMIT, CONSOLE, TASKS, RunContext, log_policy_reports, promote_task, spec_key
+from tasks.stages import CONCURRENCY_LIMIT, CONSOLE, TASKS, RunContext, log_policy_reports, promote_task
 from tasks.samples import recommendation_sample
 from tasks.tracking import (
     experiment_url,
@@ -246,7 +246,9 @@ def _record_lineage(parent, cfg, out: Path) -> dict:
 
 def _dataset_pointer(parent, name: str, res: dict, out: Path) -> str:
     """The ``.dvc`` pointer of a dataset version the stage committed to the DVC cache."""
-    md5 = res["out_md5"]
+    md5, cache = res["out_md5"], lineage.dvc_cache_dir()
+    if datastore.missing(md5, cache):  # a cached stage whose objects were garbage-collected since
+        md5 = datastore.commit(res["out_dir"], cache)
     datastore.pointer_file(md5, name, out / "dvc" / f"{name}.dvc")
     parent.set_tags({f"dvc.{name}.md5": md5, f"{name}_sha256": res["sha256"]})
     log_dataset(parent, name, res["out_dir"], md5, DATASET_CONTEXT[name])
@@ -339,7 +341,7 @@ def retrain(
 
         processed, raw_dir, pref_dir = stats["out_dir"], raw["out_dir"], prefs["out_dir"]
         run.current = "train-base"
-        base_key = spec_key(pipeline.get_stage("train-base"), cfg, {"processed_dir": processed})
+        base_key = lineage.task_key(pipeline.get_stage("train-base"), cfg, {"processed_dir": processed})
         base = _champion_base(cfg, uri, pid, base_key, out, run) if (do_register and use_cache and
                                                                      cfg.registry.reuse_champion_base) else None
         if base is None:

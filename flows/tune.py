@@ -60,14 +60,15 @@ def tune(data: str | None = None, output: str = "runs/tune", config: str | None 
     if cfg.tracking.enabled:
         from tasks.tracking import start_parent
 
-        run = start_parent(cfg, f"tune-{out.name}", {"kind": "tune", "data_source": cfg.data.source})
+        run = start_parent(cfg, f"tune-{out.name}", {"kind": "tune", "data_source": cfg.data.source},
+                           source_name="flows/tune.py:tune")
         parent, uri = run.run_id, run.client.tracking_uri
         run.log_params({f"tune.{k}": v for k, v in cfg.tune.model_dump(mode="json", exclude={"space"}).items()})
     try:
         result = _tune(cfg, ingest["raw_dir"], str(out), n_trials, parent, uri)
     except BaseException:
         if parent:
-            run.client.set_terminated(parent, "FAILED")
+            run.end("FAILED")
         raise
     if parent:
         run.log_metrics({"best_valid_" + cfg.train.monitor: result["best_value"], "trials": result["trials"],
@@ -75,7 +76,7 @@ def tune(data: str | None = None, output: str = "runs/tune", config: str | None 
         run.log_params({f"best.{k}": v for k, v in result["best_params"].items()})
         run.log_artifact(result["best_file"])
         run.log_artifact(out / TRIALS_FILE)
-        run.client.set_terminated(parent, "FINISHED")
+        run.end()
     import json
 
     trials = json.loads((out / TRIALS_FILE).read_text())

@@ -3,8 +3,8 @@
 - :func:`code_version`: content hash of the pipeline's code (``asft/``, ``tasks/`` and ``flows/``
   sources, byte-compiled caches left out): what "the code" is for caching and audits (a git commit
   misses uncommitted edits; this does not).
-- :func:`stage_params`: the params.yaml keys a stage reads, taken from the stage's ``params:`` list
-  in ``dvc.yaml`` (one definition, shared with DVC); stages outside the DVC pipeline use all params.
+- :func:`task_key`: a stage instance's key, over the config keys its declaration lists
+  (:attr:`asft.pipeline.StageSpec.params`, the same list ``dvc.yaml``'s ``params:`` is generated from).
 - :class:`StageCache`: the Prefect cache policy of every stage task. The key is the stage name, the
   DVC hashes of the task's input paths (datasets and models), the stage's params and the code
   version; never tensors or frames. A cached result is the earlier run's summary (paths into that
@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect.cache_policies import CachePolicy
 
 from asft import datastore
-from asft.config import Config, load_config
+from asft.config import Config
+from asft.pipeline import StageSpec, stage_params
 from asft.utils import dvc_md5, file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,10 +40,6 @@ PACKAGES = ("torch", "transformers", "accelerate", "numpy", "pandas", "pyarrow",
             "great-expectations", "pydantic", "safetensors")
 
 # Flow stage -> DVC stage whose ``params:`` list it shares.
-DVC_STAGE = {"validate-raw": "ingest", "preprocess": "preprocess", "preferences": "preferences",
-             "train-base": "train_base", "train-reward": "train_reward", "train-judge": "train_judge",
-             "sample": "sample", "score": "score", "advantages": "advantages", "posttrain": "posttrain"}
-
 
 def code_files(root: Path, dirs: tuple[str, ...] = CODE_DIRS) -> list[Path]:
     """The source files under ``root/<dir>`` for each of ``dirs``, sorted (``__pycache__`` left out)."""
@@ -66,29 +62,6 @@ def code_version() -> str:
     return code_hash(REPO)
 
 
-@functools.lru_cache(maxsize=1)
-def _dvc_params() -> dict[str, list[str]]:
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    return {name: [p for p in (s.get("do", s).get("params") or []) if isinstance(p, str)] for name, s in stages.items()}
-
-
-def _get(tree: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        tree = tree[part]
-    return tree
-
-
-def stage_params(stage: str, cfg: Config) -> dict[str, Any]:
-    tree = cfg.to_dict()
-    for section in ("tracking", "registry", "distributed"):  # where/how results are made, not what they are
-        tree.pop(section, None)
-    tree["posttrain"] = {k: v for k, v in tree["posttrain"].items() if k not in ("methods", "champion_method")}
-    keys = _dvc_params().get(DVC_STAGE.get(stage, ""), None)
-    if keys is None:
-        return tree
-    return {k: _get(tree, k) for k in keys}
-
-
 def input_hashes(paths: dict[str, Any]) -> dict[str, Any]:
     """DVC hash of every input path (a dict of paths is hashed entry by entry)."""
     out: dict[str, Any] = {}
@@ -109,13 +82,14 @@ def source_hash(cfg: Config) -> str | None:
     return dvc_md5(cfg.data.source)
 
 
-def task_key(stage: str, cfg: Config, paths: dict[str, Any], values: dict[str, Any] | None = None) -> str:
-    """The cache key of a stage task (also used to match the champion's base model)."""
-    doc = {"stage": stage, "inputs": input_hashes(paths), "params": stage_params(stage, cfg),
-           "code": code_version(), "values": values or {}}
-    if stage == "validate-raw":
+def task_key(spec: StageSpec, cfg: Config, paths: dict[str, Any], options: dict[str, Any] | None = None) -> str:
+    """The cache key of a stage instance (also matches the champion's base model): its inputs' DVC hashes,
+    the config keys its declaration lists (:attr:`StageSpec.params`), its options and the code version."""
+    doc = {"stage": spec.name, "inputs": input_hashes(paths), "code": code_version(),
+           "params": stage_params(spec, cfg.to_dict()), "values": options or {}}
+    if spec.name == "ingest":
         doc["source"] = source_hash(cfg)
-    return f"{stage}-" + hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{spec.name}-" + hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def digest(hashes: dict[str, str]) -> str:
@@ -127,23 +101,16 @@ def dvc_cache_dir() -> Path:
     return datastore.cache_dir(REPO)
 
 
-@dataclass
 class StageCache(CachePolicy):
-    """Cache key = stage + DVC hashes of the input paths + the stage's params + code version.
+    """The Prefect cache policy of a stage task: :func:`task_key` over the task's ``cfg``, ``paths`` and
+    ``options`` arguments (output dirs, tracking ids and run options are deliberately not part of it)."""
 
-    ``path_args``: the task arguments that are input paths; ``value_args``: plain arguments that
-    change the result (e.g. the method name). Output directories, tracking URIs and run ids are
-    deliberately not part of the key.
-    """
-
-    stage: str = ""
-    path_args: tuple[str, ...] = ()
-    value_args: tuple[str, ...] = ()
+    def __init__(self, spec: StageSpec):
+        super().__init__()
+        self.spec = spec
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
-        cfg = load_config(inputs["config_path"])
-        return task_key(self.stage, cfg, {a: inputs.get(a) for a in self.path_args},
-                        {a: inputs.get(a) for a in self.value_args})
+        return task_key(self.spec, inputs["cfg"], inputs["paths"], inputs.get("options"))
 
 
 def environment() -> dict[str, str]:

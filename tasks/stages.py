@@ -5,7 +5,7 @@
 paths and its output path. Every stage task
 
 - is cached on the DVC hashes of its inputs, the config keys the stage declares, its option values and
-  the code version (:class:`SpecCache`); the summary is persisted as JSON (never a pickle);
+  the code version (:class:`tasks.lineage.StageCache`); the summary is persisted as JSON (never a pickle);
 - runs the core function in this process, or its CLI command (generated from the same spec) in a child
   process: under ``torchrun`` when ``distributed.nproc_per_node`` > 1, or alone when the flow runs
   independent stages concurrently (``orchestration.max_parallel``), with the stage's time limit;
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE, CachePolicy
+from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 from rich.console import Console
@@ -104,30 +104,13 @@ def _report_task_failure(task_, task_run, state) -> None:
 
 
 
+# Retries of I/O and tracking-server errors with backoff, and a failure report naming the stage: every task.
+RELIABILITY = dict(retries=RETRIES, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
+                   retry_condition_fn=_retry_condition, on_failure=[_report_task_failure])
+
+
 def _jsonable(obj):
     return json.loads(json.dumps(obj, default=_json_default))
-
-
-def spec_key(spec: StageSpec, cfg: Config, paths: dict[str, Any], options: dict[str, Any] | None = None) -> str:
-    """The cache key of a stage instance (also matches the champion's base model): its inputs' DVC hashes,
-    the config keys it declares, its options and the code version."""
-    doc = {"stage": spec.name, "inputs": lineage.input_hashes(paths), "code": lineage.code_version(),
-           "params": pipeline.stage_params(spec, cfg.to_dict()), "values": options or {}}
-    if spec.name == "ingest":
-        doc["source"] = lineage.source_hash(cfg)
-    return f"{spec.name}-" + hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
-
-
-class SpecCache(CachePolicy):
-    """Prefect cache policy of a stage task: :func:`spec_key` over the task's arguments (output dirs,
-    tracking ids and run options are deliberately not part of it)."""
-
-    def __init__(self, spec: StageSpec):
-        super().__init__()
-        self.spec = spec
-
-    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
-        return spec_key(self.spec, inputs["cfg"], inputs["paths"], inputs.get("options"))
 
 
 def processes(cfg: Config) -> int:
@@ -277,7 +260,7 @@ def stage_task(spec: StageSpec):
         options = options or {}
         named = {o: options[o] for o in spec.options if o in options}  # the values that name the instance
         label = "-".join([spec.name, *map(str, named.values())])
-        work = (Path(ctx.work_root) / spec_key(spec, cfg, paths, options)
+        work = (Path(ctx.work_root) / lineage.task_key(spec, cfg, paths, options)
                 if spec.training and ctx.work_root else None)
         guard = (_ValidationGuard(ctx.reports_dir, label) if spec.docs or spec.dataset
                  else contextlib.nullcontext())
@@ -316,9 +299,8 @@ def stage_task(spec: StageSpec):
     body.__name__ = body.__qualname__ = spec.name.replace("-", "_") + "_task"
     body.__doc__ = spec.help
     return task(name=spec.name, task_run_name=spec.name + ("-{options[method]}" if "method" in spec.options else ""),
-                cache_policy=SpecCache(spec) if spec.cache else NO_CACHE, persist_result=spec.cache, result_serializer="json", retries=RETRIES,
-                retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
-                retry_condition_fn=_retry_condition, on_failure=[_report_task_failure])(body)
+                cache_policy=lineage.StageCache(spec) if spec.cache else NO_CACHE, persist_result=spec.cache,
+                result_serializer="json", **RELIABILITY)(body)
 
 
 TASKS = {spec.name: stage_task(spec) for spec in pipeline.flow_stages()}
@@ -387,8 +369,7 @@ def flat_report(rep: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-@task(name="promote", cache_policy=NO_CACHE, retries=RETRIES, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-      retry_jitter_factor=0.5, retry_condition_fn=_retry_condition, on_failure=[_report_task_failure])
+@task(name="promote", cache_policy=NO_CACHE, **RELIABILITY)
 def promote_task(method: str, model_dir: str, valid_report: dict, reward_dir: str, lineage_tags: dict,
                  ref_dir: str, processed_dir: str, judge_dir: str, raw_dir: str, cfg: Config, out_dir: str,
                  tracking_uri: str, parent_run_id: str, reward_metrics: dict[str, float] | None = None) -> dict:

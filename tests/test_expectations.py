@@ -124,8 +124,8 @@ def test_raw_passes_with_docs_and_keeps_history(world, tmp_path, monkeypatch):
     assert rep["suite"] == "raw_interactions" and rep["failed"] == 0 and rep["rows"] == len(world["raw"])
     assert rep["expectations"] >= 12 and rep["users"] == 60
     assert rep["docs"] == str(docs.resolve() / "index.html") and Path(rep["docs"]).is_file()
-    pages = lambda: sorted((docs / "validations").rglob("*.html"))  # noqa: E731
-    results = lambda: sorted((docs / "gx" / "uncommitted" / "validations").rglob("*.json"))  # noqa: E731
+    pages = lambda: sorted((docs / "validations").rglob("*.html"))
+    results = lambda: sorted((docs / "gx" / "uncommitted" / "validations").rglob("*.json"))
     first = pages()
     assert len(first) == 2 and len(results()) == 2  # interactions + catalog
     assert (docs / "gx" / "great_expectations.yml").is_file()

@@ -93,25 +93,29 @@ def test_transient_errors_are_retried_others_are_not():
 
 # -- stage cache keys ---------------------------------------------------------------------------------------
 def test_stage_keys_follow_inputs_params_and_code(tmp_path):
-    from tasks.lineage import stage_params, task_key
+    from asft.pipeline import get_stage, stage_params
+    from tasks.lineage import task_key
 
+    base, post = get_stage("train-base"), get_stage("posttrain")
     d = tmp_path / "processed"
     d.mkdir()
     (d / "x.parquet").write_bytes(b"v1")
     cfg = load_config(REPO / "params.yaml")
-    key = task_key("train-base", cfg, {"processed_dir": str(d)})
-    assert key == task_key("train-base", cfg, {"processed_dir": str(d)})
+    key = task_key(base, cfg, {"processed_dir": str(d)})
+    assert key == task_key(base, cfg, {"processed_dir": str(d)})
     assert key.startswith("train-base-")
-    # params the stage reads (dvc.yaml) change the key; others, tracking and the registry do not
-    assert task_key("train-base", load_config(REPO / "params.yaml", ["train.lr=0.01"]), {"processed_dir": str(d)}) != key
+    # params the stage declares change the key; others, tracking and the registry do not
+    assert task_key(base, load_config(REPO / "params.yaml", ["train.lr=0.01"]), {"processed_dir": str(d)}) != key
     for other in ("posttrain.train.lr=0.01", "tracking.experiment=x", "registry.ndcg_tolerance=0.5"):
-        assert task_key("train-base", load_config(REPO / "params.yaml", [other]), {"processed_dir": str(d)}) == key
-    assert set(stage_params("train-base", cfg)) == {"seed", "model", "train", "preprocess.max_len", "eval"}
-    assert "methods" not in stage_params("posttrain", cfg)["posttrain"]
+        assert task_key(base, load_config(REPO / "params.yaml", [other]), {"processed_dir": str(d)}) == key
+    assert set(stage_params(base, cfg.to_dict())) == {"seed", "model", "train", "preprocess.max_len", "eval"}
+    assert not any(k in ("posttrain", "posttrain.methods") for k in stage_params(post, cfg.to_dict()))
+    methods = load_config(REPO / "params.yaml", ["posttrain.methods=[asft]"])
+    assert task_key(post, methods, {}, {"method": "asft"}) == task_key(post, cfg, {}, {"method": "asft"})
     # new data -> new key; the method is part of a post-training key
     (d / "x.parquet").write_bytes(b"v2")
-    assert task_key("train-base", cfg, {"processed_dir": str(d)}) != key
-    assert task_key("posttrain", cfg, {}, {"method": "asft"}) != task_key("posttrain", cfg, {}, {"method": "sft"})
+    assert task_key(base, cfg, {"processed_dir": str(d)}) != key
+    assert task_key(post, cfg, {}, {"method": "asft"}) != task_key(post, cfg, {}, {"method": "sft"})
 
 
 # -- serving ------------------------------------------------------------------------------------------------
@@ -210,18 +214,20 @@ def test_prefect_yaml_defines_weekly_cpu_and_gpu_deployments():
 def test_stage_task_retries_transient_errors_only(prefect_server):
     from prefect import flow
 
-    from tasks.stages import stage_task
+    from prefect import task
+
+    from tasks.stages import RELIABILITY
 
     calls = {"io": 0, "bad": 0}
 
-    @stage_task("flaky-io", cache=False)
+    @task(name="flaky-io", **{**RELIABILITY, "retry_delay_seconds": 0})
     def flaky() -> dict:
         calls["io"] += 1
         if calls["io"] < 2:
             raise ConnectionError("tracking server unreachable")
         return {"ok": 1}
 
-    @stage_task("bad-data", cache=False)
+    @task(name="bad-data", **{**RELIABILITY, "retry_delay_seconds": 0})
     def bad() -> dict:
         calls["bad"] += 1
         raise ValueError("interactions.csv, column user_id: 1 null")

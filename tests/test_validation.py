@@ -168,8 +168,8 @@ def test_format_rating_scale_enforced_through_validation(fmt, tmp_path):
     for i, v in enumerate(bad):
         values = list(good)
         values[i] = v
-        f = only(raised(lambda values=values: validate_raw_dir(write_raw(tmp_path / f"bad{i}", _ratings(values), fmt),
-                                                               CFG)))
+        raw = write_raw(tmp_path / f"bad{i}", _ratings(values), fmt)
+        f = only(raised(lambda raw=raw: validate_raw_dir(raw, CFG)))
         assert (f.expectation, f.column, f.count, f.sample_rows) == (
             "expect_column_values_to_be_on_rating_scale", "rating", 1, [i]), (fmt, v, f)
 

@@ -720,8 +720,9 @@ def validate_processed(processed_dir: str | Path, cfg: Config, docs_dir: str | P
 
             parts.append(_Table(name, f, build, f"{name}."))
         out = _run_gx(SUITE_PROCESSED, parts, dataset, cfg, docs_dir)
-        if not out.failures:  # e.g. a directory GX found fine but vocab.json is unusable
-            out.failures.append(Failure("expect_files_to_be_readable", "files.file", 1, [], f"vocab.json in {root}"))
+        if not out.failures:  # defensive: the suite above reports every reason for an incomplete directory
+            out.failures.append(Failure("expect_files_to_be_readable", "files.file", 1, [],
+                                        f"{root} is incomplete (tables, columns or vocabulary)"))
         return _finish(SUITE_PROCESSED, dataset, out, dict, docs_dir)
 
     V = vocab.size
@@ -880,8 +881,9 @@ def validate_preferences(
                          "processed.")
     cols = usable(frame, PAIR_COLUMNS)
     refs = vocab is not None and len(tables) == 3 and all(
-        usable(tables[n].to_pandas().iloc[:0], ["user_idx"] + (["target"] if n != "sequences" else ["items"]))
-        for n in tables
+        {"user_idx", "items" if n == "sequences" else "target"} <= set(t.column_names)
+        and len(set(t.column_names)) == len(t.column_names)
+        for n, t in tables.items()
     )
     deep = refs and len(cols) == len(PAIR_COLUMNS) and len(frame) > 0
     allowed = list(PAIR_SOURCES) if cfg.preferences.sources == "auto" else list(cfg.preferences.sources)
@@ -952,8 +954,9 @@ def validate_preferences(
               "source", column="source", min_share=float(vcfg.min_source_share))
 
     out = _run_gx(SUITE_PREFERENCES, [files, _Table(SUITE_PREFERENCES, frame, build)], dataset, cfg, docs_dir)
-    if not out.failures and not deep:  # vocab.json parses as JSON but is no vocabulary
-        out.failures.append(Failure("expect_files_to_be_readable", "processed.file", 1, [], f"vocab.json in {root}"))
+    if not out.failures and not deep:  # defensive: the suite above reports why the pairs were not joined
+        out.failures.append(Failure("expect_files_to_be_readable", "processed.file", 1, [],
+                                    f"{root} is incomplete (tables, columns or vocabulary)"))
 
     def report() -> dict:
         shares = frame["source"].value_counts(normalize=True, dropna=True)
