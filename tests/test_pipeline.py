@@ -125,3 +125,33 @@ def test_dvc_yaml_command_matches_the_committed_file():
     out = subprocess.run([sys.executable, "-m", "asft.cli", "dvc-yaml"], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout
     assert out == (REPO / "dvc.yaml").read_text()
+
+
+def stale_lock_entries(root) -> dict[str, list]:
+    """What `dvc status` reports beyond missing pipeline outputs: a code dep, a param or a command that
+    differs from dvc.lock (or a stage never locked). Missing data (a fresh clone before `dvc pull` /
+    `dvc repro`) is not staleness."""
+    from asft.datastore import open_repo
+
+    with open_repo(root) as repo:
+        status = repo.status()
+    stale: dict[str, list] = {}
+    for stage, changes in status.items():
+        for change in changes:
+            if isinstance(change, dict):
+                for kind, entries in change.items():
+                    if kind == "changed outs":
+                        continue
+                    bad = {p: st for p, st in entries.items()
+                           if not (st == "deleted" and p.startswith(pipeline.DVC_DATA + "/"))}
+                    if bad:
+                        stale.setdefault(stage, []).append({kind: bad})
+            else:
+                stale.setdefault(stage, []).append(change)
+    return stale
+
+
+def test_dvc_lock_is_current_for_the_code_and_params():
+    """dvc.lock was produced by `dvc repro` of the committed code and params.yaml: `dvc status` finds
+    nothing changed but the (uncommitted) pipeline data. After a change, run `dvc repro` and commit the lock."""
+    assert stale_lock_entries(REPO) == {}

@@ -68,6 +68,7 @@ def _run(cmd, cwd: Path, env, kill_glob: str | None = None, timeout: float = 400
     """Run retrain; with ``kill_glob``, SIGKILL its process group as soon as a checkpoint matching it
     appears under ``cwd/runs/.work``. Returns (exit code, stderr, trainer state seen at the kill)."""
     log = cwd / f"log-{time.monotonic_ns()}.txt"
+    env = {**env, "ASFT_RUNS_DIR": str(cwd / "runs")}  # where the kill glob looks, whatever the caller's env says
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         seen, t0 = None, time.monotonic()

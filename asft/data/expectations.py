@@ -358,13 +358,12 @@ def _batch_definition(asset):
 
 
 def _forget(ctx, name: str) -> None:
-    """Drop a suite (and its validation definition and checkpoint) kept from an earlier run: suites are
-    defined in code and rebuilt each run (replacing is much cheaper than GX's add_or_update diff);
-    validation results keep their copy of the suite."""
+    """Drop a suite (and its validation definition) kept from an earlier run: suites are defined in code
+    and rebuilt each run (replacing is much cheaper than GX's add_or_update diff); validation results
+    keep their copy of the suite."""
     from great_expectations.exceptions import DataContextError
 
-    for factory, key in ((ctx.checkpoints, f"{name}.checkpoint"), (ctx.validation_definitions, name),
-                         (ctx.suites, name)):
+    for factory, key in ((ctx.validation_definitions, name), (ctx.suites, name)):
         with contextlib.suppress(DataContextError):
             factory.delete(key)
 
@@ -372,14 +371,18 @@ def _forget(ctx, name: str) -> None:
 def _run_gx(
     suite: str, tables: list[_Table], dataset: str, cfg: Config, docs_dir: str | Path | None
 ) -> _Outcome:
-    """Run one checkpoint per table; with docs, in the file context at ``docs_dir`` (results kept)."""
+    """Validate each table against its suite; with docs, in the file context at ``docs_dir`` (results
+    kept, data docs pages built for this run and the index)."""
     out = _Outcome()
     docs = Path(docs_dir).resolve() if (docs_dir is not None and cfg.validation.data_docs) else None
     sample = int(cfg.validation.sample_rows)
     try:
         gx = _import_gx()
         from great_expectations.core.run_identifier import RunIdentifier
-        from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
+        from great_expectations.data_context.types.resource_identifiers import (
+            ExpectationSuiteIdentifier,
+            ValidationResultIdentifier,
+        )
 
         with _quiet():
             if docs is not None:
@@ -400,17 +403,14 @@ def _run_gx(
                 vd = ctx.validation_definitions.add(
                     gx.ValidationDefinition(name=name, data=_batch_definition(_asset(ds, t.name)), suite=gsuite)
                 )
-                cp = ctx.checkpoints.add(
-                    gx.Checkpoint(name=f"{name}.checkpoint", validation_definitions=[vd], actions=[],
-                                  result_format=rf)
-                )
                 t.frame = _widen(t.frame)
-                result = cp.run(batch_parameters={"dataframe": t.frame}, run_id=run_id)
-                resources += [*result.run_results, ExpectationSuiteIdentifier(name=name)]
-                for vr in result.run_results.values():
-                    out.evaluated += int(vr.statistics.get("evaluated_expectations", 0))
-                    for er in _reported(vr.results):
-                        out.failures.append(_failure_from_result(er, t.frame, t.prefix, sample))
+                # the validation definition stores its result in the context's validation results store
+                vr = vd.run(batch_parameters={"dataframe": t.frame}, result_format=rf, run_id=run_id)
+                suite_id = ExpectationSuiteIdentifier(name=name)
+                resources += [ValidationResultIdentifier(suite_id, run_id, f"{ds.name}-{t.name}"), suite_id]
+                out.evaluated += int(vr.statistics.get("evaluated_expectations", 0))
+                for er in _reported(vr.results):
+                    out.failures.append(_failure_from_result(er, t.frame, t.prefix, sample))
             if docs is not None:
                 try:
                     ctx.build_data_docs(site_names=[_SITE], resource_identifiers=resources)

@@ -41,6 +41,35 @@ from asft.models.recommender import VOCAB_FILE, backbone, item_embeddings, last_
 ENSEMBLE_FILE = "ensemble.json"
 
 
+@dataclass
+class LengthBuckets:
+    """A batch of contexts split by length: ``buckets`` are right-padded ``(input_ids, attention_mask)``
+    pairs of similar-length contexts; row ``i`` of the batch is row ``restore[i]`` of the buckets' rows
+    concatenated in order."""
+
+    buckets: list[tuple[torch.Tensor, torch.Tensor]]
+    restore: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.restore)
+
+
+def length_order_chunks(lengths: np.ndarray, n_chunks: int) -> list[np.ndarray]:
+    """Indices sorted by length (stable) and cut into ``n_chunks`` runs of (nearly) equal count; empty runs
+    are dropped. Padding each run to its own longest member wastes far less than padding the whole batch."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    return [c for c in np.array_split(order, max(1, min(int(n_chunks), len(order)))) if len(c)]
+
+
+def bucket_contexts(contexts: list[np.ndarray], n_buckets: int) -> LengthBuckets:
+    """``contexts`` as :class:`LengthBuckets` with at most ``n_buckets`` buckets."""
+    chunks = length_order_chunks(np.fromiter(map(len, contexts), dtype=np.int64, count=len(contexts)), n_buckets)
+    flat = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+    restore = np.empty_like(flat)
+    restore[flat] = np.arange(len(flat))
+    return LengthBuckets([pad_right([contexts[i] for i in c]) for c in chunks], torch.from_numpy(restore))
+
+
 class _RewardHeads:
     """Backbone + shallow reward head (+ optional rating head); mixed into a backbone's PreTrainedModel so
     that ``save_pretrained`` / ``from_pretrained`` work with plain ``transformers``."""
@@ -79,6 +108,16 @@ class _RewardHeads:
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return last_hidden(self, input_ids, attention_mask)
+
+    def hidden_buckets(self, batch: LengthBuckets) -> torch.Tensor:
+        """Last hidden state of every context of a :class:`LengthBuckets` batch, in the original order: [B, H].
+
+        Each bucket runs through the backbone padded only to its own longest context; a right-padded
+        context's last real position does not depend on the padding after it, so the result is
+        :meth:`hidden` of the whole batch with far less padding."""
+        dev = self.device
+        parts = [self.hidden(ids.to(dev), am.to(dev)) for ids, am in batch.buckets]
+        return torch.cat(parts)[batch.restore.to(dev)]
 
     def rewards(self, hidden: torch.Tensor) -> torch.Tensor:
         """Reward of every vocabulary token for each context: [B, V] (special tokens are meaningless)."""
@@ -146,18 +185,21 @@ def score_contexts(models: list[RewardModel], contexts: list[np.ndarray], batch_
 
     ``head="reward"``: per-context-centred rewards; ``head="rating"``: predicted ratings.
     """
+    # Batches of similar-length contexts (each padded to its own longest), results put back in input order.
+    chunks = length_order_chunks(np.fromiter(map(len, contexts), dtype=np.int64, count=len(contexts)),
+                                 -(-len(contexts) // batch_size))
+    batches = [pad_right([contexts[i] for i in c]) for c in chunks]
     out = []
     for m in models:
-        rows = []
-        for s in range(0, len(contexts), batch_size):
-            ids, am = pad_right(contexts[s : s + batch_size])
+        res = np.zeros((len(contexts), m.config.vocab_size - NUM_SPECIAL), dtype=np.float32)
+        for c, (ids, am) in zip(chunks, batches):
             h = m.hidden(ids.to(device), am.to(device))
             if head == "rating":
-                rows.append(m.ratings(h)[:, NUM_SPECIAL:].float().cpu())
+                res[c] = m.ratings(h)[:, NUM_SPECIAL:].float().cpu().numpy()
             else:
                 r = m.rewards(h)[:, NUM_SPECIAL:].float()
-                rows.append((r - r.mean(dim=1, keepdim=True)).cpu())
-        out.append(torch.cat(rows).numpy() if rows else np.zeros((0, m.config.vocab_size - NUM_SPECIAL)))
+                res[c] = (r - r.mean(dim=1, keepdim=True)).cpu().numpy()
+        out.append(res)
     return np.stack(out)
 
 

@@ -26,7 +26,6 @@ import torch
 from asft.config import Config
 from asft.data.preferences import read_pairs
 from asft.data.preprocess import NUM_SPECIAL, ProcessedData
-from asft.evaluation import pad_right
 from asft.losses import bradley_terry_loss, squared_error_loss
 from asft.metrics import pairwise_accuracy, pairwise_auc
 from asft.models.recommender import load_recommender
@@ -34,6 +33,7 @@ from asft.models.reward import (
     ENSEMBLE_FILE,
     RewardEnsemble,
     RewardModel,
+    bucket_contexts,
     load_reward_model,
     save_reward_model,
     score_contexts,
@@ -69,12 +69,25 @@ def group_pairs(pairs: pd.DataFrame) -> list[ContextGroup]:
     return groups
 
 
+# Length buckets per training micro-batch: contexts are sorted by length and each bucket is padded only to
+# its own longest context. On the simulator's contexts (2..50 items, mean ~19) four buckets of a 256-context
+# batch cut the backbone's padded tokens by about half and its attention work by about two thirds; the
+# gradient is the same (each context's last hidden state does not depend on padding).
+MAX_BUCKETS = 4
+MIN_BUCKET_CONTEXTS = 32  # smaller buckets cost more in per-call overhead than they save in padding
+
+
+def n_buckets(n_contexts: int) -> int:
+    return max(1, min(MAX_BUCKETS, n_contexts // MIN_BUCKET_CONTEXTS))
+
+
 def collate_groups(groups: list[ContextGroup]) -> dict:
-    ids, am = pad_right([g.context for g in groups])
+    """A micro-batch of context groups: the contexts as length buckets (``contexts``), and per pair / rated
+    item the index of its context in ``groups`` order (``pair_group``, ``rate_group``)."""
     pg = np.concatenate([np.full(len(g.chosen), i) for i, g in enumerate(groups)])
     rg = np.concatenate([np.full(len(g.rated_items), i) for i, g in enumerate(groups)])
     return {
-        "input_ids": ids, "attention_mask": am,
+        "contexts": bucket_contexts([g.context for g in groups], n_buckets(len(groups))),
         "pair_group": torch.from_numpy(pg.astype(np.int64)),
         "chosen": torch.from_numpy(np.concatenate([g.chosen for g in groups])),
         "rejected": torch.from_numpy(np.concatenate([g.rejected for g in groups])),
@@ -90,7 +103,7 @@ def count_pairs(batch: dict) -> float:
 
 def make_reward_loss(rating_weight: float) -> Callable:
     def loss_fn(model: RewardModel, batch: dict, normalizer: float):
-        h = model.hidden(batch["input_ids"], batch["attention_mask"])
+        h = model.hidden_buckets(batch["contexts"])
         r = model.rewards(h)
         g = batch["pair_group"]
         rc, rr = r[g, batch["chosen"]], r[g, batch["rejected"]]
