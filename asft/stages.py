@@ -112,13 +112,11 @@ def read_raw(raw_dir: str | Path) -> InteractionData:
     return InteractionData(pd.read_parquet(raw_dir / "interactions.parquet"), items, src["source"], src["format"])
 
 
-def stage_validate(raw_dir: str | Path, cfg: Config) -> dict:
-    """Schema validation of the raw table; raises DataValidationError (nothing downstream runs)."""
-    from asft.data.validation import validate_interactions
+def stage_validate(raw_dir: str | Path, cfg: Config, docs_dir: str | Path | None = None) -> dict:
+    """The raw GX suite (the one ``retrain`` runs) on a canonical raw dir; raises DataValidationError."""
+    from asft.data.expectations import validate_raw_dir
 
-    data = read_raw(raw_dir)
-    return validate_interactions(data.interactions, f"{data.source} ({Path(raw_dir) / 'interactions.parquet'})",
-                                 cfg.preprocess.min_user_events)
+    return validate_raw_dir(raw_dir, cfg, docs_dir)
 
 
 def stage_preprocess(raw_dir: str | Path, cfg: Config, out_dir: str | Path, docs_dir: str | Path | None = None) -> dict:

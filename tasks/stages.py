@@ -241,8 +241,19 @@ def _track(spec: StageSpec, run: TrackedRun, summary: dict, out_dir: str | None,
     if spec.training:
         run.log_artifact(out / "best" if (out / "best").is_dir() else out, "model")
         run.set_tags({"model_dir": str(out / "best") if (out / "best").is_dir() else str(out)})
-    if spec.dataset and isinstance(summary.get("validation"), dict) and summary["validation"].get("docs"):
-        run.log_artifact(summary["validation"]["docs"], "data_docs")
+    if spec.dataset and isinstance(summary.get("validation"), dict):
+        _log_data_docs(run, summary["validation"].get("docs"), "data_docs")
+
+
+def _log_data_docs(run: TrackedRun, docs_dir: str | None, artifact_path: str) -> None:
+    """This run's GX data docs (the site's index and validation pages), not the GX project's history."""
+    if not docs_dir or not Path(docs_dir).is_dir():
+        return
+    docs = Path(docs_dir)
+    run.log_artifact(docs / "index.html", artifact_path)
+    for sub in ("validations", "expectations", "static"):
+        if (docs / sub).is_dir():
+            run.log_artifact(docs / sub, f"{artifact_path}/{sub}")
 
 
 def _evaluate_plot(run: TrackedRun, summary: dict, cfg: Config) -> None:
@@ -347,8 +358,7 @@ class _ValidationGuard:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2, default=str))
         self.run.log_artifact(path, "validation")
-        if summary.get("docs_dir"):
-            self.run.log_artifact(summary["docs_dir"], "validation/data_docs")
+        _log_data_docs(self.run, summary.get("docs_dir"), "validation/data_docs")
         self.run.set_tags({"validation_failed": "true", "validation_summary": str(e)[:4000]})
         get_run_logger().error("%s: data validation failed\n%s", self.stage, e)
         return False

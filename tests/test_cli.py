@@ -11,7 +11,7 @@ def test_stage_commands_end_to_end(tmp_path, tiny_overrides):
     raw, proc, base = tmp_path / "raw", tmp_path / "processed", tmp_path / "base"
     cfg = ["--config", str(tmp_path / "none.yaml")]
     (tmp_path / "none.yaml").write_text("seed: 7\n")
-    assert main(["load", "--output", str(raw), *cfg, *tiny_overrides]) == 0
+    assert main(["ingest", "--output", str(raw), *cfg, *tiny_overrides]) == 0
     assert main(["validate", "--raw", str(raw), *cfg, *tiny_overrides]) == 0
     assert main(["preprocess", "--raw", str(raw), "--output", str(proc), *cfg, *tiny_overrides]) == 0
     stats = json.loads((proc / "stats.json").read_text())
@@ -30,7 +30,7 @@ def test_bad_override_and_bad_data_exit_2(tmp_path, capsys):
     assert main(["config", "train.lr=-1"]) == 2
     assert "train.lr" in capsys.readouterr().err
     assert main(["config", "nonsense.key=1"]) == 2
-    assert main(["load", "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "raw")]) == 2
+    assert main(["ingest", "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "raw")]) == 2
     err = capsys.readouterr().err
     assert "missing" in err and not (tmp_path / "raw").exists()
 

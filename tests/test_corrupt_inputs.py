@@ -44,7 +44,7 @@ def test_corrupted_input_stops_retrain_at_validation(case, prefect_server, tmp_p
     # Nothing downstream ran: no model directory, no training stage, nothing registered.
     assert not (out / "models").exists()
     summary = json.loads((out / "reports" / "validation_failure.json").read_text())
-    assert summary["stage"] in ("validate-raw", "preprocess", "preferences")
+    assert summary["stage"] in ("ingest", "preprocess", "preferences")
     assert summary["failures"] and summary["failures"][0]["expectation"]
     client = MlflowClient(store)
     runs = client.search_runs([client.get_experiment_by_name(exp).experiment_id])

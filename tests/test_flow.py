@@ -166,7 +166,9 @@ def test_retrain_reuses_cache_and_champion_base(prefect_server, isolated_runs, t
     from flows.retrain import retrain
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    ov = [*tiny_overrides, f"tracking.mlflow_uri={uri}", "tracking.experiment=flow-cache", "seed=11"]
+    # two post-training methods: a candidate-based one (asft, the champion) and an on-policy one (grpo)
+    ov = [*tiny_overrides, f"tracking.mlflow_uri={uri}", "tracking.experiment=flow-cache", "seed=11",
+          "posttrain.methods=[asft,grpo]"]
     first = retrain(data="simulator", output=str(tmp_path / "a"), config=str(REPO / "params.yaml"), overrides=ov)
     second = retrain(data="simulator", output=str(tmp_path / "b"), config=str(REPO / "params.yaml"), overrides=ov)
     cache = second["lineage"]["cache"]

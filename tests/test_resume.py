@@ -28,11 +28,12 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Long enough stages (checkpoint every optimizer step) that a kill lands inside them.
+# Long enough stages (checkpoint every optimizer step, several epochs) that a kill lands inside them and
+# the resumed run crosses epoch boundaries. One reward member: the kill lands in the first one anyway.
 CHAIN_OVERRIDES = [
-    "train.epochs=4", "train.patience=10", "train.checkpoint_steps=1", "model.dropout=0.1",
-    "reward.train.epochs=3", "reward.train.patience=10", "reward.train.checkpoint_steps=1",
-    "posttrain.train.epochs=4", "posttrain.train.patience=10", "posttrain.train.checkpoint_steps=1",
+    "train.epochs=3", "train.patience=10", "train.checkpoint_steps=1", "model.dropout=0.1",
+    "reward.members=1", "reward.train.epochs=3", "reward.train.patience=10", "reward.train.checkpoint_steps=1",
+    "posttrain.train.epochs=3", "posttrain.train.patience=10", "posttrain.train.checkpoint_steps=1",
     "posttrain.methods=[asft]", "posttrain.champion_method=asft",
 ]
 
@@ -96,7 +97,8 @@ def _newest_run(cwd: Path) -> Path:
 def chain(prefect_server, tmp_path_factory):
     from conftest import TINY
 
-    tiny = [o for o in TINY if not o.startswith(("train.epochs", "reward.train.epochs", "posttrain.train.epochs"))]
+    tiny = [o for o in TINY if not o.startswith(("train.epochs", "reward.train.epochs", "posttrain.train.epochs",
+                                                 "reward.members"))]
     base = tmp_path_factory.mktemp("resume")
     ref_cwd, cwd = base / "reference", base / "chain"
     ref_cwd.mkdir()

@@ -27,6 +27,7 @@ def test_config_diff_and_apply_values_round_trip():
         load_config(None, ["tune.space={train.lr: {low: 2, high: 1}}"])
 
 
+@pytest.mark.slow
 def test_tune_flow_tracks_trials_writes_best_and_resumes(prefect_server, tmp_path, tiny_overrides, monkeypatch):
     from mlflow.tracking import MlflowClient
 
