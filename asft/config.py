@@ -332,7 +332,8 @@ class RewardTrainConfig(TrainConfig):
     batch_size: int = Field(256, ge=1, description="Contexts (with all their pairs) per optimizer step.")
     lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate.")
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps, then constant.")
-    patience: int = Field(3, ge=1, description="Early stopping: evaluations without validation improvement.")
+    patience: int = Field(2, ge=1, description="Early stopping: evaluations without validation improvement"
+                          " (2: the same chosen members as 3 on the simulator, 12 % fewer epochs).")
     monitor: Literal["neg_bt_loss", "pair_acc", "auc"] = Field(
         "neg_bt_loss", description="Validation pair metric for early stopping (higher is better)."
     )

@@ -39,10 +39,11 @@ if not os.environ["PREFECT_API_URL"]:
     del os.environ["PREFECT_API_URL"]
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-import numpy as np  # noqa: E402  (after the thread pins above)
-import torch  # noqa: E402
+# Imported only after the thread pins above.
+import numpy as np
+import torch
 
-from asft.env import configure_environment  # noqa: E402
+from asft.env import configure_environment
 
 configure_environment(_PREFECT_HOME)
 torch.set_num_threads(int(TEST_THREADS))

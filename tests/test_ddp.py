@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import pinned_threads
 
 from asft import stages
 from asft.config import load_config
-from conftest import pinned_threads
 
 pytestmark = pytest.mark.slow
 
