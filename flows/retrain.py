@@ -52,8 +52,12 @@ from tasks.tracking import (
     start_parent,
 )
 
-RUNS_DIR = os.environ.get("ASFT_RUNS_DIR", "runs")
-WORK_DIR = ".work"  # under RUNS_DIR: resumable work directories of training stages
+WORK_DIR = ".work"  # under the runs dir: resumable work directories of training stages
+
+
+def runs_dir() -> Path:
+    """Where run directories go: ``$ASFT_RUNS_DIR``, else ``runs/`` in the working directory."""
+    return Path(os.environ.get("ASFT_RUNS_DIR") or "runs")
 METRIC_TIMING_KEYS = ("seconds", "_s", "per_s", "timing", "flow_", "time")
 DATASET_CONTEXT = {"raw": "raw", "processed": "training", "preferences": "preferences"}  # MLflow dataset contexts
 
@@ -62,7 +66,7 @@ def default_output_dir() -> Path:
     """``runs/<expected start>-<flow run name>``: stable across retries of the same flow run."""
     start = current_flow_run.scheduled_start_time or datetime.now(UTC)
     name = current_flow_run.name or "local"
-    return Path(RUNS_DIR) / f"{start:%Y%m%d-%H%M%S}-{name}"
+    return runs_dir() / f"{start:%Y%m%d-%H%M%S}-{name}"
 
 
 def ensure_prefect_api() -> None:
@@ -118,7 +122,7 @@ def report_failure(flow_, flow_run, state) -> None:
     notification). The stage comes from ``failure.json`` written by the flow."""
     out = (flow_run.parameters or {}).get("output")
     info = {}
-    for cand in ([Path(out)] if out else []) + sorted(Path(RUNS_DIR).glob(f"*-{flow_run.name}")):
+    for cand in ([Path(out)] if out else []) + sorted(runs_dir().glob(f"*-{flow_run.name}")):
         f = cand / "failure.json"
         if f.is_file():
             info = json.loads(f.read_text())
@@ -320,7 +324,7 @@ def retrain(
     # after a crash resumes them. Without the cache (audits, --no-cache) everything starts afresh in
     # private work directories.
     ctx = RunContext(tracking_uri=uri, parent_run_id=pid, run_dir=str(out),
-                     work_root=str(Path(RUNS_DIR).resolve() / WORK_DIR) if use_cache else None, resume=use_cache)
+                     work_root=str(runs_dir().resolve() / WORK_DIR) if use_cache else None, resume=use_cache)
     sweep = {f"asft@lam={lam:g}": lam for lam in cfg.posttrain.lambda_sweep
              if lam != cfg.advantage.lam and "asft" in cfg.posttrain.methods}
     do_register = register_models and cfg.registry.enabled and not audit_of
@@ -502,7 +506,8 @@ def _artifacts(result: dict, policies: dict, links: dict[str, str]) -> None:
     md += [f"| [{r['policy']}]({links.get(r['policy'], links['retrain'])}) | " + " | ".join(
         f"{r[k]:.4f}" for k in keys) + " |" for r in rows]
     create_markdown_artifact("\n".join(md), key="retrain-summary", description="Retrain summary")
-    create_link_artifact(links["retrain"], link_text="MLflow retrain run", key="mlflow-run")
+    create_link_artifact(links["retrain"], link_text="MLflow retrain run", key="mlflow-run",
+                         description="The MLflow parent run of this retrain (stage runs, models, datasets)")
 
 
 def _final_summary(result: dict, policies: dict, links: dict[str, str], seconds: float) -> None:

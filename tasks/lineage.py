@@ -19,6 +19,7 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import sys
 from dataclasses import dataclass
@@ -97,8 +98,10 @@ def digest(hashes: dict[str, str]) -> str:
 
 
 def dvc_cache_dir() -> Path:
-    """The project's DVC cache (``cache.dir``, default ``.dvc/cache``), as DVC resolves its config."""
-    return datastore.cache_dir(REPO)
+    """The project's DVC cache (``cache.dir``, default ``.dvc/cache``), as DVC resolves its config;
+    ``$ASFT_DVC_CACHE_DIR`` overrides it (tests, and workers that keep a cache on a volume)."""
+    env = os.environ.get("ASFT_DVC_CACHE_DIR")
+    return Path(env) if env else datastore.cache_dir(REPO)
 
 
 class StageCache(CachePolicy):

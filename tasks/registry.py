@@ -38,6 +38,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from asft.data.preprocess import ItemVocab
 from asft.models.recommender import VOCAB_FILE
 
+SOURCE_TAGS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit",
+               "mlflow.source.git.branch", "mlflow.source.git.repoURL")
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 CORE = Path(__file__).resolve().parents[1] / "asft"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -151,7 +153,9 @@ def log_saved_model(client: MlflowClient, run_id: str, local_model: str | Path, 
     values = {m.key: m.value for m in TrackedRun._metrics(metrics or {}, step)}  # numeric and finite, as logged
     model = client.create_logged_model(
         experiment_id=run.info.experiment_id, name=name, source_run_id=run_id, model_type=_model_kind(local_model),
-        params={k: str(v) for k, v in run.data.params.items()}, tags={k: str(v) for k, v in (tags or {}).items()})
+        params={k: str(v) for k, v in run.data.params.items()},
+        tags={**{k: v for k, v in run.data.tags.items() if k in SOURCE_TAGS},  # the UI's "Created by", "Logged from"
+              **{k: str(v) for k, v in (tags or {}).items()}})
     try:
         with tempfile.TemporaryDirectory() as tmp:
             staged = Path(tmp) / "model"

@@ -169,10 +169,15 @@ def _execute(spec: StageSpec, cfg: Config, paths: dict, out_dir: str | None, opt
         from prefect.concurrency.sync import concurrency
 
         label = "-".join([spec.name, *[str(options[o]) for o in spec.options]])
+        art = _progress_artifact(spec, options) if spec.training else None
         with concurrency(CONCURRENCY_LIMIT, occupy=1, strict=False):
             summary = run_cli(spec, cfg, paths, out_dir, options, work, ctx.resume,
                               Path(ctx.run_dir) / "logs" / f"{label}.log", n)
         _log_history(run, out_dir)
+        if art is not None:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(art, 100.0)
         return summary
     on_log = run.on_log
     if spec.training:
@@ -186,12 +191,18 @@ def _epochs(spec: StageSpec, cfg: Config) -> int:
             "train-judge": cfg.reward.train.epochs}.get(spec.name, cfg.posttrain.train.epochs)
 
 
-def _with_progress(spec: StageSpec, cfg: Config, options: dict, on_log):
-    """Trainer callback that also moves a Prefect progress artifact (share of the epoch budget done)."""
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+def _progress_artifact(spec: StageSpec, options: dict):
+    from prefect.artifacts import create_progress_artifact
 
     key = "-".join([spec.name, *[str(options[o]) for o in spec.options]]).replace("_", "-").lower()
-    art = create_progress_artifact(0.0, key=f"{key}-progress", description=f"{spec.name}: epochs done")
+    return create_progress_artifact(0.0, key=f"{key}-progress", description=f"{spec.name}: share of the epochs done")
+
+
+def _with_progress(spec: StageSpec, cfg: Config, options: dict, on_log):
+    """Trainer callback that also moves a Prefect progress artifact (share of the epoch budget done)."""
+    from prefect.artifacts import update_progress_artifact
+
+    art = _progress_artifact(spec, options)
     total = max(_epochs(spec, cfg), 1)
 
     def log(metrics: dict, step: int) -> None:
