@@ -246,6 +246,9 @@ def _track(spec: StageSpec, run: TrackedRun, summary: dict, out_dir: str | None,
                     run.log_artifact(training_curves(h, Path(tmp) / f"training_curves{suffix.replace(' ', '_')}.png",
                                                      f"{spec.name}{suffix}"), "plots")
         run.log_artifact(ts)
+    if not summary.get("plots"):  # plots the stage wrote next to its outputs (e.g. weight histograms)
+        for png in sorted(out.glob("*.png")):
+            run.log_artifact(png, "plots")
     for f in ("stats.json", "sampling.json", "weights.json", "judges.json", "reward_report.json", "SCHEMA.md"):
         if (out / f).is_file():
             run.log_artifact(out / f)
@@ -258,9 +261,12 @@ def _track(spec: StageSpec, run: TrackedRun, summary: dict, out_dir: str | None,
 
 def _log_data_docs(run: TrackedRun, docs_dir: str | None, artifact_path: str) -> None:
     """This run's GX data docs (the site's index and validation pages), not the GX project's history."""
-    if not docs_dir or not Path(docs_dir).is_dir():
+    if not docs_dir:
         return
     docs = Path(docs_dir)
+    docs = docs.parent if docs.suffix == ".html" else docs  # the report names the site's index page
+    if not docs.is_dir():
+        return
     run.log_artifact(docs / "index.html", artifact_path)
     for sub in ("validations", "expectations", "static"):
         if (docs / sub).is_dir():

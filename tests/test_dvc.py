@@ -159,6 +159,7 @@ def test_dvc_md5_matches_dvc_add(tmp_path):
     assert want["d"].endswith(".dir") and not want["f.bin"].endswith(".dir")
 
 
+@pytest.mark.slow  # dvc repro of the whole tiny pipeline, push, pull and an experiment: about 75 s
 def test_dvc_repro_push_pull_exp(tmp_path):
     env = _env(tmp_path)
     repo = tmp_path / "project"

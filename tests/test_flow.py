@@ -54,9 +54,9 @@ def test_retrain_flow_records_everything(prefect_server, isolated_runs, tmp_path
     children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
                 and r.data.params.get("advantage.lam") != "0.5"}  # the lambda-sweep runs are checked below
     methods = ["asft", "sft", "dpo", "grpo"]  # params.yaml default
-    assert set(children) == {"validate-raw", "preprocess", "preferences", "train-base", "evaluate-base",
+    assert set(children) == {"ingest", "preprocess", "preferences", "train-base", "evaluate",
                              "train-reward", "reward-report", "train-judge", "sample", "score", "advantages",
-                             *[f"posttrain-{m}" for m in methods], "promote"}
+                             *[f"posttrain-{m}" for m in methods], "evaluate-policies", "promote"}
     assert all(r.info.status == "FINISHED" for r in children.values())
 
     # lineage: every run carries the git commit; DVC hashes of the datasets match the files on disk
@@ -73,7 +73,7 @@ def test_retrain_flow_records_everything(prefect_server, isolated_runs, tmp_path
     assert children["train-base"].data.tags["dvc.processed.md5"] == hashes["processed"]
 
     # validation ran on every dataset, with GX data docs logged
-    for stage in ("validate-raw", "preprocess", "preferences"):
+    for stage in ("ingest", "preprocess", "preferences"):
         run = children[stage]
         assert run.data.metrics["validation/failed"] == 0
         assert run.data.metrics["validation/expectations"] > 5
@@ -104,7 +104,7 @@ def test_retrain_flow_records_everything(prefect_server, isolated_runs, tmp_path
     model_files = {Path(a.path).name for a in client.list_artifacts(train.info.run_id, "model")}
     assert {"model.safetensors", "item_vocab.json", "config.json"} <= model_files
 
-    ev = children["evaluate-base"]
+    ev = children["evaluate"]
     assert abs(ev.data.metrics["test/hr_at_10"] - base["test"]["hr@10"]) < 1e-12
 
     # post-training: the training ensemble and the judge learn from different preference folds
@@ -172,13 +172,13 @@ def test_retrain_reuses_cache_and_champion_base(prefect_server, isolated_runs, t
     first = retrain(data="simulator", output=str(tmp_path / "a"), config=str(REPO / "params.yaml"), overrides=ov)
     second = retrain(data="simulator", output=str(tmp_path / "b"), config=str(REPO / "params.yaml"), overrides=ov)
     cache = second["lineage"]["cache"]
-    assert cache["train_base"] == {"hit": True, "source_run_id": first["lineage"]["base_run_id"],
+    assert cache["train-base"] == {"hit": True, "source_run_id": first["lineage"]["base_run_id"],
                                    "champion_base": True}
-    for stage in ("validate_raw", "preprocess", "preferences", "train_reward", "train_judge", "sample", "score",
-                  "advantages", "posttrain_asft", "posttrain_grpo"):
+    for stage in ("ingest", "preprocess", "preferences", "train-reward", "train-judge", "sample", "score",
+                  "advantages", "posttrain-asft", "posttrain-grpo"):
         assert cache[stage]["hit"], stage
         assert cache[stage]["out_dir"].startswith(str(tmp_path / "a")), stage
-    assert not cache["evaluate_policies"]["hit"]
+    assert not cache["evaluate-policies"]["hit"]
     assert (isolated_runs / ".work").is_dir()  # resumable work directories went to the test's runs/, not the repo's
     assert second["posttrain"]["asft"]["test"] == first["posttrain"]["asft"]["test"]
     assert (tmp_path / "b/models/base/best/model.safetensors").is_file()  # champion base downloaded
@@ -215,7 +215,7 @@ def test_retrain_flow_stops_at_validation(prefect_server, isolated_runs, tmp_pat
     assert parent.info.status == "FAILED"
     assert not any(r.data.tags.get("stage") == "train-base" for r in runs)
     # the failure names the stage, on the parent run and in failure.json; nothing registered
-    assert parent.data.tags["failed_stage"] == "validate_raw"
+    assert parent.data.tags["failed_stage"] == "ingest"
     failure = json.loads((out / "failure.json").read_text())
-    assert failure["stage"] == "validate_raw" and "user_id" in failure["error"]
+    assert failure["stage"] == "ingest" and "user_id" in failure["error"]
     assert client.search_registered_models() == []

@@ -524,9 +524,28 @@ def pref_cfg(extra: Path | None) -> Config:
                   str(extra) if extra else None})
 
 
-@hostile(30)
-@given(data=st.data(), fmt=st.sampled_from(["csv", "csv", "parquet"]))
+# The preference-file properties cost ~0.4 s a case (a GX validation each): the fast group (-m "not slow")
+# tries a few cases, a slow-marked twin tries more. Being different functions, the derandomized twins draw
+# different cases, so the full suite tries as many as one test of the combined size would.
+PAIR_FORMATS = st.sampled_from(["csv", "csv", "parquet"])
+
+
+@hostile(10)
+@given(data=st.data(), fmt=PAIR_FORMATS)
 def test_extra_pairs_files(pref_world, data, fmt):
+    check_extra_pairs_file(pref_world, data, fmt)
+
+
+@pytest.mark.slow
+@hostile(20)
+@given(data=st.data(), fmt=PAIR_FORMATS)
+def test_extra_pairs_files_more_cases(pref_world, data, fmt):
+    check_extra_pairs_file(pref_world, data, fmt)
+
+
+def check_extra_pairs_file(pref_world, data, fmt):
+    """A generated ``preferences.extra_pairs_file`` goes through ``build_preferences`` and the preference
+    suite; what is published reads back through the reward-training reader."""
     users = pref_world["users"]
     items = [f"i{k}" for k in range(10)]
     good = {"user_id": st.sampled_from(users), "context_end": st.integers(1, 6).map(str),
@@ -554,9 +573,22 @@ def test_extra_pairs_files(pref_world, data, fmt):
             assert len(read_pairs(out)) == stats["pairs"]
 
 
-@hostile(35)
+@hostile(10)
 @given(data=st.data())
 def test_pairs_parquet(pref_world, data):
+    check_pairs_parquet(pref_world, data)
+
+
+@pytest.mark.slow
+@hostile(25)
+@given(data=st.data())
+def test_pairs_parquet_more_cases(pref_world, data):
+    check_pairs_parquet(pref_world, data)
+
+
+def check_pairs_parquet(pref_world, data):
+    """A generated ``pairs.parquet`` goes through ``read_pairs`` and then the preference suite, as a
+    table the reader accepted or as the frame ``build_preferences`` would hand it."""
     body = data.draw(parquet_bytes(names=st.sampled_from(list(PAIR_SCHEMA.names) + ["x"]), good=pref_world["pairs"]))
     with workdir() as d:
         (d / "pairs.parquet").write_bytes(body)

@@ -211,10 +211,9 @@ def test_prefect_yaml_defines_weekly_cpu_and_gpu_deployments():
     assert f"def {fn}(" in (REPO / path).read_text()
 
 
+@pytest.mark.slow  # the session's Prefect server takes 5-11 s to start
 def test_stage_task_retries_transient_errors_only(prefect_server):
-    from prefect import flow
-
-    from prefect import task
+    from prefect import flow, task
 
     from tasks.stages import RELIABILITY
 

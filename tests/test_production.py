@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -24,17 +25,34 @@ EXPERIMENT = "prod-test"
 pytestmark = pytest.mark.slow
 
 
+BIND_ERRORS = ("address already in use", "is already in use", "errno 98")  # uvicorn/gunicorn, prefect's check
+SERVE_ATTEMPTS = 5
+
+
+class ServerExited(RuntimeError):
+    """The server process ended before it answered its health check."""
+
+    def __init__(self, url: str, returncode: int, log_tail: str):
+        super().__init__(f"{url}: process exited ({returncode}):\n{log_tail}")
+        self.log_tail = log_tail
+
+
 def _free_port() -> int:
+    """A port free now; another process may take it before ours binds it (see :func:`_serve`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _lost_port_race(err: ServerExited) -> bool:
+    return any(m in err.log_tail.lower() for m in BIND_ERRORS)
 
 
 def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+            raise ServerExited(url, proc.returncode, log.read_text()[-3000:])
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
@@ -56,27 +74,55 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
+            proc.wait(20)
+
+
+def _serve(cmd: Callable[[int], list[str]], health: str, env: dict, log: Path, timeout: float,
+           cwd: Path = REPO) -> tuple[subprocess.Popen, int]:
+    """Start a server on a free loopback port and wait until ``health`` answers 200. The port is free
+    when picked but may be taken before the server binds it: a server that exits on a bind error is
+    started again on a new port (at most :data:`SERVE_ATTEMPTS` times); any other failure is raised."""
+    for _ in range(SERVE_ATTEMPTS):
+        port = _free_port()
+        proc = _start(cmd(port), env, log, cwd)
+        try:
+            _wait_http(f"http://127.0.0.1:{port}{health}", timeout, proc, log)
+            return proc, port
+        except ServerExited as e:
+            if not _lost_port_race(e):
+                raise
+        except BaseException:
+            _stop(proc)
+            raise
+    raise RuntimeError(f"{cmd(0)[:3]}: lost the race for a free port {SERVE_ATTEMPTS} times:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
+    """A Prefect server and an MLflow tracking server on loopback, and the environment pointing at them.
+    The flow's run and work directories and the DVC cache go under the test's temp dir (the worker
+    runs the flow in the repository), never into the repository."""
     tmp = tmp_path_factory.mktemp("prod")
-    prefect_port, mlflow_port = _free_port(), _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"),
-           "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # as with the venv activated (uvicorn)
-    env.pop("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", None)
-    procs = [
-        _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)], env,
-               tmp / "prefect.log"),
-        _start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
-                "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination",
-                str(tmp / "artifacts")], env, tmp / "mlflow.log"),
-    ]
+    base = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "false", "ASFT_RUNS_DIR": str(tmp / "runs"),
+            "ASFT_DVC_CACHE_DIR": str(tmp / "dvc-cache"),
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # as with the venv activated (uvicorn)
+    for var in ("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+        base.pop(var, None)
+    procs = []
     try:
-        _wait_http(f"http://127.0.0.1:{prefect_port}/api/health", 180, procs[0], tmp / "prefect.log")
-        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", 120, procs[1], tmp / "mlflow.log")
+        prefect, prefect_port = _serve(
+            lambda port: [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            "/api/health", base, tmp / "prefect.log", 180)
+        procs.append(prefect)
+        mlflow, mlflow_port = _serve(
+            lambda port: [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers",
+                          "1", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination",
+                          str(tmp / "artifacts")],
+            "/health", base, tmp / "mlflow.log", 120)
+        procs.append(mlflow)
+        env = {**base, "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+               "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}
         yield {"env": env, "tmp": tmp, "mlflow": env["MLFLOW_TRACKING_URI"], "prefect": env["PREFECT_API_URL"]}
     finally:
         for p in procs:
@@ -188,9 +234,11 @@ def test_scheduled_deployment_worker_registry_serving_compare_audit(servers, tin
     # 2nd run, worse (base trained with a learning rate too small to learn): stays challenger, reason logged
     second = _run_deployment(servers, pool, tmp / "run2", ["train.lr=1e-7"], tiny_overrides)
     m2 = second["metrics"]
+    assert m2["lineage"]["code_version"] == m1["lineage"]["code_version"], \
+        "the code changed between the two runs (edited during the test?): every stage cache key changed"
     assert m2["promotion"]["alias"] == "challenger", m2["promotion"]
     assert "NDCG@10" in m2["promotion"]["reason"] and "re-evaluated" in m2["promotion"]["reason"]
-    assert m2["lineage"]["cache"]["preprocess"]["hit"] and not m2["lineage"]["cache"]["train_base"]["hit"]
+    assert m2["lineage"]["cache"]["preprocess"]["hit"] and not m2["lineage"]["cache"]["train-base"]["hit"]
     assert client.get_model_version_by_alias("asft-recommender", "champion").version == champ.version
     chall = client.get_model_version_by_alias("asft-recommender", "challenger")
     assert chall.run_id == m2["mlflow"]["parent_run_id"] and "NDCG@10" in chall.tags["promotion_reason"]
@@ -198,13 +246,10 @@ def test_scheduled_deployment_worker_registry_serving_compare_audit(servers, tin
     assert p2.data.tags["promotion.alias"] == "challenger"
 
     # serving: `mlflow models serve` of the champion answers a recommendation request
-    port = _free_port()
-    log = tmp / "serve.log"
-    proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", "models:/asft-recommender@champion",
-                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"], env=env,
-                            cwd=tmp, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc, port = _serve(lambda p: [str(BIN / "mlflow"), "models", "serve", "-m", "models:/asft-recommender@champion",
+                                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(p), "-w", "1"],
+                        "/ping", env, tmp / "serve.log", 180, cwd=tmp)
     try:
-        _wait_http(f"http://127.0.0.1:{port}/ping", 180, proc, log)
         vocab = json.loads((tmp / "run1/processed/vocab.json").read_text())["items"]
         body = json.dumps({"dataframe_records": [{"history": vocab[:5], "k": 5},
                                                  {"history": [vocab[7], "not-an-item"], "k": 3}]}).encode()
