@@ -362,8 +362,8 @@ def dvc_stages(methods: list[str]) -> dict[str, Any]:
             cmd += f" --docs {DVC_DATA}/{spec.docs}"
         entry: dict[str, Any] = {"cmd": cmd, "deps": code_deps(spec) + sorted(set(paths.values())),
                                  "params": list(spec.params)}
-        if spec.output_file:  # the summary file is the stage's metrics
-            entry["metrics"] = [{out: {"cache": False}}]
+        if spec.output_file:  # the summary file is the stage's metrics (cached: run dirs are not in git)
+            entry["metrics"] = [out]
         elif out:
             entry["outs"] = [out]
         if spec.foreach:
