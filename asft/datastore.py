@@ -166,7 +166,10 @@ def open_repo(root: str | Path) -> Iterator[Repo]:
     the project may have no ``.git``."""
     from dvc.repo import Repo
 
-    repo = Repo(str(root), config={"core": {"no_scm": True}})
+    config: dict = {"core": {"no_scm": True}}
+    if os.environ.get("ASFT_DVC_CACHE_DIR"):  # a cache elsewhere (tests, workers with a volume): push/fetch agree
+        config["cache"] = {"dir": os.environ["ASFT_DVC_CACHE_DIR"]}
+    repo = Repo(str(root), config=config)
     try:
         yield repo
     finally:

@@ -5,7 +5,7 @@ reused when data, params and code are unchanged) -> {evaluate, train-reward, tra
 -> sample -> score -> advantages -> {posttrain-<method> for every method, the A-SFT lambda sweep} ->
 evaluate-policies -> promote (register recommender + reward model; champion or challenger by the gate).
 Braces are independent stages submitted concurrently (``orchestration.max_parallel`` at a time, each in
-its own process, under a Prefect global concurrency limit).
+its own process, on the flow's thread-pool task runner).
 
 - The configuration is parsed once here and passed to every task as the typed :class:`Config`; the flow's
   ``overrides`` parameter is a typed partial config (:data:`ConfigOverrides`), so the Prefect UI shows a
@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import time
 import traceback
 from datetime import UTC, datetime
@@ -42,8 +41,8 @@ from asft import datastore, pipeline, stages
 from asft.config import Config, ConfigOverrides, dump_config, load_config, overrides_from_model
 from asft.utils import dvc_md5, write_json
 from tasks import lineage
-from tasks.stages import CONCURRENCY_LIMIT, CONSOLE, TASKS, RunContext, log_policy_reports, promote_task
 from tasks.samples import recommendation_sample
+from tasks.stages import CONSOLE, TASKS, RunContext, log_policy_reports, promote_task
 from tasks.tracking import (
     experiment_url,
     log_dataset,
@@ -178,8 +177,8 @@ class _Stages:
         started = {}
         for i in concurrent:
             name, paths, out, options, cfg, _ = calls[i]
-            args = dict(cfg=cfg or self.cfg, paths=paths, out_dir=out, options=options,
-                        ctx=self.ctx.model_copy(update={"isolated": True}))
+            args = {"cfg": cfg or self.cfg, "paths": paths, "out_dir": out, "options": options,
+                    "ctx": self.ctx.model_copy(update={"isolated": True})}
             started[i] = (args, self._task(specs[i], thread=True).submit(**args))
         results: dict[int, dict] = {}
         for i, (name, paths, out, options, cfg, _) in enumerate(calls):
@@ -187,7 +186,7 @@ class _Stages:
                 continue
             self.current = labels[i]
             self._announce([labels[i]])
-            args = dict(cfg=cfg or self.cfg, paths=paths, out_dir=out, options=options, ctx=self.ctx)
+            args = {"cfg": cfg or self.cfg, "paths": paths, "out_dir": out, "options": options, "ctx": self.ctx}
             t1 = time.perf_counter()
             results[i] = self._finish(labels[i], specs[i], args, self._task(specs[i])(**args, return_state=True), t1)
         for i, (args, fut) in started.items():
@@ -259,21 +258,6 @@ def _dataset_pointer(parent, name: str, res: dict, out: Path) -> str:
     return md5
 
 
-def ensure_concurrency_limit(name: str, limit: int) -> None:
-    """Create (or resize) the Prefect global concurrency limit that bounds stages run in their own process."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
-    from prefect.exceptions import ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            cur = client.read_global_concurrency_limit_by_name(name)
-            if cur.limit != limit:
-                client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit))
-        except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
-
-
 def _plan(cfg: Config, sweep: dict[str, float], reuse_base: bool) -> int:
     """How many stage instances this run announces (``[i/N]``)."""
     fixed = ["ingest", "preprocess", "preferences", "train-base", "evaluate", "train-reward", "train-judge",
@@ -299,7 +283,6 @@ def retrain(
     never touch the model registry.
     """
     t_start = time.perf_counter()
-    logger = get_run_logger()
     ov = list(overrides) if isinstance(overrides, list) else overrides_from_model(overrides)
     if data is not None:
         ov.append(f"data.source={data}")
@@ -330,8 +313,7 @@ def retrain(
     do_register = register_models and cfg.registry.enabled and not audit_of
     run = _Stages(cfg, ctx, use_cache, _plan(cfg, sweep, do_register))
     run.timings["flow_setup"] = time.perf_counter() - t_start
-    ensure_concurrency_limit(CONCURRENCY_LIMIT, cfg.orchestration.max_parallel)
-    at = lambda rel: str(out / rel)  # noqa: E731
+    at = lambda rel: str(out / rel)
     try:
         lin = _record_lineage(parent, cfg, out)
         raw = run.run("ingest", {}, at(stages.RAW))
@@ -483,7 +465,7 @@ def _mlflow_links(uri: str, parent, post: dict) -> dict[str, str]:
     """Where to look: the MLflow UI addresses of the parent run and each method's run."""
     exp = parent.client.get_run(parent.run_id).info.experiment_id
     base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
-    url = lambda rid: f"{base}/#/experiments/{exp}/runs/{rid}"  # noqa: E731
+    url = lambda rid: f"{base}/#/experiments/{exp}/runs/{rid}"
     return {"retrain": url(parent.run_id), "experiment": experiment_url(base, exp),
             **{m: url(r["run_id"]) for m, r in post.items()}}
 

@@ -19,10 +19,8 @@ import functools
 import hashlib
 import importlib.metadata
 import json
-import os
 import platform
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +98,7 @@ def digest(hashes: dict[str, str]) -> str:
 def dvc_cache_dir() -> Path:
     """The project's DVC cache (``cache.dir``, default ``.dvc/cache``), as DVC resolves its config;
     ``$ASFT_DVC_CACHE_DIR`` overrides it (tests, and workers that keep a cache on a volume)."""
-    env = os.environ.get("ASFT_DVC_CACHE_DIR")
-    return Path(env) if env else datastore.cache_dir(REPO)
+    return datastore.cache_dir(REPO)
 
 
 class StageCache(CachePolicy):

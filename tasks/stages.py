@@ -20,12 +20,12 @@ Tasks exchange paths, hashes and run ids, never tensors or frames. Each summary 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,9 +44,19 @@ from asft.utils import _json_default, dvc_md5
 from tasks import lineage
 from tasks.tracking import TrackedRun, stage_run, store_lock
 
-
 CONSOLE = Console(stderr=True, width=160)  # what a person sees: stage lines and summaries
-CONCURRENCY_LIMIT = "asft-stages"  # Prefect global concurrency limit of stages run in their own process
+_SLOTS: dict[str, threading.BoundedSemaphore] = {}
+_SLOTS_LOCK = threading.Lock()
+
+
+def _slot(run_id: str, limit: int) -> threading.BoundedSemaphore:
+    """The concurrency limit of one retrain's child-process stages (``orchestration.max_parallel``).
+
+    Held in the flow's process, so a killed run frees it with the process: a Prefect global concurrency
+    limit is only given back by the server's lease repossessor, which ephemeral servers do not run, so a
+    ``kill -9`` there leaked its slots and hung every later retrain."""
+    with _SLOTS_LOCK:
+        return _SLOTS.setdefault(run_id, threading.BoundedSemaphore(limit))
 
 
 class RunContext(BaseModel):
@@ -105,8 +115,9 @@ def _report_task_failure(task_, task_run, state) -> None:
 
 
 # Retries of I/O and tracking-server errors with backoff, and a failure report naming the stage: every task.
-RELIABILITY = dict(retries=RETRIES, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
-                   retry_condition_fn=_retry_condition, on_failure=[_report_task_failure])
+RELIABILITY = {"retries": RETRIES, "retry_delay_seconds": exponential_backoff(backoff_factor=2),
+               "retry_jitter_factor": 0.5, "retry_condition_fn": _retry_condition,
+               "on_failure": [_report_task_failure]}
 
 
 def _jsonable(obj):
@@ -166,11 +177,9 @@ def _execute(spec: StageSpec, cfg: Config, paths: dict, out_dir: str | None, opt
              run: TrackedRun, work: Path | None) -> dict:
     n = processes(cfg) if spec.distributed else 1
     if n > 1 or ctx.isolated:
-        from prefect.concurrency.sync import concurrency
-
         label = "-".join([spec.name, *[str(options[o]) for o in spec.options]])
         art = _progress_artifact(spec, options) if spec.training else None
-        with concurrency(CONCURRENCY_LIMIT, occupy=1, strict=False):
+        with _slot(ctx.parent_run_id, cfg.orchestration.max_parallel):
             summary = run_cli(spec, cfg, paths, out_dir, options, work, ctx.resume,
                               Path(ctx.run_dir) / "logs" / f"{label}.log", n)
         _log_history(run, out_dir)

@@ -18,7 +18,8 @@ def test_two_concurrent_retrains_share_the_stores_consistently(tmp_path, monkeyp
     from concurrent_retrain import check, consistent, launch
     from conftest import TINY, pinned_threads
 
-    # one shared DVC cache, not the repository's: for the commands (inherited) and for check() here
+    # one shared runs/ tree and DVC cache, not the repository's: for the commands (inherited) and check() here
+    monkeypatch.setenv("ASFT_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("ASFT_DVC_CACHE_DIR", str(tmp_path / "dvc-cache"))
     # identical metrics are asserted: both commands run with the suite's pinned math-library threads
     env = {**pinned_threads(), "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results")}

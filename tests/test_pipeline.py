@@ -10,12 +10,11 @@ import sys
 
 import pytest
 import yaml
+from conftest import REPO
 
 from asft import pipeline
 from asft.cli import build_parser, main
 from asft.config import Config, ConfigError, ConfigOverrides, defaults_yaml, load_config, overrides_from_model
-
-from conftest import REPO
 
 
 def test_params_yaml_is_the_code_defaults():

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+import asft.posttrain.rounds  # noqa: F401  (plans resolved by name; imported so code deps list it)
 from asft.advantages import Weights
 from asft.advantages_stage import ADVANTAGES_METHOD, read_advantages
 from asft.config import Config
@@ -28,7 +29,6 @@ from asft.posttrain.collate import collate_examples, context_examples
 from asft.posttrain.full import context_weight
 from asft.posttrain.online import online_horizon
 from asft.posttrain.pairwise import count_rows, pair_examples, pairs_summary, preference_pairs
-import asft.posttrain.rounds  # noqa: F401  (plans resolved by name; imported so code deps list it)
 from asft.posttrain.registry import ADDED_ANCHOR_FAMILIES, MethodSpec, get_method
 from asft.posttrain.weighted import (
     asft_weights,

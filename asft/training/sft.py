@@ -18,10 +18,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-
-from asft.config import Config
 import torch
 
+from asft.config import Config
 from asft.data.preprocess import NUM_SPECIAL, ProcessedData
 from asft.evaluation import evaluate_table, pad_right
 from asft.losses import masked_sft_loss
