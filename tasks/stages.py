@@ -134,10 +134,20 @@ def processes(cfg: Config) -> int:
     return max(n, 1)
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(threads: int | None = None) -> dict[str, str]:
+    """A child stage's environment; ``threads`` caps its math-library threads (concurrent children share
+    the cores: unpinned, two CPU trainings oversubscribe and run ~30x slower than one after the other)."""
     env = dict(os.environ)
     env.setdefault("PYTHONPATH", str(lineage.REPO))
+    if threads is not None:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = str(threads)
     return env
+
+
+def child_threads(max_parallel: int) -> int:
+    """Math-library threads per concurrently running child stage: the cores divided among them."""
+    return max(1, (os.cpu_count() or 1) // max(max_parallel, 1))
 
 
 def run_cli(spec: StageSpec, cfg: Config, paths: dict, out_dir: str | None, options: dict, work: Path | None,
@@ -162,7 +172,8 @@ def run_cli(spec: StageSpec, cfg: Config, paths: dict, out_dir: str | None, opti
         with open(log_path, "w") as log:
             try:
                 proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, check=False,
-                                      timeout=timeout, env=_child_env(), cwd=lineage.REPO)
+                                      timeout=timeout, cwd=lineage.REPO,
+                                      env=_child_env(None if nproc > 1 else child_threads(cfg.orchestration.max_parallel)))
             except subprocess.TimeoutExpired:
                 raise TimeoutError(f"{spec.name} exceeded its time limit of {timeout:.0f} s "
                                    f"(orchestration.{spec.kind}_timeout_s); log: {log_path}") from None
