@@ -411,9 +411,11 @@ def test_code_version_covers_tasks_and_flows(tmp_path, monkeypatch):
     shutil.copy2(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")  # the stage's params list
     cfg = load_config(ROOT / "params.yaml")
 
+    from asft.pipeline import get_stage
+
     def key() -> str:
         lineage.code_version.cache_clear()
-        return lineage.task_key("preprocess", cfg, {})
+        return lineage.task_key(get_stage("preprocess"), cfg, {})
 
     monkeypatch.setattr(lineage, "REPO", tmp_path)
     try:
