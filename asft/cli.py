@@ -216,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     cmd = args.command
+    if getattr(args, "data", None):  # typed by a person on the command line: theirs to read (asft/data/paths.py)
+        from asft.data.paths import allow_typed_path
+
+        allow_typed_path(args.data)
     if cmd == "retrain":
         from flows.retrain import ensure_prefect_api, quiet_data_errors_on_console, retrain
 

@@ -38,3 +38,22 @@ def test_bad_override_and_bad_data_exit_2(tmp_path, capsys):
 def test_config_prints_resolved_yaml(capsys):
     assert main(["config", "train.epochs=3"]) == 0
     assert "epochs: 3" in capsys.readouterr().out
+
+
+def test_data_typed_on_the_command_line_is_accepted_config_paths_stay_contained(tmp_path, monkeypatch, capsys):
+    """`--data PATH` typed by a person is read even outside every data root; the same path through a
+    `key=value` override (or a config file, a deployment parameter) is still refused by containment."""
+    from asft.config import SimulatorConfig
+    from asft.data.paths import ROOTS_ENV
+    from asft.simulator import simulate
+
+    monkeypatch.delenv(ROOTS_ENV, raising=False)  # tmp_path is outside the project and ../shared/data
+    d = tmp_path / "mine"
+    d.mkdir()
+    simulate(SimulatorConfig(n_users=60, n_items=40, min_len=6, max_len=12), 3).interactions.to_csv(
+        d / "interactions.csv", index=False)
+    assert main(["ingest", "--output", str(tmp_path / "refused"), f"data.source={d}"]) == 2
+    err = capsys.readouterr().err
+    assert "data.source" in err and ROOTS_ENV in err and not (tmp_path / "refused").exists()
+    assert main(["ingest", "--data", str(d), "--output", str(tmp_path / "raw")]) == 0
+    assert (tmp_path / "raw").is_dir()

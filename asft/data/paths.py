@@ -7,6 +7,10 @@
 * Files named inside a data spec (``data.interactions_file``, ``data.items_file``) are relative to
   the data directory and must resolve inside it: absolute paths, ``..`` escapes and symlinks that
   point outside are refused.
+* A path a person types as ``--data PATH`` on the command line is theirs: :func:`allow_typed_path`
+  adds it to the roots of that process and its children (stage processes, cluster workers it starts).
+  Containment keeps guarding every path that arrives another way: config files, ``key=value``
+  overrides, deployment and flow parameters.
 
 The functions raise :class:`PathContainmentError` (a ``ValueError``, so pydantic reports it under the
 offending key); the loaders turn it into a :class:`~asft.data.schema.DataFormatError`. No pandas here:
@@ -20,8 +24,8 @@ from pathlib import Path
 
 ROOTS_ENV = "ASFT_DATA_ROOTS"
 
-__all__ = ["ROOTS_ENV", "PathContainmentError", "data_roots", "inside", "project_root", "require_data_root",
-           "resolve_inside"]
+__all__ = ["ROOTS_ENV", "PathContainmentError", "allow_typed_path", "data_roots", "inside", "project_root",
+           "require_data_root", "resolve_inside"]
 
 
 class PathContainmentError(ValueError):
@@ -65,6 +69,25 @@ def data_roots() -> list[Path]:
 def inside(path: Path, root: Path) -> bool:
     """Whether the resolved ``path`` is ``root`` or below it (both already resolved)."""
     return path == root or path.is_relative_to(root)
+
+
+def allow_typed_path(path: str | Path) -> Path | None:
+    """Allow reading ``path``, typed by a person as ``--data PATH``: its resolved form joins
+    ``ASFT_DATA_ROOTS`` in this process's environment (inherited by the stage processes it starts).
+
+    Returns the resolved path (``None`` for ``simulator`` or a path that cannot be resolved, which
+    then fails containment with the usual message). Only the command-line entry points call this.
+    """
+    if not str(path).strip() or str(path) == "simulator":
+        return None
+    try:
+        real = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    current = [p for p in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if p.strip()]
+    if str(real) not in current:
+        os.environ[ROOTS_ENV] = os.pathsep.join([*current, str(real)])
+    return real
 
 
 def require_data_root(path: str | Path, key: str) -> Path:
