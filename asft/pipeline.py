@@ -144,7 +144,7 @@ STAGES: tuple[StageSpec, ...] = (
               summary="{candidates} candidates scored"),
     StageSpec("advantages", "stage_advantages", "A-SFT advantages and weights of the scored candidates",
               inputs=(_SCORED,), output="advantages", params=("advantage",),
-              summary="ESS {ess_share:.1%} of {n}, {clipped_share:.2%} clipped"),
+              summary="ESS {ess_share:.1%} of {n:.0f}, {clipped_share:.2%} clipped"),
     StageSpec("posttrain", "stage_posttrain", "post-train pi_ref with one method (A-SFT or a baseline)",
               inputs=(_PROCESSED, _REF, replace(_REWARD, required=False), replace(_SCORED, required=False),
                       replace(_ADV, required=False)), output="models/posttrain/{method}",
