@@ -590,6 +590,60 @@ class DistributedConfig(_Section):
     )
 
 
+class StorageConfig(_Section):
+    """Where lineage outlives the worker (a pod that dies takes its disk with it): the DVC remote every
+    dataset version is pushed to, Prefect's result storage (the stage cache) and the training checkpoints.
+    URLs are ``s3://bucket/prefix`` (S3 or an S3-compatible server, ``s3_endpoint_url``) or local/shared
+    paths. Credentials never go here: S3 clients read ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``
+    (or a profile, an IAM role) from the environment."""
+
+    dvc_remote: str | None = Field(
+        None, description="DVC remote URL the flow pushes every dataset version to (e.g. s3://bucket/asft/dvc or "
+        "/shared/dvc-storage); configured as remote `dvc_remote_name` of the project's DVC repository for the run "
+        "(what `dvc remote add` writes) and recorded on the MLflow run. None: the repository's default remote "
+        "(.dvc/config), where a failed push only warns.")
+    dvc_remote_name: str = Field(
+        "asft-remote", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Name of the DVC remote configured from `dvc_remote` (recorded on the run with its URL).")
+    s3_endpoint_url: str | None = Field(
+        None, description="Endpoint of an S3-compatible server (MinIO, Ceph, ...: http(s)://host:port) for every "
+        "s3:// URL here; None: AWS (or the AWS_ENDPOINT_URL environment variable).")
+    results_url: str | None = Field(
+        None, description="Prefect result storage of the stage tasks (their cached summaries), e.g. "
+        "s3://bucket/asft/results; None: Prefect's local result storage (PREFECT_RESULTS_LOCAL_STORAGE_PATH).")
+    checkpoints_url: str | None = Field(
+        None, description="Training checkpoints are uploaded here after every checkpoint write and downloaded "
+        "when a training stage starts without a local one (a preempted run resumes on another machine), under "
+        "the stage's work-directory key, e.g. s3://bucket/asft/checkpoints. None: checkpoints stay local.")
+
+    @field_validator("dvc_remote", "results_url", "checkpoints_url", "s3_endpoint_url")
+    @classmethod
+    def _url(cls, v: str | None, info) -> str | None:
+        if v is None:
+            return None
+        from urllib.parse import urlsplit
+
+        v = v.strip()
+        if not v:
+            raise ValueError(f"storage.{info.field_name}: empty URL (use null for none)")
+        parts = urlsplit(v)
+        if parts.username or parts.password:
+            raise ValueError(f"storage.{info.field_name}: credentials do not belong in a URL; set "
+                             "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment")
+        if info.field_name == "s3_endpoint_url":
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"storage.s3_endpoint_url: expected http(s)://host[:port], got {v!r}")
+            return v
+        if parts.scheme == "s3":
+            if not parts.netloc:
+                raise ValueError(f"storage.{info.field_name}: {v!r} names no bucket (s3://bucket/prefix)")
+            return v.rstrip("/")
+        if parts.scheme not in ("", "file"):
+            raise ValueError(f"storage.{info.field_name}: unsupported URL scheme {parts.scheme!r} in {v!r} "
+                             "(s3://bucket/prefix or a local/shared path)")
+        return v
+
+
 class SearchParam(_Section):
     """One searched setting: a range (``low``..``high``, optionally on a log scale) or ``choices``."""
 
@@ -670,6 +724,7 @@ class Config(_Section):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
