@@ -13,7 +13,12 @@ Nothing here re-implements DVC; every operation is the one ``dvc add`` / ``dvc c
 - repository level (configuration read by :class:`dvc.repo.Repo`, never parsed here):
   :func:`cache_dir`, :func:`default_remote`, :func:`commit_dataset` (commit + pointer + push),
   :func:`push`, :func:`fetch`, :func:`remote_missing` and :func:`retrieve` (checkout of a version,
-  fetched from the remote when the local cache lacks it).
+  fetched from the remote when the local cache lacks it);
+- remotes given by URL (:class:`Remote`: ``s3://bucket/prefix`` with an optional S3-compatible endpoint,
+  or a path): added to the repository's configuration for the duration of the call, exactly what
+  ``dvc remote add NAME URL`` + ``dvc remote modify NAME endpointurl ...`` would write, validated by
+  DVC's own config schema; credentials come from the environment (``AWS_ACCESS_KEY_ID`` ...), never
+  from here. :func:`describe_remote` gives the name and URL to record.
 
 A ``cache`` argument is a DVC cache directory (the ``cache.dir`` of a repository: objects live under
 ``files/md5/``) or an object database from ``dvc_data`` (e.g. ``Repo(...).cache.local``).
@@ -25,6 +30,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -159,16 +165,40 @@ def pointer_file(md5: str, path: str, out: str | Path, meta: Meta | None = None)
 
 
 # -- a DVC repository: its configured cache and remotes --------------------------------------------------
+@dataclass(frozen=True)
+class Remote:
+    """A DVC remote given by URL (``s3://bucket/prefix`` or a local/shared path), configured under
+    ``name`` for one repository call; ``endpoint_url``: an S3-compatible server (DVC's ``endpointurl``)."""
+
+    name: str
+    url: str
+    endpoint_url: str | None = None
+
+    def dvc_config(self) -> dict:
+        """The ``remote`` section ``dvc remote add NAME URL`` (+ ``modify endpointurl``) writes."""
+        url = self.url
+        if "://" not in url:  # a path: absolute, as DVC resolves a relative one against the config file
+            url = os.path.abspath(url)
+        elif url.startswith("file://"):
+            url = url[len("file://"):]
+        entry = {"url": url}
+        if self.endpoint_url and url.startswith("s3://"):
+            entry["endpointurl"] = self.endpoint_url
+        return {self.name: entry}
+
+
 @contextmanager
-def open_repo(root: str | Path) -> Iterator[Repo]:
-    """The DVC repository at ``root`` (its config merged from system, global, repo and local levels).
-    Opened without git (``core.no_scm``): caches and remotes never need it, and a deployed copy of
-    the project may have no ``.git``."""
+def open_repo(root: str | Path, remote: Remote | None = None) -> Iterator[Repo]:
+    """The DVC repository at ``root`` (its config merged from system, global, repo and local levels),
+    plus ``remote`` when given (not written to any config file). Opened without git (``core.no_scm``):
+    caches and remotes never need it, and a deployed copy of the project may have no ``.git``."""
     from dvc.repo import Repo
 
     config: dict = {"core": {"no_scm": True}}
     if os.environ.get("ASFT_DVC_CACHE_DIR"):  # a cache elsewhere (tests, workers with a volume): push/fetch agree
         config["cache"] = {"dir": os.environ["ASFT_DVC_CACHE_DIR"]}
+    if remote is not None:
+        config["remote"] = remote.dvc_config()
     repo = Repo(str(root), config=config)
     try:
         yield repo
@@ -182,9 +212,11 @@ def cache_dir(root: str | Path) -> Path:
         return Path(repo.cache.local_cache_dir)
 
 
-def _remote_name(repo: Repo, remote: str | None) -> str:
+def _remote_name(repo: Repo, remote: str | Remote | None) -> str:
     from dvc.config import NoRemoteError
 
+    if isinstance(remote, Remote):
+        return remote.name
     name = remote or repo.config["core"].get("remote")
     if not name:
         raise NoRemoteError(f"{repo.root_dir}: no DVC remote given and no default remote (core.remote) set")
@@ -196,6 +228,20 @@ def _remote_name(repo: Repo, remote: str | None) -> str:
 def default_remote(root: str | Path) -> str:
     with open_repo(root) as repo:
         return _remote_name(repo, None)
+
+
+def _given(remote: str | Remote | None) -> Remote | None:
+    return remote if isinstance(remote, Remote) else None
+
+
+def describe_remote(root: str | Path, remote: str | Remote | None = None) -> dict:
+    """``{"name", "url", "endpoint_url"}`` of ``remote`` (default: the repository's default remote) as
+    DVC resolves it (a relative path in ``.dvc/config`` becomes absolute): what a run records so that
+    another machine can fetch its datasets."""
+    with open_repo(root, _given(remote)) as repo:
+        name = _remote_name(repo, remote)
+        conf = repo.config["remote"][name]
+        return {"name": name, "url": str(conf["url"]), "endpoint_url": conf.get("endpointurl")}
 
 
 def _objects(md5s: Iterable[str], *odbs: HashFileDB) -> set[HashInfo]:
@@ -214,7 +260,7 @@ def _objects(md5s: Iterable[str], *odbs: HashFileDB) -> set[HashInfo]:
     return ids
 
 
-def _push(repo: Repo, md5s: Iterable[str], remote: str | None) -> str:
+def _push(repo: Repo, md5s: Iterable[str], remote: str | Remote | None) -> str:
     name = _remote_name(repo, remote)
     md5s = list(md5s)
     lost = {m: missing(m, repo.cache.local) for m in md5s}
@@ -227,14 +273,14 @@ def _push(repo: Repo, md5s: Iterable[str], remote: str | None) -> str:
     return name
 
 
-def push(md5s: Iterable[str], root: str | Path, remote: str | None = None) -> str:
-    """``dvc push`` of committed versions to ``remote`` (default: the repository's default remote);
-    returns the remote's name."""
-    with open_repo(root) as repo:
+def push(md5s: Iterable[str], root: str | Path, remote: str | Remote | None = None) -> str:
+    """``dvc push`` of committed versions to ``remote`` (a configured name, a :class:`Remote`, or the
+    repository's default remote); returns the remote's name."""
+    with open_repo(root, _given(remote)) as repo:
         return _push(repo, md5s, remote)
 
 
-def _fetch(repo: Repo, md5s: Iterable[str], remote: str | None) -> str:
+def _fetch(repo: Repo, md5s: Iterable[str], remote: str | Remote | None) -> str:
     name = _remote_name(repo, remote)
     odb = repo.cloud.get_remote_odb(name, "fetch")
     res = repo.cloud.pull(_objects(md5s, repo.cache.local, odb), remote=name)
@@ -243,26 +289,26 @@ def _fetch(repo: Repo, md5s: Iterable[str], remote: str | None) -> str:
     return name
 
 
-def fetch(md5s: Iterable[str], root: str | Path, remote: str | None = None) -> str:
+def fetch(md5s: Iterable[str], root: str | Path, remote: str | Remote | None = None) -> str:
     """``dvc fetch`` of versions from ``remote`` into the repository's cache; returns the remote's name."""
-    with open_repo(root) as repo:
+    with open_repo(root, _given(remote)) as repo:
         return _fetch(repo, md5s, remote)
 
 
-def remote_missing(md5: str, root: str | Path, remote: str | None = None) -> list[str]:
+def remote_missing(md5: str, root: str | Path, remote: str | Remote | None = None) -> list[str]:
     """Objects of version ``md5`` absent from the remote (empty: ``dvc pull`` can restore it)."""
-    with open_repo(root) as repo:
+    with open_repo(root, _given(remote)) as repo:
         odb = repo.cloud.get_remote_odb(_remote_name(repo, remote), "status")
         return missing(md5, odb)
 
 
 def commit_dataset(path: str | Path, name: str, pointer_out: str | Path, root: str | Path,
-                   remote: str | None = None, push_to_remote: bool = True) -> dict:
+                   remote: str | Remote | None = None, push_to_remote: bool = True) -> dict:
     """Commit ``path`` to the repository's cache (hashing every file once), write the ``.dvc``
     pointer ``pointer_out`` (workspace path ``name``) and push the version to ``remote`` (default:
     the default remote). Returns ``{"md5", "size", "nfiles", "pointer", "remote"}`` (``remote`` is
     None when not pushed)."""
-    with open_repo(root) as repo:
+    with open_repo(root, _given(remote)) as repo:
         md5, meta = _commit(path, repo.cache.local)
         pointer = pointer_file(md5, name, pointer_out, meta)
         where = _push(repo, [md5], remote) if push_to_remote else None
@@ -270,11 +316,11 @@ def commit_dataset(path: str | Path, name: str, pointer_out: str | Path, root: s
     return {"md5": md5, "size": meta.size, "nfiles": nfiles, "pointer": str(pointer), "remote": where}
 
 
-def retrieve(md5: str, root: str | Path, dest: str | Path, remote: str | None = None) -> dict:
+def retrieve(md5: str, root: str | Path, dest: str | Path, remote: str | Remote | None = None) -> dict:
     """Check version ``md5`` out into ``dest`` from the repository's cache, first fetching it from the
     remote (default: the default remote) when the cache lacks any of its objects. Returns
     ``{"md5", "path", "source"}`` (``source``: ``"cache"`` or ``"remote:<name>"``)."""
-    with open_repo(root) as repo:
+    with open_repo(root, _given(remote)) as repo:
         odb = repo.cache.local
         source = "cache"
         local = missing(md5, odb)

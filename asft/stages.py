@@ -170,14 +170,22 @@ def stage_train_reward(processed_dir: str | Path, pref_dir: str | Path, base_mod
     from asft.training.reward import train_reward_ensemble
 
     return _resumable(out_dir, work_dir, resume, lambda work: train_reward_ensemble(
-        processed_dir, pref_dir, base_model_dir, cfg, work, on_log=on_log, progress=progress, resume=resume))
+        processed_dir, pref_dir, base_model_dir, cfg, work, on_log=on_log, progress=progress, resume=resume), cfg)
 
 
-def _resumable(out_dir: str | Path, work_dir: str | Path | None, resume: bool, train: Callable[[Path], dict]) -> dict:
+def _resumable(out_dir: str | Path, work_dir: str | Path | None, resume: bool, train: Callable[[Path], dict],
+               cfg: Config | None = None) -> dict:
     """Run a training stage in a resumable work directory; ``out_dir`` is published atomically at the end
-    (:func:`asft.utils.staged_output`). A crashed run leaves no ``out_dir``; the next run resumes."""
+    (:func:`asft.utils.staged_output`). A crashed run leaves no ``out_dir``; the next run resumes. In a keyed
+    work directory (``work_dir`` given, resuming) its checkpoints are also synced to
+    ``storage.checkpoints_url``, so the next run may be on another machine (:mod:`asft.storage`)."""
+    from asft import storage
+
     with staged_output(out_dir, work_dir, resume) as work:
-        summary = train(work)
+        st = cfg.storage if cfg is not None else None
+        keyed = st is not None and resume and work_dir is not None and Path(work) == Path(work_dir)
+        with storage.checkpoint_sync(st.checkpoints_url if keyed else None, work, st.s3_endpoint_url if st else None):
+            summary = train(work)
     return rebase_paths(summary, work, out_dir)
 
 
@@ -200,7 +208,7 @@ def stage_train_base(processed_dir: str | Path, cfg: Config, out_dir: str | Path
         write_history_csv(work / "train_summary.json", work / "history.csv")
         return res
 
-    summary = _resumable(out_dir, work_dir, resume, train)
+    summary = _resumable(out_dir, work_dir, resume, train, cfg)
     summary["model_dir"] = str(Path(out_dir) / "best")
     return summary
 
@@ -228,7 +236,7 @@ def stage_train_judge(processed_dir: str | Path, pref_dir: str | Path, base_mode
 
     return _resumable(out_dir, work_dir, resume, lambda work: train_reward_ensemble(
         processed_dir, pref_dir, base_model_dir, cfg, work, on_log=on_log, progress=progress, resume=resume,
-        fold=cfg.judge.fold, members=cfg.judge.members, seed=cfg.seed + cfg.judge.seed_offset, kind="bt-judge-ensemble"))
+        fold=cfg.judge.fold, members=cfg.judge.members, seed=cfg.seed + cfg.judge.seed_offset, kind="bt-judge-ensemble"), cfg)
 
 
 def _processes():
@@ -371,7 +379,7 @@ def stage_posttrain(method: str, processed_dir: str | Path, ref_dir: str | Path,
     inputs = PostTrainInputs(Path(processed_dir), Path(ref_dir), Path(reward_dir) if reward_dir else None,
                              Path(scored_dir) if scored_dir else None, Path(adv_dir) if adv_dir else None)
     return _resumable(out_dir, work_dir, resume, lambda work: run_method(method, cfg, inputs, work, on_log=on_log,
-                                                                        progress=progress, resume=resume))
+                                                                        progress=progress, resume=resume), cfg)
 
 
 def stage_evaluate_policy(model_dir: str | Path, ref_dir: str | Path, processed_dir: str | Path,

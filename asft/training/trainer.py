@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from asft import storage
 from asft.config import TrainConfig
 from asft.utils import atomic_dir, link_tree, write_json
 
@@ -195,9 +196,17 @@ class Trainer:
             if self.best_dir.is_dir():
                 link_tree(self.best_dir, tmp / "best")
             write_json(tmp / "trainer_state.json", {**state, "rng": _rng_state()})
+        storage.after_checkpoint_write(self.ckpt_dir)  # to remote storage, when synced (asft.storage)
 
     def load_checkpoint(self) -> dict | None:
-        """Restore a checkpoint written by :meth:`save_checkpoint` (tensors only: ``weights_only`` loads)."""
+        """Restore a checkpoint written by :meth:`save_checkpoint` (tensors only: ``weights_only`` loads);
+        without a local one, the latest from remote storage when synced (a run preempted elsewhere)."""
+        if storage.syncing(self.ckpt_dir):
+            if self.acc.is_local_main_process:
+                version = storage.before_checkpoint_load(self.ckpt_dir)
+                if version:
+                    self._log(f"{self.stage_name}checkpoint {version} downloaded from remote storage")
+            self.acc.wait_for_everyone()
         if not (self.ckpt_dir / "trainer_state.json").is_file():
             return None
         from safetensors.torch import load_file
