@@ -43,6 +43,7 @@ from asft.utils import dvc_md5, write_json
 from tasks import lineage
 from tasks.samples import recommendation_sample
 from tasks.stages import CONSOLE, TASKS, RunContext, log_policy_reports, promote_task
+from tasks.storage import push_datasets, result_storage
 from tasks.tracking import (
     experiment_url,
     log_dataset,
@@ -146,6 +147,9 @@ class _Stages:
         # In the flow's thread Prefect enforces the time limit itself; a stage submitted to a worker thread
         # runs in its own process, killed by ``run_cli`` at the same limit.
         opts = {} if thread else {"timeout_seconds": self.cfg.orchestration.timeout(spec.kind)}
+        results = result_storage(self.cfg.storage) if spec.cache else None  # storage.results_url (e.g. S3)
+        if results is not None:
+            opts["result_storage"] = results
         return TASKS[spec.name].with_options(refresh_cache=refresh or not self.use_cache, **opts)
 
     def _announce(self, labels: list[str]) -> None:
@@ -323,7 +327,7 @@ def retrain(
         prefs = run.run("preferences", {"raw_dir": raw["out_dir"], "processed_dir": stats["out_dir"]},
                         at(stages.PREFERENCES))
         datasets["preferences"] = _dataset_pointer(parent, "preferences", prefs, out)
-        remote = _push_datasets(parent, datasets)
+        remote = push_datasets(parent, cfg, datasets, out, get_run_logger())  # tasks/storage.py
 
         processed, raw_dir, pref_dir = stats["out_dir"], raw["out_dir"], prefs["out_dir"]
         run.current = "train-base"
@@ -448,17 +452,6 @@ def retrain(
     _artifacts(result, policies, links)
     _final_summary(result, policies, links, run.timings["flow_total"])
     return result
-
-
-def _push_datasets(parent, datasets: dict[str, str]) -> str | None:
-    """Push the dataset versions to the DVC default remote (recorded on the run); None without a remote."""
-    try:
-        remote = datastore.push(list(datasets.values()), lineage.REPO)
-    except Exception as e:  # noqa: BLE001 - a missing or unreachable remote must not fail the retrain
-        get_run_logger().warning("DVC push skipped: %s", e)
-        return None
-    parent.set_tags({"dvc.remote": remote})
-    return remote
 
 
 def _mlflow_links(uri: str, parent, post: dict) -> dict[str, str]:
