@@ -224,6 +224,24 @@ class BaseTrainConfig(TrainConfig):
         " (a repeated target stays valid). false = the plain full softmax over the catalog.")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the next-item cross-entropy,"
                                    " spread over the items the softmax allows.")
+    softmax: Literal["full", "sampled", "auto"] = Field(
+        "auto", description="Next-item softmax of base training: 'full' over the whole catalog, 'sampled' over the"
+        " target plus `negatives` shared negatives per micro-batch (logQ-corrected, history-masked like the full"
+        " one), 'auto' = sampled when the catalog has at least `sampled_softmax_min_items` items.")
+    sampled_softmax_min_items: int = Field(
+        20000, ge=1, description="softmax=auto: catalogs of at least this many items train with the sampled"
+        " softmax (below it the full softmax is affordable and, on ML-100K and Beauty, at least as good).")
+    negatives: int = Field(256, ge=1, description="Sampled softmax: negatives drawn per micro-batch from"
+                           " `negative_sampler` (shared by its rows; with in_batch_negatives up to as many again).")
+    negative_sampler: Literal["uniform", "popularity"] = Field(
+        "uniform", description="Sampled softmax: draw negatives uniformly over items, or by their frequency as"
+        " training targets (add-one smoothed).")
+    in_batch_negatives: bool = Field(
+        False, description="Sampled softmax: also use the micro-batch's other targets (up to `negatives` of them,"
+        " drawn at random) as negatives (Yi et al. 2019; mixed negative sampling).")
+    logq_correction: bool = Field(
+        True, description="Sampled softmax: subtract log(expected count) of each negative under the samplers from"
+        " its logit, so the loss estimates the full softmax (sampling-bias correction).")
 
 
 class EvalConfig(_Section):

@@ -8,6 +8,8 @@ accumulation or data parallelism cannot change the loss or its gradient.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -193,3 +195,63 @@ def kl_rows(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     ref = torch.log_softmax(ref_logits.float(), dim=-1)
     p = logp.exp()
     return (p * torch.where(p > 0, logp - ref, torch.zeros_like(logp))).sum(dim=-1)
+
+
+# ---------------------------------------------------------------------------- sampled softmax
+def sampled_softmax_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor, targets: torch.Tensor,
+                         neg_items: torch.Tensor, log_expected: torch.Tensor | None = None,
+                         banned: torch.Tensor | None = None, label_smoothing: float = 0.0,
+                         normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Sampled softmax over ``{target} + negatives`` with logQ correction (Bengio & Senecal 2008;
+    Jean et al. 2015; Yi et al. 2019 for in-batch negatives; Yang et al. 2020 for mixing sources).
+
+    ``pos_logits`` [N]: each row's logit of its own target; ``neg_logits`` [N, C]: the logits of the
+    ``C`` negatives ``neg_items`` [C] (shared by all rows: sampled and/or in-batch). ``log_expected``
+    [C] is ``log E[count of the item among the C negatives]`` (``log(K q(j))`` for K draws from q; for a
+    mix of sources the sum of their expected counts); it is subtracted from each negative's logit, so
+    ``sum_neg exp(o_j) / E[count_j]`` is an unbiased estimate of the partition function over the
+    other items and the loss estimates the full softmax's. The positive's logit is not corrected: it
+    is in the softmax with certainty, not drawn. ``None``: no correction. ``banned`` [N, C]: negatives
+    removed from a row's softmax (the user's history, as in the history-masked full softmax). A
+    negative equal to the row's target (an accidental hit) is always removed.
+
+    ``label_smoothing`` eps: ``(1 - eps) * NLL(target) + eps * U`` where ``U`` estimates the mean of
+    ``-log p`` over the allowed catalogue by the self-normalised importance-weighted mean over the
+    candidates (weight 1 for the target, ``1 / E[count_j]`` for negative ``j``, 0 where removed). With
+    all items as negatives and no correction the loss *is* :func:`masked_sft_loss`."""
+    pos = pos_logits.float().view(-1, 1)
+    neg = neg_logits.float()
+    if neg.shape != (pos.shape[0], neg_items.shape[0]):
+        raise ValueError(f"neg_logits shape {tuple(neg.shape)} != [{pos.shape[0]}, {neg_items.shape[0]}]")
+    drop = neg_items.view(1, -1) == targets.view(-1, 1)
+    if banned is not None:
+        drop = drop | banned
+    if log_expected is not None:
+        neg = neg - log_expected.float().view(1, -1)
+    neg = neg.masked_fill(drop, float("-inf"))
+    logits = torch.cat([pos, neg], dim=1)
+    logp = torch.log_softmax(logits, dim=-1)
+    nll = -logp[:, 0]
+    if label_smoothing > 0:
+        w_neg = torch.ones_like(neg) if log_expected is None else torch.exp(-log_expected.float()).expand_as(neg)
+        w = torch.cat([torch.ones_like(pos), w_neg.masked_fill(drop, 0.0)], dim=1)
+        # -log p of a candidate under the (estimated) full softmax: log Z_hat - o; o uncorrected
+        raw = torch.cat([pos, neg_logits.float()], dim=1)
+        neglogp = (torch.logsumexp(logits, dim=-1, keepdim=True) - raw).masked_fill(w == 0, 0.0)
+        uniform = (w * neglogp).sum(dim=-1) / w.sum(dim=-1)
+        nll = (1.0 - label_smoothing) * nll + label_smoothing * uniform
+    return _normalise(nll.sum(), normalizer, nll.numel())
+
+
+def log_expected_counts(items: torch.Tensor, log_q: torch.Tensor, n_sampled: int,
+                        n_in_batch: int = 0, log_pop: torch.Tensor | None = None) -> torch.Tensor:
+    """``log E[count]`` of each of ``items`` among the negatives: ``n_sampled`` draws (with replacement)
+    from the sampler's distribution ``exp(log_q)`` [V] plus ``n_in_batch`` targets drawn from the
+    batch, whose marginal is the training targets' popularity ``exp(log_pop)`` [V] (Yi et al. 2019)."""
+    lq = log_q[items].float()
+    out = lq + math.log(n_sampled) if n_sampled > 0 else torch.full_like(lq, float("-inf"))
+    if n_in_batch > 0:
+        if log_pop is None:
+            raise ValueError("in-batch negatives need the targets' popularity (log_pop)")
+        out = torch.logaddexp(out, log_pop[items].float() + math.log(n_in_batch))
+    return out

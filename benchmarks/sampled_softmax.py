@@ -1,0 +1,157 @@
+"""Benchmark: sampled vs full softmax for base training on a real dataset (issue 15, item 2).
+
+    python benchmarks/sampled_softmax.py --data ../shared/data/ml-100k --config configs/ml-100k.yaml \
+        --out /work/scale/ss/ml-100k [--negatives 64 256 1024] [--seeds 0 1 2] [key=value ...]
+
+Same budget for both objectives (the config's epochs, schedule and early stopping; overrides apply to
+both). Plan, in this order (one JSON per run under ``--out/runs``; a run whose JSON exists is skipped,
+so the command resumes):
+
+1. seed 0: the full softmax and the sampled softmax at each ``--negatives`` value;
+2. the number of negatives with the best *validation* NDCG@10 at seed 0 is chosen;
+3. the other seeds: full and sampled (chosen negatives). The seed re-draws model init, batch order,
+   dropout and negatives (the leave-one-out split is not random).
+
+The report (``--out/report.json``, printed) has valid/test metrics per run, training time (wall, CPU)
+and tokens/s, and 95 % paired bootstrap CIs over test users (seeds averaged per user) of sampled - full
+for NDCG@10 and HR@10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from asft.env import configure_environment
+
+configure_environment()
+
+import numpy as np
+import torch
+
+from asft import stages
+from asft.config import load_config
+from asft.data.preprocess import ProcessedData
+from asft.evaluation import evaluate_table
+from asft.metrics import ndcg_per_user, paired_bootstrap
+from asft.models.recommender import load_recommender
+from asft.training.sft import train_base
+from asft.utils import write_json
+
+
+def cpu_seconds() -> float:
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(name: str, processed: Path, cfg, out: Path) -> dict:
+    path = out / "runs" / f"{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    work = out / "work" / name
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    summary = train_base(processed, cfg, work, resume=True, progress=False)
+    cpu_train, wall_train = cpu_seconds() - c0, time.perf_counter() - t0
+    model, _, _ = load_recommender(work / "best")
+    data = ProcessedData.open(processed)
+    valid = evaluate_table(model, data.table("valid"), cfg.eval.ks, True, cfg.eval.batch_size)
+    test = evaluate_table(model, data.table("test"), cfg.eval.ks, True, cfg.eval.batch_size)
+    rec = {
+        "name": name, "seed": cfg.seed, "softmax": summary["softmax"],
+        "train_cfg": cfg.train.model_dump(mode="json"), "model_cfg": cfg.model.model_dump(mode="json"),
+        "valid": valid.metrics, "test": test.metrics,
+        "test_ranks": test.ranks.astype(int).tolist(), "test_users": test.user_idx.astype(int).tolist(),
+        "best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"], "steps": summary["steps"],
+        "train_seconds": summary["train_seconds"], "eval_seconds": summary["eval_seconds"],
+        "tokens": summary["tokens"], "tokens_per_s": summary["tokens_per_s"],
+        "wall_seconds": wall_train, "cpu_seconds": cpu_train, "peak_rss_mb": peak_rss_mb(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    write_json(path, rec)
+    print(f"{name}: valid ndcg@10 {valid.metrics['ndcg@10']:.4f} test ndcg@10 {test.metrics['ndcg@10']:.4f} "
+          f"hr@10 {test.metrics['hr@10']:.4f} best epoch {summary['best_epoch']} train {summary['train_seconds']:.0f}s "
+          f"{summary['tokens_per_s']:.0f} tok/s", flush=True)
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--negatives", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--sampled", nargs="*", default=[], help="extra overrides of the sampled runs only")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of both objectives")
+    a = ap.parse_args()
+    out = Path(a.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    base = [*a.overrides, f"data.source={a.data}"]
+    cfg0 = load_config(a.config, base)
+    processed = out / "processed"
+    if not (processed / "stats.json").is_file() and not (out / "processed.done").is_file():
+        stages.stage_load(cfg0, out / "raw")
+        stages.stage_preprocess(out / "raw", cfg0, processed)
+        (out / "processed.done").write_text("ok")
+
+    def cfg_for(seed: int, k: int | None):
+        extra = ["train.softmax=full"] if k is None else ["train.softmax=sampled", f"train.negatives={k}", *a.sampled]
+        return load_config(a.config, [*base, f"seed={seed}", *extra])
+
+    s0 = a.seeds[0]
+    runs = {"full": [run_one(f"full-s{s0}", processed, cfg_for(s0, None), out)]}
+    tune = {k: run_one(f"sampled-k{k}-s{s0}", processed, cfg_for(s0, k), out) for k in a.negatives}
+    best_k = max(a.negatives, key=lambda k: tune[k]["valid"]["ndcg@10"])
+    runs["sampled"] = [tune[best_k]]
+    for s in a.seeds[1:]:
+        runs["full"].append(run_one(f"full-s{s}", processed, cfg_for(s, None), out))
+        runs["sampled"].append(run_one(f"sampled-k{best_k}-s{s}", processed, cfg_for(s, best_k), out))
+
+    def per_user(recs, metric):
+        ranks = np.array([r["test_ranks"] for r in recs], dtype=np.float64)
+        return ndcg_per_user(ranks, 10) if metric == "ndcg@10" else (ranks < 10).astype(np.float64)
+
+    cis = {m: paired_bootstrap(per_user(runs["sampled"], m), per_user(runs["full"], m), n_boot=2000, seed=0)
+           for m in ("ndcg@10", "hr@10")}
+
+    def summ(recs):
+        keys = ("ndcg@10", "hr@10", "ndcg@50", "hr@50", "mrr")
+        return {"test": {k: float(np.mean([r["test"][k] for r in recs])) for k in keys},
+                "test_sd": {k: float(np.std([r["test"][k] for r in recs])) for k in keys},
+                "valid_ndcg@10": float(np.mean([r["valid"]["ndcg@10"] for r in recs])),
+                "train_seconds": float(np.mean([r["train_seconds"] for r in recs])),
+                "cpu_seconds": float(np.mean([r["cpu_seconds"] for r in recs])),
+                "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in recs])),
+                "best_epoch": [r["best_epoch"] for r in recs], "epochs_run": [r["epochs_run"] for r in recs],
+                "seeds": [r["seed"] for r in recs]}
+
+    report = {
+        "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "note": "2-core VM, shared with other jobs"},
+        "tuning_valid_ndcg@10": {"full": runs["full"][0]["valid"]["ndcg@10"],
+                                 **{f"sampled k={k}": tune[k]["valid"]["ndcg@10"] for k in a.negatives}},
+        "chosen_negatives": best_k,
+        "full": summ(runs["full"]), "sampled": summ(runs["sampled"]),
+        "paired_bootstrap_sampled_minus_full": cis,
+    }
+    write_json(out / "report.json", report)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("command", "machine")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
