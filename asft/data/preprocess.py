@@ -147,74 +147,175 @@ def _windows(seq: np.ndarray, max_len: int, mode: str, stride: int = 0) -> list[
     return out
 
 
+def _factorize(col: pd.Series, sort: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 codes, uniques) of an id column; with ``sort`` the uniques are in string order (code point
+    order, as pandas/Python sort strings), so codes order like the strings."""
+    codes, uniques = pd.factorize(col, sort=sort)
+    return codes.astype(np.int64, copy=False), np.asarray(uniques, dtype=object)
+
+
+def _list_array(offsets: np.ndarray, values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32, copy=False)),
+                                    pa.array(values, type=value_type))
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + n)`` for each (s, n): the gather index of contiguous slices."""
+    lengths = lengths.astype(np.int64, copy=False)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    shift = np.repeat(starts.astype(np.int64) - (np.cumsum(lengths) - lengths), lengths)
+    return np.arange(total, dtype=np.int64) + shift
+
+
+def window_bounds(n: np.ndarray, max_len: int, mode: str, stride: int = 0) -> tuple[np.ndarray, ...]:
+    """The training windows of sequences with ``n`` training events, vectorised over sequences.
+
+    Returns ``(owner, start, end, first_label)``: window ``k`` is ``train_seq[start:end]`` of sequence
+    ``owner[k]``, in sequence order then window order -- the same windows, in the same order, as
+    :func:`_windows` (windows shorter than 2 tokens are left out, as preprocessing drops them)."""
+    w = max_len + 1
+    n = np.asarray(n, dtype=np.int64)
+    stride = max_len if stride <= 0 else min(stride, max_len)
+    long = n > w
+    if mode == "last":
+        count = np.ones(len(n), dtype=np.int64)
+    else:
+        count = np.where(long, 1 + (n - w + stride - 1) // stride, 1)
+    owner = np.repeat(np.arange(len(n), dtype=np.int64), count)
+    j = np.arange(len(owner), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
+    nn = n[owner]
+    lo = long[owner]
+    if mode == "last":
+        end = nn
+        start = np.where(lo, nn - w, 0)
+        first = np.zeros(len(owner), dtype=np.int64)
+    else:
+        end = np.where(lo, np.where(j == 0, w, np.minimum(nn, w + j * stride)), nn)
+        start = np.where(lo, end - w, 0)
+        first = np.where(lo & (j > 0), (w + (j - 1) * stride) - start - 1, 0)
+    keep = (end - start) >= 2
+    return owner[keep], start[keep], end[keep], first[keep]
+
+
 def preprocess(data: InteractionData, cfg: PreprocessConfig, out_dir: str | Path,
                validate_fn: Callable[[Path], None] | None = None) -> dict:
     """Run the whole preprocessing and write :data:`OUTPUT_FILES` atomically into ``out_dir``.
 
-    ``validate_fn(tmp_dir)`` runs on the complete output before it is published; if it raises,
-    nothing is written.
+    Vectorised (numpy over integer codes of the ids, Arrow list arrays built from offsets); no Python
+    loop over users or events. ``validate_fn(tmp_dir)`` runs on the complete output before it is
+    published; if it raises, nothing is written.
     """
     df = data.interactions
+    if df[TS].dtype != np.int64:
+        raise DataFormatError("<interactions>", f"timestamp must be int64, got {df[TS].dtype}", column=TS)
     n_raw = len(df)
-    users_raw = df[USER].nunique()
-    items_raw = df[ITEM].nunique()
-    df = order_events(df)
-    if cfg.dedupe_consecutive:
-        same = (df[USER] == df[USER].shift()) & (df[ITEM] == df[ITEM].shift())
-        df = df[~same]
-    df = kcore_filter(df, cfg.user_core, cfg.item_core)
-    ucount = df[USER].map(df[USER].value_counts())
-    short_users = int(df.loc[ucount < cfg.min_user_events, USER].nunique())
-    df = df[ucount >= cfg.min_user_events].reset_index(drop=True)
-    if df.empty:
+    # users in string order (user_idx follows it); items in order of first appearance after sorting
+    ucode, user_names = _factorize(df[USER], sort=True)
+    icode, item_names = _factorize(df[ITEM], sort=False)
+    users_raw, items_raw = len(user_names), len(item_names)
+    ts = df[TS].to_numpy(dtype=np.int64)
+    # sort by user, then timestamp; lexsort is stable, so ties keep the source row order
+    order = np.lexsort((ts, ucode))
+    ucode, icode, ts = ucode[order], icode[order], ts[order]
+    has_rating_col = RATING in df.columns
+    rating = df[RATING].to_numpy(dtype=np.float64, na_value=np.nan)[order] if has_rating_col else None
+    del order
+
+    def keep_rows(mask: np.ndarray) -> None:
+        nonlocal ucode, icode, ts, rating
+        ucode, icode, ts = ucode[mask], icode[mask], ts[mask]
+        if rating is not None:
+            rating = rating[mask]
+
+    if cfg.dedupe_consecutive and len(ucode) > 1:
+        same = np.zeros(len(ucode), dtype=bool)
+        same[1:] = (ucode[1:] == ucode[:-1]) & (icode[1:] == icode[:-1])
+        keep_rows(~same)
+    if cfg.user_core > 1 or cfg.item_core > 1:  # k-core: iterated to a fixed point (at most 100 rounds)
+        for _ in range(100):
+            n = len(ucode)
+            if cfg.item_core > 1:
+                keep_rows(np.bincount(icode, minlength=items_raw)[icode] >= cfg.item_core)
+            if cfg.user_core > 1:
+                keep_rows(np.bincount(ucode, minlength=users_raw)[ucode] >= cfg.user_core)
+            if len(ucode) == n:
+                break
+    ucount = np.bincount(ucode, minlength=users_raw)
+    short_users = int(((ucount > 0) & (ucount < cfg.min_user_events)).sum())
+    keep_rows(ucount[ucode] >= cfg.min_user_events)
+    if len(ucode) == 0:
         raise DataFormatError(
             data.source or "<interactions>",
             f"no user has at least {cfg.min_user_events} events after filtering; nothing to train on",
         )
-    # filtering may have dropped rows but never reorders them: df is still sorted by user, ts, _row.
+    n_events = len(ucode)
 
-    vocab = ItemVocab(items=_natural_key(df[ITEM].unique().tolist()))
-    tokens = vocab.encode(df[ITEM].to_numpy())
-    has_rating = RATING in df.columns and df[RATING].notna().any()
-    ratings = df[RATING].to_numpy(dtype=np.float32) if has_rating else None
-    ts = df[TS].to_numpy(dtype=np.int64)
+    # vocabulary: natural order of the raw ids (ties of equal integers keep first appearance)
+    present, first_seen = np.unique(icode, return_index=True)
+    present = present[np.argsort(first_seen, kind="stable")]
+    vocab = ItemVocab(items=_natural_key([str(x) for x in item_names[present]]))
+    token_of = np.zeros(items_raw, dtype=np.int64)
+    token_of[present] = vocab.encode(item_names[present])
+    tokens = token_of[icode]
+    del icode, token_of
+    has_rating = rating is not None and bool(np.any(~np.isnan(rating)))
+    ratings = rating.astype(np.float32) if has_rating else None
+    del rating
 
-    users = df[USER].to_numpy()
-    boundaries = np.flatnonzero(users[1:] != users[:-1]) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [len(df)]])
-    user_ids = users[starts].astype(str)
-
-    seq_rows, train_rows, valid_rows, test_rows = [], [], [], []
+    change = np.flatnonzero(ucode[1:] != ucode[:-1]) + 1
+    starts = np.concatenate([[0], change]).astype(np.int64)
+    ends = np.concatenate([change, [n_events]]).astype(np.int64)
+    lengths = ends - starts
+    user_ids = user_names[ucode[starts]].astype(str)
+    n_users = len(starts)
+    del ucode
     L = cfg.max_len
-    for uidx, (s, e) in enumerate(zip(starts, ends)):
-        seq = tokens[s:e]
-        seq_rows.append(
+    offsets = np.concatenate([[0], ends])
+    uidx = np.arange(n_users, dtype=np.int32)
+
+    seq_table = pa.table(
+        {
+            "user_id": pa.array(user_ids, type=pa.string()),
+            "user_idx": pa.array(uidx),
+            "items": _list_array(offsets, tokens.astype(np.int32), pa.int32()),
+            "ratings": _list_array(offsets, ratings, pa.float32()) if ratings is not None
+            else pa.nulls(n_users, pa.list_(pa.float32())),
+            "timestamps": _list_array(offsets, ts, pa.int64()),
+        }
+    )
+    del ts
+
+    owner, w_start, w_end, first = window_bounds(lengths - 2, L, cfg.train_windows, cfg.window_stride)
+    w_len = w_end - w_start
+    train_table = pa.table(
+        {
+            "user_idx": pa.array(owner.astype(np.int32)),
+            "tokens": _list_array(np.concatenate([[0], np.cumsum(w_len)]),
+                                  tokens[_ranges(starts[owner] + w_start, w_len)].astype(np.int32), pa.int32()),
+            "first_label": pa.array(first.astype(np.int32)),
+        }
+    )
+    n_windows = len(owner)
+    del owner, w_start, w_end, first, w_len
+
+    def held_out(back: int) -> pa.Table:
+        t = lengths - back  # position of the target in each sequence
+        hist_off = np.concatenate([[0], np.cumsum(t)])
+        in_len = np.minimum(t, L)
+        return pa.table(
             {
-                "user_id": str(user_ids[uidx]),
-                "user_idx": uidx,
-                "items": seq.astype(np.int32),
-                "ratings": None if ratings is None else ratings[s:e],
-                "timestamps": ts[s:e],
+                "user_idx": pa.array(uidx),
+                "input": _list_array(np.concatenate([[0], np.cumsum(in_len)]),
+                                     tokens[_ranges(starts + t - in_len, in_len)].astype(np.int32), pa.int32()),
+                "target": pa.array(tokens[starts + t].astype(np.int32)),
+                "target_rating": pa.array(ratings[starts + t] if ratings is not None
+                                          else np.full(n_users, np.nan, dtype=np.float32)),
+                "history": _list_array(hist_off, tokens[_ranges(starts, t)].astype(np.int32), pa.int32()),
             }
         )
-        train_seq = seq[:-2]
-        for win, first in _windows(train_seq, L, cfg.train_windows, cfg.window_stride):
-            if len(win) >= 2:
-                train_rows.append({"user_idx": uidx, "tokens": win.astype(np.int32), "first_label": first})
-        for rows, t in ((valid_rows, len(seq) - 2), (test_rows, len(seq) - 1)):
-            hist = seq[:t]
-            rows.append(
-                {
-                    "user_idx": uidx,
-                    "input": hist[-L:].astype(np.int32),
-                    "target": int(seq[t]),
-                    "target_rating": float(ratings[s + t]) if ratings is not None else float("nan"),
-                    "history": hist.astype(np.int32),
-                }
-            )
 
-    lengths = ends - starts
     item_counts = np.bincount(tokens, minlength=vocab.size)[NUM_SPECIAL:]
     stats = {
         "source": data.source,
@@ -222,47 +323,30 @@ def preprocess(data: InteractionData, cfg: PreprocessConfig, out_dir: str | Path
         "raw_events": int(n_raw),
         "raw_users": int(users_raw),
         "raw_items": int(items_raw),
-        "events": len(df),
-        "users": len(starts),
+        "events": int(n_events),
+        "users": int(n_users),
         "items": int(vocab.n_items),
         "vocab_size": int(vocab.size),
         "dropped_short_users": short_users,
         "min_user_events": cfg.min_user_events,
         "train_events": int((lengths - 2).sum()),
-        "train_windows": len(train_rows),
+        "train_windows": int(n_windows),
         "mean_history": float(lengths.mean()),
         "median_history": float(np.median(lengths)),
         "max_history": int(lengths.max()),
-        "density": float(len(df) / (len(starts) * vocab.n_items)),
+        "density": float(n_events / (n_users * vocab.n_items)),
         "has_ratings": bool(has_rating),
         "max_len": L,
         "top_item_share": float(item_counts.max() / item_counts.sum()),
     }
 
-    seq_schema = pa.schema(
-        [
-            ("user_id", pa.string()),
-            ("user_idx", pa.int32()),
-            ("items", pa.list_(pa.int32())),
-            ("ratings", pa.list_(pa.float32())),
-            ("timestamps", pa.list_(pa.int64())),
-        ]
-    )
-    eval_schema = pa.schema(
-        [
-            ("user_idx", pa.int32()),
-            ("input", pa.list_(pa.int32())),
-            ("target", pa.int32()),
-            ("target_rating", pa.float32()),
-            ("history", pa.list_(pa.int32())),
-        ]
-    )
-    train_schema = pa.schema([("user_idx", pa.int32()), ("tokens", pa.list_(pa.int32())), ("first_label", pa.int32())])
     with atomic_dir(out_dir) as tmp:
-        pq.write_table(pa.Table.from_pylist(seq_rows, schema=seq_schema), tmp / "sequences.parquet")
-        pq.write_table(pa.Table.from_pylist(train_rows, schema=train_schema), tmp / "train.parquet")
-        pq.write_table(pa.Table.from_pylist(valid_rows, schema=eval_schema), tmp / "valid.parquet")
-        pq.write_table(pa.Table.from_pylist(test_rows, schema=eval_schema), tmp / "test.parquet")
+        pq.write_table(seq_table, tmp / "sequences.parquet")
+        del seq_table
+        pq.write_table(train_table, tmp / "train.parquet")
+        del train_table
+        pq.write_table(held_out(2), tmp / "valid.parquet")
+        pq.write_table(held_out(1), tmp / "test.parquet")
         vocab.save(tmp / "vocab.json")
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
         if data.items is not None:
@@ -295,13 +379,18 @@ class ProcessedData:
 
     def train_windows(self) -> list[tuple[np.ndarray, int]]:
         t = pq.read_table(self.root / "train.parquet", columns=["tokens", "first_label"])
-        return [(np.asarray(x, dtype=np.int64), int(f))
-                for x, f in zip(t.column("tokens").to_pylist(), t.column("first_label").to_pylist())]
+        tok = t.column("tokens").combine_chunks()
+        offsets = tok.offsets.to_numpy().astype(np.int64)
+        values = tok.values.to_numpy(zero_copy_only=False).astype(np.int64)[offsets[0]:offsets[-1]]
+        parts = np.split(values, offsets[1:-1] - offsets[0])
+        return list(zip(parts, t.column("first_label").to_numpy().astype(int).tolist()))
 
     def item_popularity(self) -> np.ndarray:
         """Training-event count per token (special tokens 0)."""
-        seqs = self.table("sequences")
-        counts = np.zeros(self.vocab.size, dtype=np.int64)
-        for items in seqs["items"]:
-            np.add.at(counts, np.asarray(items[:-2], dtype=np.int64), 1)
-        return counts
+        items = pq.read_table(self.root / "sequences.parquet", columns=["items"]).column("items").combine_chunks()
+        offsets = items.offsets.to_numpy().astype(np.int64)
+        values = items.values.to_numpy(zero_copy_only=False).astype(np.int64)
+        n = np.diff(offsets)
+        pos = np.arange(offsets[-1] - offsets[0]) - np.repeat(offsets[:-1] - offsets[0], n)
+        train = values[offsets[0]:offsets[-1]][pos < np.repeat(n - 2, n)]  # items[:-2] of each user
+        return np.bincount(train, minlength=self.vocab.size).astype(np.int64)
