@@ -584,6 +584,11 @@ class OrchestrationConfig(_Section):
     """How the Prefect flow runs its stages: concurrency of independent stages and time limits."""
 
     max_parallel: int = Field(2, ge=1, description="Independent stages (the post-training methods, the lambda"
+    serve_max_rows: int = Field(1024, ge=1, description="Most rows (histories) one request to a served model may"
+                                " carry; a larger request is refused with HTTP 400.")
+    serve_max_history: int = Field(10_000, ge=1, description="Most item ids in one history (or candidate list) of"
+                                   " a request to a served model (HTTP 400 above it); the recommender reads only"
+                                   " the last `preprocess.max_len` of them.")
                               " sweep, reward ensemble vs judge) run concurrently, at most this many at once, each"
                               " in its own process; 1 = one after another in the flow's process.")
     data_timeout_s: float = Field(1800, gt=0, description="Time limit of a data stage (ingest, preprocess,"

@@ -32,7 +32,7 @@ from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, M
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types.schema import Array, ColSpec, Schema
+from mlflow.types.schema import AnyType, Array, ColSpec, Schema
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from asft.data.preprocess import ItemVocab
@@ -62,12 +62,16 @@ def _conda_env() -> dict:
 
 
 def serving_signature(kind: str) -> ModelSignature:
-    """recommender: (history, k?) -> (items, scores, unknown_items); reward: (history, items) ->
-    (mean, std, pessimistic); every id list an array of strings."""
+    """recommender: (history, k? a whole number) -> (items, scores, unknown_items, fallback?); reward: (history, items)
+    -> (mean, std, pessimistic); every id list an array of strings. ``fallback`` is ``"popular"`` on a
+    cold-start answer (no history item in the catalog: the most popular training items), else null."""
     if kind == "recommender":
-        inputs = Schema([ColSpec(Array("string"), "history"), ColSpec("long", "k", required=False)])
+        # k is declared Any and checked by the model (a whole number >= 1, else HTTP 400): as "long"
+        # MLflow would truncate 2.5 to 2 and refuse a batch where only some rows give k; as "double"
+        # it would refuse Python ints
+        inputs = Schema([ColSpec(Array("string"), "history"), ColSpec(AnyType(), "k", required=False)])
         outputs = Schema([ColSpec(Array("string"), "items"), ColSpec(Array("double"), "scores"),
-                          ColSpec(Array("string"), "unknown_items")])
+                          ColSpec(Array("string"), "unknown_items"), ColSpec("string", "fallback", required=False)])
     elif kind == "reward":
         inputs = Schema([ColSpec(Array("string"), "history"), ColSpec(Array("string"), "items")])
         outputs = Schema([ColSpec(Array("double"), c) for c in ("mean", "std", "pessimistic")])
@@ -102,18 +106,64 @@ def input_example(kind: str, model_dir: str | Path, k: int = 10) -> pd.DataFrame
     return pd.DataFrame(row).set_axis(pd.Index(list(row), dtype=object), axis=1)
 
 
-def save_serving_model(kind: str, model_dir: str | Path, dst: str | Path, k: int = 10) -> Path:
+SERVING_MAX_ROWS, SERVING_MAX_HISTORY = 1024, 10_000  # defaults of registry.serve_max_rows / serve_max_history
+
+
+def serving_description(kind: str, k: int = 10, max_rows: int | None = SERVING_MAX_ROWS,
+                        max_history: int | None = SERVING_MAX_HISTORY) -> str:
+    """What the served model answers, its cold-start fallback and its bounds (saved in the MLmodel's
+    metadata and used as the registered version's description)."""
+    bounds = (f" At most {max_rows} rows per request and {max_history} ids per list; client errors"
+              " (k < 1 or not an integer, malformed or missing columns, over the bounds"
+              + (", unknown candidate items" if kind == "reward" else "") + ") are HTTP 400 with the reason.")
+    if kind == "recommender":
+        return (f"Generative recommender post-trained with A-SFT; pyfunc: rows {{history: [item ids], k?}} -> "
+                f"{{items, scores (log-probabilities), unknown_items, fallback}} (default k={k}; history items"
+                " never recommended; unknown ids ignored and listed). Cold start: a history with no catalog item"
+                " gets the most popular training items (not in the history), scored by smoothed log-popularity,"
+                " with fallback='popular' (null otherwise)." + bounds)
+    if kind == "reward":
+        return ("Bradley-Terry reward ensemble; pyfunc: rows {history, items} -> {mean, std, pessimistic}"
+                " reward of each candidate item." + bounds)
+    raise ValueError(f"serving model kind must be one of {KINDS}, got {kind!r}")
+
+
+def write_popularity(model_dir: str | Path, processed_dir: str | Path, dst: str | Path) -> Path:
+    """The cold-start fallback: training-event count per catalog item from the processed data the
+    model was trained on (``ProcessedData.item_popularity``), as ``popularity.json``."""
+    from asft.data.preprocess import ProcessedData
+    from asft.serving import Popularity
+
+    data = ProcessedData.open(processed_dir)
+    if data.vocab.items != catalog(model_dir):
+        raise ValueError(f"{model_dir}: its catalog is not the one of {processed_dir}; the popularity fallback"
+                         " must come from the data the model was trained on")
+    return Popularity.from_counts(data.vocab, data.item_popularity()).save(dst)
+
+
+def save_serving_model(kind: str, model_dir: str | Path, dst: str | Path, k: int = 10,
+                       processed_dir: str | Path | None = None, max_rows: int | None = SERVING_MAX_ROWS,
+                       max_history: int | None = SERVING_MAX_HISTORY) -> Path:
     """A pyfunc model directory for ``kind`` ('recommender' or 'reward') around a saved model, with
-    its signature and an input example (validated by MLflow against the model when saved)."""
+    its signature, an input example (validated by MLflow against the model when saved), its request
+    bounds and a description in the MLmodel metadata. A recommender needs ``processed_dir``, the
+    processed data it was trained on: its item popularity is packaged as the cold-start fallback."""
     signature = serving_signature(kind)
     example = input_example(kind, model_dir, k)
     dst = Path(dst)
     if dst.exists():
         shutil.rmtree(dst)
-    mlflow.pyfunc.save_model(
-        path=str(dst), python_model=str(PYFUNC_CODE), artifacts={"model": str(model_dir)},
-        model_config={"kind": kind, "k": k}, code_paths=[str(CORE)], signature=signature, input_example=example,
-        conda_env=_conda_env())
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = {"model": str(model_dir)}
+        if kind == "recommender":
+            from asft.serving import POPULARITY_FILE
+
+            artifacts["popularity"] = str(write_popularity(model_dir, processed_dir, Path(tmp) / POPULARITY_FILE))
+        mlflow.pyfunc.save_model(
+            path=str(dst), python_model=str(PYFUNC_CODE), artifacts=artifacts,
+            model_config={"kind": kind, "k": k, "max_rows": max_rows, "max_history": max_history},
+            code_paths=[str(CORE)], signature=signature, input_example=example, conda_env=_conda_env(),
+            metadata={"description": serving_description(kind, k, max_rows, max_history)})
     return dst
 
 
@@ -123,6 +173,8 @@ def alias_version(client: MlflowClient, name: str, alias: str):
     except MlflowException:
         return None
 
+    if kind == "recommender" and processed_dir is None:
+        raise ValueError("a served recommender needs processed_dir (its cold-start popularity fallback)")
 
 def _ensure_registered(client: MlflowClient, name: str, description: str) -> None:
     try:

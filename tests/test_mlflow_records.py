@@ -204,7 +204,7 @@ def test_logged_model_registered_from_itself_without_warnings(store, policy, pro
     caplog.set_level(logging.WARNING)
     with warnings.catch_warnings(record=True) as recorded:
         warnings.simplefilter("always")
-        local = registry.save_serving_model("recommender", policy, tmp_path / "serving", k=4)
+        local = registry.save_serving_model("recommender", policy, tmp_path / "serving", k=4, processed_dir=processed)
         version = registry.register_version(
             client, "rec-test", parent.run_id, local, "recommender", {"method": "asft", "dvc.processed.md5": md5},
             "test recommender", metrics={f"posttrain/asft/valid/{k}": v for k, v in valid.items()},
@@ -243,7 +243,7 @@ def test_logged_model_registered_from_itself_without_warnings(store, policy, pro
     assert registry.download_model_dir(client, version, tmp_path / "dl2").joinpath("model.safetensors").is_file()
 
     # the next version: a new LoggedModel of the run, listing its own version
-    local2 = registry.save_serving_model("recommender", policy, tmp_path / "serving2", k=4)
+    local2 = registry.save_serving_model("recommender", policy, tmp_path / "serving2", k=4, processed_dir=processed)
     v2 = registry.register_version(client, "rec-test", parent.run_id, local2, "recommender", {}, "test recommender")
     model2 = client.get_logged_model(v2.source.removeprefix("models:/"))
     assert str(v2.version) == "2" and model2.model_id != model_id

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import pandas as pd
 import pytest
 
 from asft import datastore
@@ -143,25 +142,8 @@ def test_recommender_top_k(saved_model):
         rec.recommend([["nope"]])
 
 
-def test_pyfunc_model_serves_top_k(saved_model, tmp_path):
-    import mlflow
-
-    from tasks.registry import save_serving_model
-
-    path = save_serving_model("recommender", saved_model, tmp_path / "pyfunc", k=4)
-    assert not list(path.rglob("*.pkl"))  # models-from-code: no pickle
-    model = mlflow.pyfunc.load_model(str(path))
-    # signature and input example saved with it: the example is a request the model answers
-    mlmodel = mlflow.models.Model.load(str(path))
-    example = mlmodel.load_input_example(str(path))
-    assert [c.name for c in mlmodel.signature.inputs.inputs] == ["history", "k"]
-    assert example["history"][0] == [f"m{i}" for i in range(5)] and len(model.predict(example)["items"][0]) == 4
-    pred = model.predict(pd.DataFrame({"history": [["m1", "m2"], ["m5"]], "k": [3, 2]}))
-    assert [len(x) for x in pred["items"]] == [3, 2]
-    pred = model.predict(pd.DataFrame({"history": [["m1", "m2"]]}))  # default k
-    assert len(pred["items"][0]) == 4
-    with pytest.raises(mlflow.exceptions.MlflowException, match="no item"):
-        model.predict(pd.DataFrame({"history": [["unknown"]]}))
+# The packaged pyfunc model (signature, input example, cold-start fallback, HTTP errors through the
+# scoring server) is tested in tests/test_serving.py.
 
 
 # -- audit comparison ------------------------------------------------------------------------------------------
