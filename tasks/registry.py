@@ -12,11 +12,26 @@ on the metrics, and the dataset they were measured on), then registered from it 
 ``models:/<model_id>``; the LoggedModel's tag ``mlflow.modelVersions`` points back). Every retrain
 registers one version of each; the gate (:mod:`asft.promotion`) decides whether the pair gets alias
 ``champion`` or ``challenger``, and the reason is stored on the versions and on the retrain's run.
+
+Products: the registered names are scoped to the run's product (:func:`model_names`:
+``asft-recommender-<product>``, ``asft-reward-<product>``): one registered model, one version history
+and one ``champion`` alias per product, tagged with the product and its catalog fingerprint. A separate
+registered model per product rather than one model with per-product aliases or tags: a registered
+model is MLflow's unit of lineage (versions, aliases, ``models:/NAME@champion`` URIs, permissions), so
+each product is served, listed and secured on its own and no alias lookup can cross products.
+
+The gate (:func:`promotion_gate`) is one critical section per product: read the champion, evaluate,
+register, move the alias. Against a Prefect server it is a Prefect global concurrency limit of one slot
+(``asft-promotion-gate-<registered name>``), held under a lease that the holder renews and that the
+server's repossessor revokes when the holder dies, so it holds across machines sharing the Prefect and
+MLflow servers and never leaks; with a local SQLite store (each ``retrain`` on its own ephemeral Prefect
+server) it is a file lock next to the store.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -37,6 +52,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from asft.data.preprocess import ItemVocab
 from asft.models.recommender import VOCAB_FILE
+from asft.promotion import catalog_fingerprint, product_name, registered_name
 
 SOURCE_TAGS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit",
                "mlflow.source.git.branch", "mlflow.source.git.repoURL")
@@ -150,6 +166,8 @@ def save_serving_model(kind: str, model_dir: str | Path, dst: str | Path, k: int
     processed data it was trained on: its item popularity is packaged as the cold-start fallback."""
     signature = serving_signature(kind)
     example = input_example(kind, model_dir, k)
+    if kind == "recommender" and processed_dir is None:
+        raise ValueError("a served recommender needs processed_dir (its cold-start popularity fallback)")
     dst = Path(dst)
     if dst.exists():
         shutil.rmtree(dst)
@@ -173,12 +191,12 @@ def alias_version(client: MlflowClient, name: str, alias: str):
     except MlflowException:
         return None
 
-    if kind == "recommender" and processed_dir is None:
-        raise ValueError("a served recommender needs processed_dir (its cold-start popularity fallback)")
 
-def _ensure_registered(client: MlflowClient, name: str, description: str) -> None:
+def _ensure_registered(client: MlflowClient, name: str, description: str, tags: dict | None = None) -> None:
+    """Create registered model ``name`` (with ``tags``, e.g. its product and catalog) unless it exists."""
     try:
-        client.create_registered_model(name, description=description)
+        client.create_registered_model(name, tags={k: str(v) for k, v in (tags or {}).items()},
+                                       description=description)
     except MlflowException as e:
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
             raise
@@ -259,10 +277,12 @@ def _default_tracking_uri(uri: str):
                 os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
-def register_logged_model(client: MlflowClient, name: str, model: LoggedModel, tags: dict, description: str):
-    """Register ``model`` as a new version of ``name`` (created if needed): source ``models:/<model_id>``,
-    the run that logged it, and the version listed on the LoggedModel (tag ``mlflow.modelVersions``)."""
-    _ensure_registered(client, name, description)
+def register_logged_model(client: MlflowClient, name: str, model: LoggedModel, tags: dict, description: str,
+                          model_tags: dict | None = None):
+    """Register ``model`` as a new version of ``name`` (created if needed, tagged ``model_tags``): source
+    ``models:/<model_id>``, the run that logged it, and the version listed on the LoggedModel (tag
+    ``mlflow.modelVersions``)."""
+    _ensure_registered(client, name, description, model_tags)
     with _default_tracking_uri(client.tracking_uri):
         version = client.create_model_version(name, f"models:/{model.model_id}", run_id=model.source_run_id,
                                               tags={k: str(v) for k, v in tags.items()}, model_id=model.model_id)
@@ -275,11 +295,12 @@ def register_logged_model(client: MlflowClient, name: str, model: LoggedModel, t
 
 def register_version(client: MlflowClient, name: str, run_id: str, local_model: Path, artifact_path: str,
                      tags: dict, description: str, *, metrics: dict[str, float] | None = None,
-                     dataset: tuple[str, str] | None = None):
+                     dataset: tuple[str, str] | None = None, model_tags: dict | None = None):
     """Log a saved pyfunc directory to ``run_id`` as LoggedModel ``artifact_path`` (tagged ``tags``,
-    linked to ``metrics`` measured on ``dataset``) and register it as a new version of ``name``."""
+    linked to ``metrics`` measured on ``dataset``) and register it as a new version of ``name`` (a new
+    registered model is tagged ``model_tags``)."""
     model = log_saved_model(client, run_id, local_model, artifact_path, tags=tags, metrics=metrics, dataset=dataset)
-    return register_logged_model(client, name, model, tags, description)
+    return register_logged_model(client, name, model, tags, description, model_tags)
 
 
 def download_model_dir(client: MlflowClient, version, dst: str | Path) -> Path:
@@ -297,6 +318,95 @@ def download_model_dir(client: MlflowClient, version, dst: str | Path) -> Path:
 
 def same_catalog(model_dir: str | Path, processed_dir: str | Path) -> bool:
     return ItemVocab.load(Path(model_dir) / VOCAB_FILE).items == ItemVocab.load(processed_dir).items
+
+
+def catalog_of(path: str | Path) -> tuple[str, int]:
+    """(fingerprint, number of items) of a processed dataset's or a saved model's catalog."""
+    path = Path(path)
+    vocab = ItemVocab.load(path / VOCAB_FILE if (path / VOCAB_FILE).is_file() else path)
+    return catalog_fingerprint(vocab.items), len(vocab.items)
+
+
+def model_names(cfg, processed_dir: str | Path) -> dict[str, str]:
+    """The run's product and its registered names: ``product``, ``recommender``, ``reward``,
+    ``catalog`` (fingerprint) and ``items``."""
+    fp, n = catalog_of(processed_dir)
+    rc = cfg.registry
+    product = product_name(rc.product, cfg.data.source, fp)
+    return {"product": product, "recommender": registered_name(rc.recommender_model, product),
+            "reward": registered_name(rc.reward_model, product), "catalog": fp, "items": str(n)}
+
+
+GATE_PREFIX = "asft-promotion-gate-"
+
+
+def prefect_server_url() -> str | None:
+    """The Prefect API this process talks to when it is a server (``PREFECT_API_URL``); None when each
+    process runs its own ephemeral server."""
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url or None
+
+
+def ensure_gate_limit(name: str) -> None:
+    """Create the global concurrency limit ``name`` with one slot, active (a limit someone changed is set
+    back: the gate is only a gate with exactly one slot). Creation races are harmless: names are unique."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:
+                pass
+            return
+        if limit.limit != 1 or not limit.active:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=1, active=True))
+
+
+@contextlib.contextmanager
+def promotion_gate(tracking_uri: str, lineage: str, timeout_s: float | None = None, lease_s: float = 120):
+    """One promotion at a time for registered model ``lineage``; yields how it is held.
+
+    - Prefect server (``PREFECT_API_URL``): the global concurrency limit ``asft-promotion-gate-<lineage>``
+      (one slot, created if missing), acquired within ``timeout_s`` under a ``lease_s`` lease renewed in
+      the background; a failed renewal cancels the holder (``raise_on_lease_renewal_failure``) rather
+      than let two gates run. Holds across machines.
+    - A local SQLite MLflow store: a file lock next to it (all writers are on this machine); also taken
+      under a Prefect server, so runs that use an ephemeral server on the same store are serialised too.
+    - An MLflow server without a Prefect server: a file lock in ``PREFECT_HOME`` (this machine's flows only;
+      across machines, point them at one Prefect server).
+    """
+    from tasks.tracking import store_lock
+
+    held = []
+    with contextlib.ExitStack() as stack:
+        if prefect_server_url():
+            from prefect.concurrency.sync import concurrency
+
+            name = GATE_PREFIX + lineage
+            ensure_gate_limit(name)
+            stack.enter_context(concurrency(name, timeout_seconds=timeout_s, lease_duration=lease_s, strict=True,
+                                            raise_on_lease_renewal_failure=True))
+            held.append(f"prefect global concurrency limit {name}")
+        if tracking_uri.startswith("sqlite:///"):
+            stack.enter_context(store_lock(tracking_uri, f"registry.{lineage}"))
+            held.append("file lock next to the store")
+        elif not held:
+            from filelock import FileLock
+            from prefect.settings import get_current_settings
+
+            home = Path(os.environ.get("PREFECT_HOME") or get_current_settings().home) / "locks"
+            home.mkdir(parents=True, exist_ok=True)
+            key = hashlib.sha256(f"{tracking_uri}|{lineage}".encode()).hexdigest()[:16]
+            stack.enter_context(FileLock(str(home / f"promotion-gate-{key}.lock"),
+                                         timeout=-1 if timeout_s is None else timeout_s))
+            held.append("file lock in PREFECT_HOME (this machine only)")
+        yield " + ".join(held)
 
 
 def champion_base(client: MlflowClient, name: str, base_key: str, dst: str | Path) -> dict | None:

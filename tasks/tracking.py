@@ -98,9 +98,15 @@ def setup_experiment(cfg: Config) -> tuple[str, str]:
         client.search_experiments(max_results=1)
         exp = client.get_experiment_by_name(cfg.tracking.experiment)
         if exp is None:
-            exp_id = client.create_experiment(cfg.tracking.experiment,
-                                              artifact_location=default_artifact_root(cfg, uri),
-                                              tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            try:
+                exp_id = client.create_experiment(cfg.tracking.experiment,
+                                                  artifact_location=default_artifact_root(cfg, uri),
+                                                  tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            except mlflow.exceptions.MlflowException as e:  # a concurrent retrain created it first (a server)
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                exp = client.get_experiment_by_name(cfg.tracking.experiment)
+                exp_id = exp.experiment_id
         else:
             exp_id = exp.experiment_id
             if EXPERIMENT_KIND_TAG not in exp.tags:  # an experiment from before; a kind set by a user stays
@@ -301,34 +307,77 @@ def log_recommendation_sample(run: TrackedRun, frame, artifact_file: str = RECOM
     run.client.log_table(run.run_id, data=frame.astype(text), artifact_file=artifact_file)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+PREFECT_FLOW_RUN_TAG = "prefect.flow_run_id"
+
+
+def close_run_tree(client: MlflowClient, parent_run_id: str, status: str, reason: str) -> list[str]:
+    """Mark a retrain's parent run and its stage runs still RUNNING as ``status`` (FAILED or KILLED), each
+    tagged ``terminated_reason``; the parent also when it already ended FAILED (a crash or cancellation
+    after the flow recorded a failed stage ends KILLED, with the reason). Returns the runs changed."""
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                  "attributes.status = 'RUNNING'", max_results=1000)
+    changed = []
+    for c in children:
+        client.set_tag(c.info.run_id, "terminated_reason", reason[:5000])
+        client.set_terminated(c.info.run_id, status)
+        changed.append(c.info.run_id)
+    if parent.info.status == "RUNNING" or (parent.info.status == "FAILED" and status == "KILLED"):
+        client.set_tag(parent_run_id, "terminated_reason", reason[:5000])
+        client.set_terminated(parent_run_id, status)
+        changed.append(parent_run_id)
+    return changed
+
+
+def _flow_run_states(flow_run_ids: list[str]) -> dict[str, Any]:
+    """{flow run id: its current state} for the ids this process's Prefect API knows (a run recorded by
+    another Prefect server is absent: nothing can be said about it from here)."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    ids = []
+    for i in flow_run_ids:
+        try:
+            ids.append(UUID(i))
+        except ValueError:
+            continue
+    if not ids:
+        return {}
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=len(ids))
+    return {str(r.id): r.state for r in runs if r.state is not None}
 
 
 def close_dead_runs(client: MlflowClient, exp_id: str) -> list[str]:
-    """Retrain runs left RUNNING by a process on this host that no longer exists (``kill -9``, OOM,
-    power loss) are marked KILLED, with their stage runs, so the store shows what happened. Returns
-    their ids. Runs of live processes and of other hosts are left alone."""
-    host = socket.gethostname().replace("'", "")
-    dead = []
-    for r in client.search_runs([exp_id], f"attributes.status = 'RUNNING' and tags.host = '{host}'",
-                                max_results=200):
-        pid = r.data.tags.get("pid", "")
-        if not pid.isdigit() or _alive(int(pid)) or r.data.tags.get("mlflow.parentRunId"):
+    """Retrain runs left RUNNING in MLflow whose Prefect flow run has ended (tag ``prefect.flow_run_id``):
+    the process died before it could close them (``kill -9``, OOM, a preempted pod; Prefect marks such a
+    flow run Crashed from its missing heartbeats, see README) or a hook could not reach MLflow. Their
+    stage runs and they are marked KILLED (flow run Crashed or Cancelled) or FAILED, with the flow run's
+    state as the reason. The flow run's state is asked of the Prefect API, so a run on another host
+    sharing the Prefect server is handled like a local one; runs unknown to this Prefect API and runs
+    whose flow run is still going are left alone. Returns the parent run ids closed."""
+    running = client.search_runs([exp_id], "attributes.status = 'RUNNING'", max_results=500)
+    parents = {r.data.tags[PREFECT_FLOW_RUN_TAG]: r for r in running
+               if not r.data.tags.get("mlflow.parentRunId") and r.data.tags.get(PREFECT_FLOW_RUN_TAG)}
+    if not parents:
+        return []
+    try:
+        states = _flow_run_states(list(parents))
+    except Exception:  # noqa: BLE001 - no Prefect API here: nothing can be said about these runs
+        return []
+    closed = []
+    for fr_id, state in states.items():
+        if not state.is_final():
             continue
-        children = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{r.info.run_id}' and "
-                                                "attributes.status = 'RUNNING'", max_results=500)
-        for c in [*children, r]:
-            client.set_tag(c.info.run_id, "terminated_reason", f"process {pid} on {host} died while running")
-            client.set_terminated(c.info.run_id, "KILLED")
-        dead.append(r.info.run_id)
-    return dead
+        status = "KILLED" if state.is_crashed() or state.is_cancelled() else "FAILED"
+        reason = f"Prefect flow run {fr_id} ended {state.name} without closing its MLflow run"
+        if state.message:
+            reason += f": {state.message}"
+        close_run_tree(client, parents[fr_id].info.run_id, status, reason)
+        closed.append(parents[fr_id].info.run_id)
+    return closed
 
 
 @contextlib.contextmanager

@@ -1,33 +1,159 @@
-"""Two ``retrain`` commands at once on one SQLite MLflow store, one DVC cache and one Prefect home
-(each starting its own ephemeral Prefect server): both finish, with identical metrics, and the store
-stays consistent (see benchmarks/concurrent_retrain.py, which this drives with the tiny config)."""
+"""Server-grade concurrency: retrains at once against a real Prefect server and a real MLflow tracking
+server on loopback (see benchmarks/concurrent_retrain.py, which this drives with the tiny config) end
+with one champion per product, the gates of one product serialised by the Prefect global concurrency
+limit and products never compared; a crashed, cancelled or failed flow run closes its MLflow runs through
+Prefect's state hooks, and runs left open are closed from the Prefect flow run's state, not from a pid."""
 
 from __future__ import annotations
 
+import json
+import uuid
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.slow
+from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_two_concurrent_retrains_share_the_stores_consistently(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_concurrent_retrains_against_servers_one_champion_per_product(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    from concurrent_retrain import check, consistent, launch
+    from concurrent_retrain import check, consistent, launch, servers
     from conftest import TINY, pinned_threads
 
     # one shared runs/ tree and DVC cache, not the repository's: for the commands (inherited) and check() here
     monkeypatch.setenv("ASFT_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("ASFT_DVC_CACHE_DIR", str(tmp_path / "dvc-cache"))
-    # identical metrics are asserted: both commands run with the suite's pinned math-library threads
-    env = {**pinned_threads(), "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results")}
-    results = launch(2, tmp_path, [*TINY, "posttrain.methods=[asft]"], env_extra=env)
-    report = check(tmp_path, results)
+    with servers(tmp_path / "srv") as srv:
+        # identical metrics are compared: every command runs with the suite's pinned math-library threads
+        env = {**pinned_threads(), **srv["env"], "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results")}
+        # two retrains of product alpha and one of product beta, all started at the same moment
+        per_run = [["registry.product=alpha"], ["registry.product=alpha"], ["registry.product=beta"]]
+        results = launch(3, tmp_path, [*TINY, "posttrain.methods=[asft]"], env_extra=env, tracking_uri=srv["mlflow"],
+                         per_run=per_run)
+        report = check(tmp_path, results, srv["mlflow"])
     failed = [r["log_tail"] for r in results if r["rc"] != 0]
     assert not failed, failed
-    assert consistent(report, 2), report
+    assert consistent(report, 3, products=2), report
     assert report["metric_values_compared"][0] > 100
-    # one promotion at a time: the second run's gate saw the first run's champion
-    assert report["champion_versions"] == [1, 1] and len(report["registered_versions"]) == 4
+    assert report["registered_versions"] == ["asft-recommender-alpha v1", "asft-recommender-alpha v2",
+                                             "asft-recommender-beta v1", "asft-reward-alpha v1", "asft-reward-alpha v2",
+                                             "asft-reward-beta v1"]
+    # product alpha: one champion; the second gate compared against the first one's champion
+    alpha = report["gates"]["alpha"]
+    assert [g["champion_before"] for g in alpha] == [None, 1] and alpha[0]["alias"] == "champion"
+    assert alpha[1]["alias"] == "challenger" and "re-evaluated" in alpha[1]["reason"]  # same model: not better
+    assert all(g["gate"].startswith("prefect global concurrency limit asft-promotion-gate-asft-recommender-alpha")
+               for g in alpha)
+    assert report["champions"]["asft-recommender-alpha"] == 1 == report["champions"]["asft-reward-alpha"]
+    # product beta: its own lineage, never compared with alpha's champion
+    (beta,) = report["gates"]["beta"]
+    assert beta["champion_before"] is None and beta["alias"] == "champion"
+    assert beta["reason"].startswith("no current champion")
+    client = MlflowClient(srv["mlflow"])
+    rm = client.get_registered_model("asft-recommender-beta")
+    assert rm.tags["product"] == "beta" and len(rm.tags["catalog_fingerprint"]) == 64
+
+
+# -- state hooks and dead runs -------------------------------------------------------------------------------
+def _store(tmp_path: Path, experiment: str) -> tuple[MlflowClient, str, str]:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    return client, uri, client.create_experiment(experiment, artifact_location=(tmp_path / "art").as_uri())
+
+
+def _retrain_runs(client: MlflowClient, exp: str, flow_run_id: str, out: Path, host: str = "this-host"):
+    parent = client.create_run(exp, tags={"kind": "retrain", "prefect.flow_run_id": flow_run_id,
+                                          "output_dir": str(out), "host": host})
+    done = client.create_run(exp, tags={"mlflow.parentRunId": parent.info.run_id, "stage": "ingest"})
+    client.set_terminated(done.info.run_id, "FINISHED")
+    open_ = client.create_run(exp, tags={"mlflow.parentRunId": parent.info.run_id, "stage": "train-base"})
+    return parent.info.run_id, done.info.run_id, open_.info.run_id
+
+
+@pytest.mark.parametrize("in_process", [True, False], ids=["flow-process", "found-from-parameters"])
+def test_crashed_flow_hook_marks_the_mlflow_runs_killed(tmp_path, in_process):
+    """The on_crashed hook (a signal, a lost worker): parent and open stage runs KILLED with the flow run's
+    state as the reason, failure.json naming the stage; the parent run is found in the flow's process or,
+    from another process (a runner), through the tracking store the flow run's parameters name."""
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.states import Crashed
+
+    from flows import retrain as flow_mod
+
+    client, uri, exp = _store(tmp_path, "hooks")
+    out = tmp_path / "run"
+    out.mkdir()
+    fr = FlowRun(id=uuid.uuid4(), name="brave-fox", flow_id=uuid.uuid4(),
+                 parameters={"config": None, "output": str(out),
+                             "overrides": [f"tracking.mlflow_uri={uri}", "tracking.experiment=hooks"]})
+    pid, done, open_ = _retrain_runs(client, exp, str(fr.id), out)
+    if in_process:
+        stages = type("S", (), {"current": "train-base"})()
+        flow_mod._ACTIVE[str(fr.id)] = {"uri": uri, "parent_run_id": pid, "out": out, "stages": stages}
+    flow_mod._close_on("KILLED")(flow_mod.retrain, fr, Crashed(message="Execution was aborted by an interrupt signal."))
+    assert str(fr.id) not in flow_mod._ACTIVE
+    parent = client.get_run(pid)
+    assert parent.info.status == "KILLED" and client.get_run(open_).info.status == "KILLED"
+    assert client.get_run(done).info.status == "FINISHED"  # a finished stage stays finished
+    reason = parent.data.tags["terminated_reason"]
+    assert "brave-fox" in reason and "Crashed" in reason and "interrupt signal" in reason
+    assert client.get_run(open_).data.tags["terminated_reason"] == reason
+    failure = json.loads((out / "failure.json").read_text())
+    assert failure["flow_run_state"] == "Crashed" and failure["mlflow_run_id"] == pid
+    assert failure["stage"] == ("train-base" if in_process else "?")
+    assert "failure.json" in {a.path for a in client.list_artifacts(pid)}
+
+
+def test_failure_hook_keeps_the_flows_failure_record(tmp_path):
+    """on_failure after the flow recorded the failed stage itself: the stage and error stay, the flow run's
+    state is added, open stage runs are closed FAILED; the parent (already FAILED) keeps its status."""
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.states import Failed
+
+    from flows import retrain as flow_mod
+
+    client, uri, exp = _store(tmp_path, "hooks-failed")
+    out = tmp_path / "run"
+    out.mkdir()
+    fr = FlowRun(id=uuid.uuid4(), name="calm-owl", flow_id=uuid.uuid4(), parameters={})
+    pid, _, open_ = _retrain_runs(client, exp, str(fr.id), out)
+    (out / "failure.json").write_text(json.dumps({"stage": "score", "error": "RuntimeError: boom"}))
+    client.set_terminated(pid, "FAILED")
+    flow_mod._ACTIVE[str(fr.id)] = {"uri": uri, "parent_run_id": pid, "out": out}
+    flow_mod._close_on("FAILED")(flow_mod.retrain, fr, Failed(message="Flow run encountered an exception"))
+    failure = json.loads((out / "failure.json").read_text())
+    assert (failure["stage"], failure["error"], failure["flow_run_state"]) == ("score", "RuntimeError: boom", "Failed")
+    assert client.get_run(pid).info.status == "FAILED" and client.get_run(open_).info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_dead_runs_are_closed_from_the_prefect_flow_run_state(prefect_server, tmp_path):
+    """MLflow runs left RUNNING by a flow run that Prefect knows ended (here Crashed, on another host) are
+    closed KILLED with the state as the reason; a flow run still running and one this Prefect API does not
+    know are left alone; no pid is consulted."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed, Running
+
+    from tasks.tracking import close_dead_runs
+
+    @flow(name="asft-dead-run-probe")
+    def probe():
+        return None
+
+    client, _, exp = _store(tmp_path, "dead-runs")
+    with get_client(sync_client=True) as pc:
+        crashed = pc.create_flow_run(probe, state=Running())
+        pc.set_flow_run_state(crashed.id, Crashed(message="Flow run stopped sending heartbeats"), force=True)
+        alive = pc.create_flow_run(probe, state=Running())
+    dead_pid, _, dead_stage = _retrain_runs(client, exp, str(crashed.id), tmp_path / "a", host="gpu-pod-7")
+    live_pid, _, live_stage = _retrain_runs(client, exp, str(alive.id), tmp_path / "b")
+    unknown_pid, _, _ = _retrain_runs(client, exp, str(uuid.uuid4()), tmp_path / "c")
+    assert close_dead_runs(client, exp) == [dead_pid]
+    assert client.get_run(dead_pid).info.status == "KILLED" == client.get_run(dead_stage).info.status
+    assert "Crashed" in client.get_run(dead_pid).data.tags["terminated_reason"]
+    assert "heartbeats" in client.get_run(dead_pid).data.tags["terminated_reason"]
+    for rid in (live_pid, live_stage, unknown_pid):
+        assert client.get_run(rid).info.status == "RUNNING"
