@@ -4,7 +4,12 @@ Lineage checks (from what the flow recorded on the MLflow parent run):
 
 - the git commit exists in this repository (and, for a dirty run, the recorded diff is there);
 - every dataset version (``dvc.<name>.md5``) is restored through DVC into ``<output>/datasets/<name>``
-  (from the DVC cache, or fetched from the default remote when the cache lacks it) with its hash verified;
+  (from the DVC cache, or fetched from the remote the run recorded, ``dvc.remote`` / ``dvc.remote.url`` /
+  ``dvc.remote.endpoint_url``, when the cache lacks it: on a fresh machine with an empty cache, that is
+  the remote the worker pushed to, e.g. S3) with its hash verified;
+- every model the run trained is downloaded from MLflow (the ``model`` artifact of each training stage's
+  run, or of the run a cached stage came from) and its files' sha256 compared with the recorded
+  ``lineage/model_hashes.json``;
 - package versions and the code version against the current environment (differences are listed);
 - the recorded artifacts (resolved params, seeds, model hashes, metrics.json) are present.
 
@@ -13,7 +18,12 @@ without touching the registry (``kind=audit``, tag ``audit_of``), from the recor
 when the current code version equals the recorded one, otherwise in a temporary git worktree at the
 recorded commit (with the recorded diff applied). Then every metric in metrics.json is compared for
 exact equality (timings, throughputs and run ids excluded), as are the dataset hashes and the model
-file hashes. Writes ``audit.json`` and logs it to the audit run; exit status 0 only if all match.
+file hashes (the re-run's files against those downloaded from MLflow, file by file). Writes
+``audit.json`` and logs it to the audit run; exit status 0 only if all match.
+
+S3 credentials come from the environment (``AWS_ACCESS_KEY_ID`` ...); ``storage.s3_endpoint_url`` of the
+audit's ``--config`` replaces the recorded endpoint (the worker's address of the server may not be
+this machine's).
 """
 
 from __future__ import annotations
@@ -87,9 +97,23 @@ def _download(client: MlflowClient, run_id: str, path: str, dst: Path) -> Path |
         return None
 
 
-def check_dataset(md5: str | None, dest: Path, root: Path = lineage.REPO) -> dict:
+def recorded_remote(tags: dict[str, str], endpoint_url: str | None = None,
+                    root: Path = lineage.REPO) -> datastore.Remote | None:
+    """The DVC remote a run pushed its datasets to, from its tags (None: the repository's default).
+    A recorded local path that does not exist here is left to the repository's remote of that name."""
+    name, url = tags.get("dvc.remote"), tags.get("dvc.remote.url")
+    if not name or not url:
+        return None
+    if "://" not in url and not Path(url).is_dir():
+        return None
+    return datastore.Remote(name, url, endpoint_url or tags.get("dvc.remote.endpoint_url"))
+
+
+def check_dataset(md5: str | None, dest: Path, root: Path = lineage.REPO,
+                  remote: datastore.Remote | None = None) -> dict:
     """Restore a recorded dataset version into ``dest`` through DVC (from the repository's cache, or
-    fetched from its default remote when the cache lacks it) and verify the restored hash."""
+    fetched from ``remote``, default the repository's default remote, when the cache lacks it) and verify
+    the restored hash."""
     if md5 is None:
         return {"md5": None, "retrievable": False, "error": "no dataset version recorded on the run"}
     if dest.is_dir() and not dest.is_symlink():
@@ -97,13 +121,56 @@ def check_dataset(md5: str | None, dest: Path, root: Path = lineage.REPO) -> dic
     elif dest.exists() or dest.is_symlink():
         dest.unlink()
     try:
-        got = datastore.retrieve(md5, root, dest)
+        got = datastore.retrieve(md5, root, dest, remote)
     except (OSError, ValueError, DvcException) as exc:
         return {"md5": md5, "retrievable": False, "error": f"{type(exc).__name__}: {exc}"}
     return {"md5": md5, "retrievable": True, "from": got["source"], "path": got["path"]}
 
 
-def check_lineage(client: MlflowClient, run_id: str, work: Path) -> tuple[dict, dict]:
+def _model_name(stage_label: str) -> str | None:
+    """The key of ``lineage/model_hashes.json`` for a training stage's run label."""
+    if stage_label in ("train-base", "train-reward", "train-judge"):
+        return stage_label.removeprefix("train-")
+    if stage_label.startswith("posttrain-"):
+        return "posttrain/" + stage_label.removeprefix("posttrain-")
+    return None
+
+
+def check_models(client: MlflowClient, run_id: str, recorded: dict[str, dict[str, str]] | None,
+                 dst: Path) -> dict:
+    """Download every trained model of the run from MLflow (each training stage run's ``model``
+    artifact; a cached stage's from the run it came from) into ``dst/<name>`` and compare the sha256 of
+    its files with the recorded hashes."""
+    run = client.get_run(run_id)
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'",
+                                  max_results=500)
+    models: dict[str, dict] = {}
+    for child in children:
+        name = _model_name(child.data.tags.get("stage", ""))
+        if name is None:
+            continue
+        source = child.data.tags.get("source_run_id") or child.info.run_id
+        if dst.joinpath(name).exists():
+            shutil.rmtree(dst / name)
+        got = _download(client, source, "model", dst / name)
+        if got is None:
+            models[name] = {"ok": False, "run_id": source, "error": "no model artifact"}
+            continue
+        hashes = lineage.file_hashes(got)
+        want = (recorded or {}).get(name)
+        models[name] = {"ok": want is not None and hashes == want, "run_id": source, "files": len(hashes),
+                        "path": str(got), "sha256": hashes}
+        if want is not None and hashes != want:
+            models[name]["differs"] = sorted(k for k in set(hashes) | set(want) if hashes.get(k) != want.get(k))
+    missing = sorted(set(recorded or {}) - set(models))
+    return {"ok": bool(models) and not missing and all(m["ok"] for m in models.values()),
+            "compared": sorted(models), "missing": missing,
+            **{n: {k: v for k, v in m.items() if k != "sha256"} for n, m in models.items()}, "_hashes":
+            {n: m.get("sha256") for n, m in models.items()}}
+
+
+def check_lineage(client: MlflowClient, run_id: str, work: Path,
+                  endpoint_url: str | None = None) -> tuple[dict, dict]:
     """-> (checks, downloaded artifact paths)."""
     run = client.get_run(run_id)
     tags = run.data.tags
@@ -117,9 +184,15 @@ def check_lineage(client: MlflowClient, run_id: str, work: Path) -> tuple[dict, 
     patch = files["lineage"] / "git_diff.patch" if files["lineage"] else None
     checks["git"] = {"ok": present and (not dirty or bool(patch and patch.is_file())), "commit": commit,
                      "present": present, "dirty": dirty, "diff_recorded": bool(patch and patch.is_file())}
-    data = {key: check_dataset(tags.get(f"dvc.{key}.md5"), work / "datasets" / key)
+    remote = recorded_remote(tags, endpoint_url)
+    data = {key: check_dataset(tags.get(f"dvc.{key}.md5"), work / "datasets" / key, remote=remote)
             for key in ("raw", "processed", "preferences")}
-    checks["datasets"] = {"ok": all(d["retrievable"] for d in data.values()), **data}
+    checks["datasets"] = {"ok": all(d["retrievable"] for d in data.values()),
+                          "remote": {"name": tags.get("dvc.remote"), "url": tags.get("dvc.remote.url"),
+                                     "used": remote.name if remote else "repository default"}, **data}
+    hashes_file = files["lineage"] / "model_hashes.json" if files["lineage"] else None
+    recorded_models = json.loads(hashes_file.read_text()) if hashes_file and hashes_file.is_file() else None
+    checks["models"] = check_models(client, run_id, recorded_models, work / "models")
     now = lineage.environment()
     recorded_env = {k[4:]: v for k, v in tags.items() if k.startswith("env.")}
     env_diff = {k: {"recorded": v, "now": now.get(k)} for k, v in recorded_env.items()
@@ -127,7 +200,8 @@ def check_lineage(client: MlflowClient, run_id: str, work: Path) -> tuple[dict, 
     checks["environment"] = {"ok": not env_diff, "differences": env_diff}
     checks["code"] = {"recorded": tags.get("code_version"), "now": lineage.code_version(),
                       "ok": tags.get("code_version") == lineage.code_version()}
-    return checks, {**files, "patch": patch, "commit": commit, "dirty": dirty}
+    return checks, {**files, "patch": patch, "commit": commit, "dirty": dirty,
+                    "model_hashes": checks["models"].pop("_hashes")}
 
 
 def _checkout(commit: str, patch: Path | None, dst: Path) -> Path:
@@ -152,10 +226,11 @@ def rerun(run_id: str, params: Path, output: Path, tracking_uri: str, code_dir: 
     return json.loads((output / "metrics.json").read_text())
 
 
-def audit(run_id: str, tracking_uri: str, output: Path, do_rerun: bool = True) -> dict:
+def audit(run_id: str, tracking_uri: str, output: Path, do_rerun: bool = True,
+          endpoint_url: str | None = None) -> dict:
     client = MlflowClient(tracking_uri)
     output.mkdir(parents=True, exist_ok=True)
-    checks, files = check_lineage(client, run_id, output)
+    checks, files = check_lineage(client, run_id, output, endpoint_url)
     report: dict = {"run_id": run_id, "tracking_uri": tracking_uri, "checks": checks}
     if do_rerun and files["params"] and files["metrics"]:
         recorded = json.loads(files["metrics"].read_text())
@@ -180,9 +255,16 @@ def audit(run_id: str, tracking_uri: str, output: Path, do_rerun: bool = True) -
         cmp["datasets_equal"] = recorded.get("datasets") == again.get("datasets")
         cmp["model_hashes_equal"] = (recorded.get("lineage", {}).get("model_sha256")
                                      == again.get("lineage", {}).get("model_sha256"))
+        rerun_hashes_file = rerun_out / "lineage" / "model_hashes.json"
+        rerun_hashes = json.loads(rerun_hashes_file.read_text()) if rerun_hashes_file.is_file() else {}
+        fetched = {n: h for n, h in files["model_hashes"].items() if h is not None}
+        cmp["models_vs_mlflow"] = {"compared": sorted(fetched), "files": sum(len(h) for h in fetched.values()),
+                                   "equal": bool(fetched) and all(rerun_hashes.get(n) == h for n, h in fetched.items()),
+                                   "differ": sorted(n for n, h in fetched.items() if rerun_hashes.get(n) != h)}
         cmp["audit_run_id"] = again["mlflow"]["parent_run_id"]
         report["rerun"] = cmp
-        report["reproduced"] = not cmp["mismatched"] and cmp["datasets_equal"] and cmp["model_hashes_equal"]
+        report["reproduced"] = (not cmp["mismatched"] and cmp["datasets_equal"] and cmp["model_hashes_equal"]
+                                and cmp["models_vs_mlflow"]["equal"])
     report["lineage_ok"] = all(c.get("ok", True) for k, c in checks.items() if k != "environment")
     path = output / "audit.json"
     path.write_text(json.dumps(report, indent=2, default=str))
@@ -205,7 +287,7 @@ def audit_main(args) -> int:
     cfg = load_config(args.config if Path(args.config).is_file() else None)
     uri = args.tracking_uri or resolve_tracking_uri(cfg)
     out = Path(args.output or f"runs/audit-{args.run_id}")
-    rep = audit(args.run_id, uri, out, do_rerun=not args.no_rerun)
+    rep = audit(args.run_id, uri, out, do_rerun=not args.no_rerun, endpoint_url=cfg.storage.s3_endpoint_url)
     t = Table(title=f"audit of {args.run_id}")
     t.add_column("check")
     t.add_column("ok")
@@ -219,6 +301,10 @@ def audit_main(args) -> int:
                   f"{r['compared'] - len(r['mismatched'])}/{r['compared']} values equal ({r['numeric']} numeric)")
         t.add_row("datasets", "yes" if r["datasets_equal"] else "NO", "DVC hashes of raw, processed, preferences")
         t.add_row("models", "yes" if r["model_hashes_equal"] else "NO", "sha256 of every model file")
+        mv = r["models_vs_mlflow"]
+        t.add_row("models vs MLflow", "yes" if mv["equal"] else "NO",
+                  f"{mv['files']} files of {len(mv['compared'])} models downloaded from MLflow = the re-run's"
+                  + (f"; differ: {mv['differ']}" if mv["differ"] else ""))
         for m in r["mismatched"][:20]:
             t.add_row("  differs", "", f"{m['key']}: {m['recorded']} -> {m['rerun']}")
     Console(width=200).print(t)
