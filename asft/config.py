@@ -576,6 +576,11 @@ class RegistryConfig(_Section):
     judged_margin: float = Field(0.0, description="...and must beat the champion's held-out judged reward of the"
                                  " valid top-10 by more than this.")
     serve_k: int = Field(10, ge=1, description="Default number of recommendations the served model returns.")
+    serve_max_rows: int = Field(1024, ge=1, description="Most rows (histories) one request to a served model may"
+                                " carry; a larger request is refused with HTTP 400.")
+    serve_max_history: int = Field(10_000, ge=1, description="Most item ids in one history (or candidate list) of"
+                                   " a request to a served model (HTTP 400 above it); the recommender reads only"
+                                   " the last `preprocess.max_len` of them.")
     reuse_champion_base: bool = Field(True, description="Reuse the champion's base model (downloaded from MLflow)"
                                       " when its data hash, params and code version equal this run's.")
 
@@ -584,11 +589,6 @@ class OrchestrationConfig(_Section):
     """How the Prefect flow runs its stages: concurrency of independent stages and time limits."""
 
     max_parallel: int = Field(2, ge=1, description="Independent stages (the post-training methods, the lambda"
-    serve_max_rows: int = Field(1024, ge=1, description="Most rows (histories) one request to a served model may"
-                                " carry; a larger request is refused with HTTP 400.")
-    serve_max_history: int = Field(10_000, ge=1, description="Most item ids in one history (or candidate list) of"
-                                   " a request to a served model (HTTP 400 above it); the recommender reads only"
-                                   " the last `preprocess.max_len` of them.")
                               " sweep, reward ensemble vs judge) run concurrently, at most this many at once, each"
                               " in its own process; 1 = one after another in the flow's process.")
     data_timeout_s: float = Field(1800, gt=0, description="Time limit of a data stage (ingest, preprocess,"
