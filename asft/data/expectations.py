@@ -454,13 +454,16 @@ def _lookup(keys: np.ndarray, table_keys: np.ndarray) -> np.ndarray:
 
 
 def _found(keys: pd.Series, pos: np.ndarray) -> pd.Series:
-    """Reference column for ``expect_*_to_be_in_*``: the key where it was found, null elsewhere."""
-    return pd.Series(keys.to_numpy(dtype=object), dtype=object).where(pos >= 0, None)
-
-
-def _pick(rows: list, pos: np.ndarray) -> pd.Series:
-    """Per-row join: rows[pos] (None where pos < 0)."""
-    return pd.Series([rows[p] if p >= 0 else None for p in pos.tolist()], dtype=object)
+    """Reference column for ``expect_*_to_be_in_*``: the key where it was found, null elsewhere (the
+    column's own dtype where it has a missing value: arrow strings, floats; object otherwise)."""
+    keys = keys.reset_index(drop=True)
+    found = pd.Series(np.asarray(pos) >= 0)
+    if isinstance(keys.dtype, pd.StringDtype) or pd.api.types.is_float_dtype(keys.dtype):
+        return keys.where(found)
+    if pd.api.types.is_integer_dtype(keys.dtype) and isinstance(keys.dtype, np.dtype):
+        return keys.astype(np.float64).where(found) if (keys.abs() < 2**53).all() else \
+            pd.Series(keys.to_numpy(dtype=object), dtype=object).where(found, None)
+    return pd.Series(keys.to_numpy(dtype=object), dtype=object).where(found, None)
 
 
 def _present(frame: Any) -> pd.DataFrame:
@@ -637,23 +640,31 @@ def _files_table(root: Path, files, prefix: str = "files.") -> _Table:
 
 
 class _Sequences:
-    """sequences.parquet as token lists, with per-user joins for the other tables."""
+    """sequences.parquet as token lists, with per-user joins for the other tables (vectorised)."""
 
     def __init__(self, table):
         from asft.data.gx_custom import lists_from_arrow
 
         self.key = _int_values(table.column("user_idx").to_pandas(), fill=-(2**40))
         self.items = lists_from_arrow(table.column("items"))
-        self.rows = [None if self.items.null[i] else self.items.row(i) for i in range(len(self.key))]
 
     def pos(self, user_idx: pd.Series) -> np.ndarray:
         return _lookup(_int_values(user_idx), self.key)
 
     def part(self, pos: np.ndarray, drop: int) -> pd.Series:
-        """items[:-drop] of each row's user (null for unknown users). Rows of one user share one array
-        (cheap for GX to filter and to fingerprint)."""
-        rows = [None if r is None else r[: max(len(r) - drop, 0)] for r in self.rows]
-        return _pick(rows, pos)
+        """items[:-drop] of each row's user (null for unknown users), stored once per user: a
+        dictionary-encoded Arrow column whose dictionary holds each user's list."""
+        import pyarrow as pa
+
+        from asft.data.gx_custom import _ranges, shared_lists
+
+        it = self.items
+        n = np.where(it.null, 0, np.maximum(np.diff(it.offsets) - drop, 0))
+        offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+        values = it.values[_ranges(it.offsets[:-1], n)]
+        base = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int64()),
+                                             mask=pa.array(it.null))
+        return shared_lists(pos, base)
 
     def item(self, pos: np.ndarray, back: int) -> np.ndarray:
         """items[-back] of each row's user (NaN when unknown or too short)."""

@@ -104,6 +104,10 @@ class Lists:
     def lengths(self) -> np.ndarray:
         return np.where(self.null, -1, np.diff(self.offsets))
 
+    @property
+    def starts(self) -> np.ndarray:
+        return self.offsets[:-1]
+
     def row(self, i: int) -> np.ndarray:
         return self.values[self.offsets[i] : self.offsets[i + 1]]
 
@@ -123,6 +127,110 @@ class Lists:
     def to_series(self) -> pd.Series:
         """An arrow-backed pandas column (cheap for GX to fingerprint, fast to read back)."""
         return pd.Series(pd.arrays.ArrowExtensionArray(self.to_arrow()))
+
+
+@dataclass
+class Views:
+    """Rows that view the lists of a shared table: row i is ``base`` row ``index[i]`` (null when
+    ``index < 0``). A reference column joined per row (a user's training items for each of their
+    windows) is stored once per user, as a dictionary-encoded Arrow column, and read as this."""
+
+    base: Lists
+    index: np.ndarray
+
+    @property
+    def values(self) -> np.ndarray:
+        return self.base.values
+
+    @property
+    def null(self) -> np.ndarray:
+        ok = self.index >= 0
+        return ~ok | (self.base.null[np.where(ok, self.index, 0)] if len(self.base.null) else True)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        if not len(self.base.null):
+            return np.full(len(self.index), -1, dtype=np.int64)
+        return np.where(self.null, -1, self.base.lengths[np.maximum(self.index, 0)])
+
+    @property
+    def starts(self) -> np.ndarray:
+        if not len(self.base.null):
+            return np.zeros(len(self.index), dtype=np.int64)
+        return self.base.offsets[np.maximum(self.index, 0)]
+
+
+def shared_lists(index: np.ndarray, base) -> pd.Series:
+    """A column whose row i is the list ``base[index[i]]`` (null where ``index < 0``), stored once per
+    distinct list: a dictionary-encoded Arrow column (Arrow list ``base`` as the dictionary)."""
+    import pyarrow as pa
+
+    index = np.asarray(index, dtype=np.int64)
+    idx = pa.array(index, mask=index < 0, type=pa.int64())
+    return pd.Series(pd.arrays.ArrowExtensionArray(pa.DictionaryArray.from_arrays(idx, base)))
+
+
+def _dictionary(arr):
+    """A (chunked) dictionary array as one array."""
+    import pyarrow as pa
+
+    if isinstance(arr, pa.ChunkedArray):
+        if arr.num_chunks == 1:
+            return arr.chunk(0)
+        arr = arr.unify_dictionaries()
+        if arr.num_chunks == 0:
+            return pa.DictionaryArray.from_arrays(pa.array([], pa.int64()), pa.array([], arr.type.value_type))
+        idx = pa.concat_arrays([c.indices.cast(pa.int64()) for c in arr.chunks])
+        return pa.DictionaryArray.from_arrays(idx, arr.chunk(0).dictionary)
+    return arr
+
+
+def to_views(s: pd.Series) -> Views | Lists:
+    """A column of integer lists as :class:`Views` when it is dictionary-encoded (see
+    :func:`shared_lists`), else as :class:`Lists`; both have values, starts, lengths and null."""
+    import pyarrow as pa
+
+    if isinstance(s.dtype, pd.ArrowDtype) and pa.types.is_dictionary(s.dtype.pyarrow_dtype):
+        arr = _dictionary(pa.array(s.array))
+        vt = arr.type.value_type
+        if (pa.types.is_list(vt) or pa.types.is_large_list(vt)) and pa.types.is_integer(vt.value_type):
+            index = arr.indices.cast(pa.int64()).fill_null(-1).to_numpy(zero_copy_only=False)
+            return Views(lists_from_arrow(arr.dictionary), np.asarray(index, dtype=np.int64))
+        return to_lists(pd.Series(arr.dictionary_decode().to_pylist(), dtype=object))
+    return to_lists(s)
+
+
+def _pairs_match(A: Lists, rows: np.ndarray, values: np.ndarray, start: np.ndarray,
+                 chunk: int = 1 << 22) -> np.ndarray:
+    """For each k: ``A.row(rows[k]) == values[start[k] : start[k] + len(A.row(rows[k]))]`` (the caller
+    guarantees the slice is in range). Vectorised, in chunks of about ``chunk`` compared values."""
+    out = np.ones(len(rows), dtype=bool)
+    if len(rows) == 0:
+        return out
+    lens = np.diff(A.offsets)[rows]
+    csum = np.cumsum(lens)
+    k0 = 0
+    while k0 < len(rows):
+        base = csum[k0 - 1] if k0 else 0
+        k1 = max(int(np.searchsorted(csum, base + chunk, side="right")), k0 + 1)
+        ln = lens[k0:k1]
+        rep = np.repeat(np.arange(k0, k1), ln)
+        within = np.arange(int(ln.sum()), dtype=np.int64) - np.repeat(np.cumsum(ln) - ln, ln)
+        got = A.values[A.offsets[rows[rep]] + within]
+        exp = values[start[rep] + within]
+        bad = np.bincount(rep[got != exp] - k0, minlength=k1 - k0)
+        out[k0:k1] = bad == 0
+        k0 = k1
+    return out
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    lengths = lengths.astype(np.int64, copy=False)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.arange(total, dtype=np.int64) + np.repeat(starts.astype(np.int64) - (np.cumsum(lengths) - lengths),
+                                                        lengths)
 
 
 def arrow_lists(s: pd.Series) -> pd.Series:
@@ -178,21 +286,13 @@ def lists(s: pd.Series) -> list[np.ndarray | None]:
     return [None if L.null[i] else L.row(i) for i in range(len(L.null))]
 
 
-def tails_match(ctx: Lists, items: Lists, end: np.ndarray, max_len: int) -> np.ndarray:
+def tails_match(ctx: Lists, items: Lists | Views, end: np.ndarray, max_len: int) -> np.ndarray:
     """Row i: ctx[i] == items[i][:end[i]][-max_len:] (vectorised over all rows)."""
     n = len(end)
     match = np.zeros(n, dtype=bool)
     want = np.minimum(end, max_len)
     rows = np.flatnonzero(~ctx.null & ~items.null & (end >= 1) & (end <= items.lengths) & (ctx.lengths == want))
-    if len(rows) == 0:
-        return match
-    lens = ctx.lengths[rows]
-    rep = np.repeat(rows, lens)
-    within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
-    got = ctx.values[ctx.offsets[rep] + within]
-    expected = items.values[items.offsets[rep] + (end[rep] - want[rep]) + within]
-    bad = np.bincount(rep[got != expected], minlength=n)
-    match[rows] = bad[rows] == 0
+    match[rows] = _pairs_match(ctx, rows, items.values, items.starts[rows] + end[rows] - want[rows])
     return match
 
 
@@ -281,12 +381,20 @@ def value_shares_at_least(s: pd.Series, min_share: float) -> pd.Series:
 
 
 def users_with_min_events(s: pd.Series, min_events: int) -> pd.Series:
-    return _ok(s.map(s.value_counts()).to_numpy(dtype=np.int64) >= min_events, s.index)
+    codes, _ = pd.factorize(s)  # missing values (code -1) are filtered out by GX before this runs
+    counts = np.bincount(codes[codes >= 0], minlength=1)
+    return _ok(np.where(codes >= 0, counts[np.maximum(codes, 0)], 0) >= min_events, s.index)
 
 
 def found_in_reference(a: pd.Series, b: pd.Series) -> pd.Series:
     """Column B is column A looked up in a reference table (null when absent): they must be equal."""
-    return _ok(b.notna().to_numpy() & (a.astype(object).to_numpy() == b.astype(object).to_numpy()), a.index)
+    known = b.notna().to_numpy(dtype=bool)
+    if a.dtype == b.dtype or (_numeric(a) and _numeric(b)):
+        with np.errstate(invalid="ignore"):
+            eq = a.eq(b).fillna(False).to_numpy(dtype=bool)
+    else:
+        eq = a.astype(object).to_numpy() == b.astype(object).to_numpy()
+    return _ok(known & eq, a.index)
 
 
 def values_differ(a: pd.Series, b: pd.Series) -> pd.Series:
@@ -294,22 +402,36 @@ def values_differ(a: pd.Series, b: pd.Series) -> pd.Series:
 
 
 def list_lengths_equal(a: pd.Series, b: pd.Series) -> pd.Series:
-    return _ok([x is None or y is None or len(x) == len(y) for x, y in zip(lists(a), lists(b))], a.index)
+    A, B = to_views(a), to_views(b)
+    return _ok(A.null | B.null | (A.lengths == B.lengths), a.index)
 
 
 def labels_within_windows(a: pd.Series, b: pd.Series) -> pd.Series:
     """Column A: a training window; B: its first label position, at most len(window) - 2."""
-    return _ok([w is None or not _is_real_value(k) or k <= len(w) - 2 for w, k in zip(lists(a), b.tolist())], a.index)
+    A = to_lists(a)
+    if _numeric(b):
+        k = b.to_numpy(dtype=np.float64, na_value=np.nan)
+        with np.errstate(invalid="ignore"):
+            return _ok(A.null | (k <= A.lengths - 2), a.index)
+    n = A.lengths
+    return _ok([bool(A.null[i]) or not _is_real_value(k) or k <= n[i] - 2 for i, k in enumerate(b.tolist())], a.index)
 
 
 def inputs_are_history_tails(a: pd.Series, b: pd.Series, max_len: int) -> pd.Series:
-    return _ok(
-        [x is None or y is None or np.array_equal(x, y[-max_len:]) for x, y in zip(lists(a), lists(b))], a.index
-    )
+    """input (A) == history (B)[-max_len:] (an empty history has an empty tail)."""
+    A, B = to_lists(a), to_views(b)
+    hist = B.lengths
+    ok = A.null | B.null
+    ok |= ~ok & (hist == 0) & (A.lengths == 0)
+    return _ok(ok | tails_match(A, B, np.where(B.null, 0, hist), max_len), a.index)
 
 
 def lists_equal(a: pd.Series, b: pd.Series) -> pd.Series:
-    return _ok([x is None or (y is not None and np.array_equal(x, y)) for x, y in zip(lists(a), lists(b))], a.index)
+    A, B = to_lists(a), to_views(b)
+    ok = A.null.copy()
+    rows = np.flatnonzero(~A.null & ~B.null & (A.lengths == B.lengths))
+    ok[rows] = _pairs_match(A, rows, B.values, B.starts[rows])
+    return _ok(ok, a.index)
 
 
 def is_slice(w: np.ndarray, part: np.ndarray) -> bool:
@@ -319,19 +441,51 @@ def is_slice(w: np.ndarray, part: np.ndarray) -> bool:
     return any(np.array_equal(part[s : s + n], w) for s in np.flatnonzero(part[: len(part) - n + 1] == w[0]))
 
 
+def slices_of(W: Lists, P: Lists | Views) -> np.ndarray:
+    """Row i: W[i] is a non-empty contiguous slice of P[i] (null rows: False). Vectorised: every start
+    of P[i] that holds W[i]'s first value is a candidate (found by a sorted (list, value) index of P's
+    distinct lists), and each candidate is compared in full."""
+    n = len(W.null)
+    ok = np.zeros(n, dtype=bool)
+    wl, pl = W.lengths, P.lengths
+    rows = np.flatnonzero(~W.null & ~P.null & (wl >= 1) & (wl <= pl))
+    if len(rows) == 0:
+        return ok
+    base = P.base if isinstance(P, Views) else P
+    brow_of = P.index[rows] if isinstance(P, Views) else rows
+    blen = np.diff(base.offsets)
+    brow = np.repeat(np.arange(len(blen), dtype=np.int64), blen)
+    bpos = np.arange(len(base.values), dtype=np.int64) - np.repeat(base.offsets[:-1], blen)
+    uniq, vrank = np.unique(base.values, return_inverse=True)
+    key = brow * len(uniq) + vrank.astype(np.int64)
+    order = np.argsort(key, kind="stable")
+    key, bpos = key[order], bpos[order]
+    first = W.values[W.offsets[rows]]
+    r = np.minimum(np.searchsorted(uniq, first), len(uniq) - 1)
+    q = brow_of * len(uniq) + r
+    lo = np.searchsorted(key, q, side="left")
+    cnt = np.where(uniq[r] == first, np.searchsorted(key, q, side="right") - lo, 0)
+    cand = np.repeat(rows, cnt)
+    start = bpos[_ranges(lo, cnt)]
+    fits = start + wl[cand] <= pl[cand]
+    cand, start = cand[fits], start[fits]
+    good = _pairs_match(W, cand, P.values, P.starts[cand] + start)
+    ok[cand[good]] = True
+    return ok
+
+
 def windows_in_training_part(df: pd.DataFrame) -> pd.Series:
     """Columns (window, training_items): the window is a contiguous slice of the training items."""
     w, part = df.columns[:2]
-    return _ok(
-        [x is None or (p is not None and is_slice(x, p)) for x, p in zip(lists(df[w]), lists(df[part]))], df.index
-    )
+    W = to_lists(df[w])
+    return _ok(W.null | slices_of(W, to_views(df[part])), df.index)
 
 
 def contexts_end_in_training_part(df: pd.DataFrame) -> pd.Series:
     """Columns (context_end, training_items): 1 <= context_end <= len(training_items)."""
     end, part = df.columns[:2]
     e = pd.to_numeric(df[end], errors="coerce").to_numpy(dtype=np.float64)
-    P = to_lists(df[part])
+    P = to_views(df[part])
     with np.errstate(invalid="ignore"):
         return _ok(~P.null & (e >= 1) & (e <= P.lengths), df.index)
 
@@ -341,7 +495,7 @@ def contexts_are_training_tails(df: pd.DataFrame, max_len: int) -> pd.Series:
     (rows whose context is not a list or whose context_end is outside the training part are reported
     by those rules)."""
     ctx, end, part = df.columns[:3]
-    C, P = to_lists(df[ctx]), to_lists(df[part])
+    C, P = to_lists(df[ctx]), to_views(df[part])
     e = pd.to_numeric(df[end], errors="coerce").to_numpy(dtype=np.float64)
     with np.errstate(invalid="ignore"):
         judged = ~C.null & ~P.null & (e >= 1) & (e <= P.lengths)
