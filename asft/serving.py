@@ -250,7 +250,8 @@ class RewardScorer:
 
         return cls(RewardEnsemble.load(ensemble_dir, device), limits)
 
-    def score(self, histories: list[list[str]], items: list[list[str]]) -> list[dict[str, list[float]]]:
+    def score(self, histories: list[list[str]], items: list[list[str]],
+              batch_size: int = 64) -> list[dict[str, list[float]]]:
         """Rewards of each row's candidate ``items`` after its history. A history with no known item
         and candidates outside the catalog raise :class:`ServingInputError` naming the rows (a reward
         has no cold-start answer)."""
@@ -274,12 +275,12 @@ class RewardScorer:
             row, unknown = next(iter(bad.items()))
             raise ServingInputError(f"{_rows(list(bad))}: candidate items not in the catalog (row {row}:"
                                     f" {unknown[:10]})")
-        if not histories:
-            return []
         max_len = int(self.ensemble.members[0].config.max_position_embeddings)
-        scores = self.ensemble.score_all([t[-max_len:] for t in encoded])
         out = []
-        for row, toks in enumerate(cands):
-            out.append({key: [float(v) for v in arr[row, toks]] for key, arr in
-                        (("mean", scores.mean), ("std", scores.std), ("pessimistic", scores.pessimistic))})
+        # a few rows at a time: the ensemble scores the whole catalog per row (members x rows x items)
+        for s in range(0, len(encoded), batch_size):
+            scores = self.ensemble.score_all([t[-max_len:] for t in encoded[s : s + batch_size]])
+            for row, toks in enumerate(cands[s : s + batch_size]):
+                out.append({key: [float(v) for v in arr[row, toks]] for key, arr in
+                            (("mean", scores.mean), ("std", scores.std), ("pessimistic", scores.pessimistic))})
         return out

@@ -164,6 +164,15 @@ def test_reward_model_refuses_unknown_candidates(served, tmp_path):
         assert status == 400 and "no item from the reward model's catalog" in body["message"]
         status, body = _post(c, [{"history": ["i1"]}])
         assert status == 400 and "items" in body["message"]
+    from asft.serving import RewardScorer
+
+    scorer = RewardScorer.load(tmp_path / "ens")
+    hist, cands = [["i1", "i2"], ["i3"], ["i4", "zz", "i5"]], [["i6", "i7"], ["i8"], []]
+    whole, rows = scorer.score(hist, cands), scorer.score(hist, cands, batch_size=1)  # chunked by rows: same
+    assert [len(r["mean"]) for r in whole] == [2, 1, 0]
+    for a, b in zip(whole, rows):
+        for key in ("mean", "std", "pessimistic"):
+            assert np.allclose(a[key], b[key], atol=1e-5)
 
 
 def test_packaged_model(served, raw_events, tmp_path):
