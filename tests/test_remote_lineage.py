@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,22 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "asft-lineage"
 
-pytestmark = pytest.mark.slow
+
+def test_storage_config_refuses_credentials_and_unknown_schemes():
+    from asft.config import ConfigError, load_config
+    from asft.datastore import Remote
+
+    cfg = load_config(None, ["storage.dvc_remote=s3://bucket/asft/", "storage.s3_endpoint_url=http://minio:9000"])
+    assert cfg.storage.dvc_remote == "s3://bucket/asft"
+    assert Remote("r", cfg.storage.dvc_remote, cfg.storage.s3_endpoint_url).dvc_config() == {
+        "r": {"url": "s3://bucket/asft", "endpointurl": "http://minio:9000"}}
+    assert Remote("r", "/shared/dvc").dvc_config() == {"r": {"url": "/shared/dvc"}}  # no endpoint for a path
+    for bad, says in (("storage.dvc_remote=s3://key:secret@bucket/x", "credentials"),
+                      ("storage.results_url=gs://bucket/x", "unsupported URL scheme"),
+                      ("storage.checkpoints_url=s3:///nobucket", "names no bucket"),
+                      ("storage.s3_endpoint_url=minio:9000", "http(s)://host")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            load_config(None, [bad])
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +71,7 @@ def _keys(client, prefix: str) -> list[str]:
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
+@pytest.mark.slow
 def test_checkpoint_in_s3_resumes_on_another_pod(s3, tmp_path, tiny_overrides):
     from asft import stages
     from asft.config import load_config
@@ -98,6 +115,7 @@ def test_checkpoint_in_s3_resumes_on_another_pod(s3, tmp_path, tiny_overrides):
                       .read())["version"].endswith("-e3-b0")
 
 
+@pytest.mark.slow
 def test_retrain_to_s3_then_audit_from_a_fresh_directory(s3, prefect_server, isolated_runs, tmp_path, monkeypatch,
                                                           tiny_overrides):
     from mlflow.tracking import MlflowClient
