@@ -201,7 +201,7 @@ def to_views(s: pd.Series) -> Views | Lists:
 
 
 def _pairs_match(A: Lists, rows: np.ndarray, values: np.ndarray, start: np.ndarray,
-                 chunk: int = 1 << 22) -> np.ndarray:
+                 chunk: int = 1 << 20) -> np.ndarray:
     """For each k: ``A.row(rows[k]) == values[start[k] : start[k] + len(A.row(rows[k]))]`` (the caller
     guarantees the slice is in range). Vectorised, in chunks of about ``chunk`` compared values."""
     out = np.ones(len(rows), dtype=bool)
@@ -454,17 +454,29 @@ def slices_of(W: Lists, P: Lists | Views) -> np.ndarray:
     base = P.base if isinstance(P, Views) else P
     brow_of = P.index[rows] if isinstance(P, Views) else rows
     blen = np.diff(base.offsets)
-    brow = np.repeat(np.arange(len(blen), dtype=np.int64), blen)
-    bpos = np.arange(len(base.values), dtype=np.int64) - np.repeat(base.offsets[:-1], blen)
-    uniq, vrank = np.unique(base.values, return_inverse=True)
-    key = brow * len(uniq) + vrank.astype(np.int64)
-    order = np.argsort(key, kind="stable")
-    key, bpos = key[order], bpos[order]
     first = W.values[W.offsets[rows]]
-    r = np.minimum(np.searchsorted(uniq, first), len(uniq) - 1)
-    q = brow_of * len(uniq) + r
+    # index of (list, value) -> positions; values ranked densely (tokens: their own offset from the minimum)
+    vmin, vmax = (int(base.values.min()), int(base.values.max())) if len(base.values) else (0, 0)
+    if (vmax - vmin + 1) * (len(blen) + 1) < 2**62:
+        span, rank = vmax - vmin + 1, base.values - vmin
+        r = first - vmin
+        known = (first >= vmin) & (first <= vmax)
+        r = np.where(known, r, 0)
+    else:  # values too spread to combine with the list number: rank them
+        uniq, rank = np.unique(base.values, return_inverse=True)
+        span = len(uniq)
+        r = np.minimum(np.searchsorted(uniq, first), len(uniq) - 1)
+        known = uniq[r] == first
+    key = np.repeat(np.arange(len(blen), dtype=np.int64) * span, blen) + rank.astype(np.int64)
+    del rank
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    bpos = (order - np.repeat(base.offsets[:-1], blen)[order]).astype(np.int64)
+    del order
+    q = brow_of * span + r
     lo = np.searchsorted(key, q, side="left")
-    cnt = np.where(uniq[r] == first, np.searchsorted(key, q, side="right") - lo, 0)
+    cnt = np.where(known, np.searchsorted(key, q, side="right") - lo, 0)
+    del key
     cand = np.repeat(rows, cnt)
     start = bpos[_ranges(lo, cnt)]
     fits = start + wl[cand] <= pl[cand]
