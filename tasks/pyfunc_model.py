@@ -11,15 +11,15 @@
   reward of each candidate item under the ensemble.
 
 Client errors (``k`` < 1 or not an integer, a history that is not a list of ids, a missing column,
-unknown candidate items, more than ``max_rows`` rows or ids than ``max_history`` ids in a list) are
+unknown candidate items, more than ``max_rows`` rows, more than ``max_history`` ids in a list) are
 raised as ``MlflowException(INVALID_PARAMETER_VALUE)`` with the reason: the scoring server answers
 them with HTTP 400 and that message, not 500.
 
 The signature (given when the model is saved, with an input example) declares ``history``/``items``
-as arrays of strings (called directly, without the signature check, one string of ids separated by
-spaces or commas is accepted too). ``predict`` is type-hinted with ``pd.DataFrame``: MLflow infers no
+as arrays of strings and ``k`` as Any, checked here (called directly, without the signature check,
+one string of ids separated by spaces or commas is accepted too). ``predict`` is type-hinted with ``pd.DataFrame``: MLflow infers no
 schema from that hint (the explicit signature is the schema) and asks for no other.
-Served with ``mlflow models serve -m models:/asft-recommender@champion --env-manager local``.
+Served with ``mlflow models serve -m models:/asft-recommender-<product>@champion --env-manager local``.
 """
 
 from __future__ import annotations
