@@ -262,6 +262,26 @@ def _dataset_pointer(parent, name: str, res: dict, out: Path) -> str:
     return md5
 
 
+def _restored_raw(run: _Stages, raw_dir: str, out_dir: str) -> dict:
+    """The raw dataset version an audit restored through DVC, copied in place of ``ingest`` (the source
+    the audited run ingested is not on this machine) and committed to the DVC cache like a stage's."""
+    import shutil
+
+    from asft.utils import dir_sha256
+
+    run.current = "ingest"
+    run._announce(["ingest (the recorded raw dataset, restored through DVC)"])
+    t = time.perf_counter()
+    dst = Path(out_dir)
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(raw_dir, dst)
+    md5 = datastore.commit(dst, lineage.dvc_cache_dir())
+    run.timings["ingest"] = time.perf_counter() - t
+    run.cache["ingest"] = {"hit": False, "restored_from": str(raw_dir)}
+    return {"out_dir": str(dst), "out_md5": md5, "sha256": dir_sha256(dst)}
+
+
 def _plan(cfg: Config, sweep: dict[str, float], reuse_base: bool) -> int:
     """How many stage instances this run announces (``[i/N]``)."""
     fixed = ["ingest", "preprocess", "preferences", "train-base", "evaluate", "train-reward", "train-judge",
@@ -279,12 +299,14 @@ def retrain(
     use_cache: bool = True,
     register_models: bool = True,
     audit_of: str | None = None,
+    raw_dir: str | None = None,
 ) -> dict:
     """Retrain and post-train; ``output`` defaults to a fresh per-run directory under ``runs/``.
 
     ``overrides``: settings to change (typed, every field optional) or ``key=value`` strings;
     ``use_cache=False`` recomputes every stage; ``register_models=False`` (and audits, ``audit_of=RUN_ID``)
-    never touch the model registry.
+    never touch the model registry. ``raw_dir``: a raw dataset version already ingested (an audit's copy
+    restored through DVC, when the run's data source is not on this machine) stands in for ingest.
     """
     t_start = time.perf_counter()
     ov = list(overrides) if isinstance(overrides, list) else overrides_from_model(overrides)
@@ -320,7 +342,7 @@ def retrain(
     at = lambda rel: str(out / rel)
     try:
         lin = _record_lineage(parent, cfg, out)
-        raw = run.run("ingest", {}, at(stages.RAW))
+        raw = _restored_raw(run, raw_dir, at(stages.RAW)) if raw_dir else run.run("ingest", {}, at(stages.RAW))
         datasets = {"raw": _dataset_pointer(parent, "raw", raw, out)}
         stats = run.run("preprocess", {"raw_dir": raw["out_dir"]}, at(stages.PROCESSED))
         datasets["processed"] = _dataset_pointer(parent, "processed", stats, out)
