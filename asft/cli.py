@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="recompute every stage (ignore the stage cache)")
     p.add_argument("--no-register", action="store_true", help="do not register models in the MLflow registry")
     p.add_argument("--audit-of", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--raw-dir", default=None, help=argparse.SUPPRESS)  # audits: a DVC-restored raw dataset
     _common(p)
 
     p = sub.add_parser("tune", help="Optuna search of base-model settings (validation NDCG@10); writes best.yaml")
@@ -229,7 +230,7 @@ def _dispatch(args) -> int:
         result = retrain(data=args.data, output=args.output,
                          config=args.config if Path(args.config).is_file() else None,
                          overrides=list(args.overrides), use_cache=not args.no_cache,
-                         register_models=not args.no_register, audit_of=args.audit_of)
+                         register_models=not args.no_register, audit_of=args.audit_of, raw_dir=args.raw_dir)
         return 0 if result else 1
     if cmd == "tune":
         _load_cfg(args, [f"data.source={args.data}"] if args.data else [])  # fail fast on bad config
