@@ -215,11 +215,31 @@ def _checkout(commit: str, patch: Path | None, dst: Path) -> Path:
     return dst
 
 
-def rerun(run_id: str, params: Path, output: Path, tracking_uri: str, code_dir: Path) -> dict:
-    """Run ``retrain`` again from ``code_dir`` with the recorded params; returns its metrics.json."""
+def source_here(params: Path, code_dir: Path) -> tuple[str, bool]:
+    """The recorded ``data.source`` and whether this machine has it (the simulator always)."""
+    import yaml
+
+    source = str((yaml.safe_load(params.read_text()) or {}).get("data", {}).get("source", "simulator"))
+    if source == "simulator":
+        return source, True
+    path = Path(source) if Path(source).is_absolute() else code_dir / source
+    return source, path.exists()
+
+
+def rerun(run_id: str, params: Path, output: Path, tracking_uri: str, code_dir: Path,
+          raw_dir: Path | None = None, source: str | None = None) -> dict:
+    """Run ``retrain`` again from ``code_dir`` with the recorded params; returns its metrics.json. With
+    ``raw_dir`` (the recorded raw dataset restored through DVC) the re-run starts from it instead of
+    ingesting the recorded ``source``, which this machine lacks (its path is only allowed as a data root
+    so that the recorded config loads; it is never read)."""
     env = {**os.environ, "PYTHONPATH": str(code_dir), "MLFLOW_TRACKING_URI": tracking_uri}
     cmd = [sys.executable, "-m", "asft.cli", "retrain", "--config", str(params), "--output", str(output),
            "--no-cache", "--no-register", "--audit-of", run_id, f"tracking.mlflow_uri={tracking_uri}"]
+    if raw_dir is not None:
+        cmd += ["--raw-dir", str(raw_dir)]
+        if source:
+            parent = str(Path(source if Path(source).is_absolute() else code_dir / source).parent)
+            env["ASFT_DATA_ROOTS"] = os.pathsep.join(filter(None, [env.get("ASFT_DATA_ROOTS"), parent]))
     proc = subprocess.run(cmd, cwd=code_dir, env=env, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"the re-run failed (exit {proc.returncode}); see {output}/failure.json")
@@ -247,7 +267,17 @@ def audit(run_id: str, tracking_uri: str, output: Path, do_rerun: bool = True,
             rerun_out = output / "rerun"
             if rerun_out.exists():
                 shutil.rmtree(rerun_out)
-            again = rerun(run_id, files["params"], rerun_out, tracking_uri, code_dir)
+            source, present = source_here(files["params"], code_dir)
+            raw = checks["datasets"]["raw"]
+            raw_dir = None
+            if not present:
+                if not raw.get("retrievable"):
+                    raise RuntimeError(f"the data source {source} is not on this machine and the recorded raw "
+                                       f"dataset could not be restored: {raw.get('error')}")
+                raw_dir = Path(raw["path"])
+            report["rerun_input"] = ("source " + source if raw_dir is None
+                                     else f"raw dataset {raw['md5']} restored from {raw['from']} (source {source} absent)")
+            again = rerun(run_id, files["params"], rerun_out, tracking_uri, code_dir, raw_dir, source)
         finally:
             if worktree is not None:
                 _git("worktree", "remove", "--force", str(worktree))
@@ -301,6 +331,7 @@ def audit_main(args) -> int:
                   f"{r['compared'] - len(r['mismatched'])}/{r['compared']} values equal ({r['numeric']} numeric)")
         t.add_row("datasets", "yes" if r["datasets_equal"] else "NO", "DVC hashes of raw, processed, preferences")
         t.add_row("models", "yes" if r["model_hashes_equal"] else "NO", "sha256 of every model file")
+        t.add_row("re-run input", "", rep.get("rerun_input", ""))
         mv = r["models_vs_mlflow"]
         t.add_row("models vs MLflow", "yes" if mv["equal"] else "NO",
                   f"{mv['files']} files of {len(mv['compared'])} models downloaded from MLflow = the re-run's"

@@ -2,11 +2,12 @@
 
 - A training run preempted on one "pod" (its disk lost) is resumed by a run in another, empty directory
   from the checkpoint it uploaded to S3, and ends bit for bit where an uninterrupted run ends.
-- A tiny retrain with ``storage.*`` pointing at the server pushes its dataset versions to the S3 DVC
-  remote, its stage results to Prefect result storage and its checkpoints to S3, and records the remote
-  on the MLflow run; ``asft audit`` from another directory, with an empty DVC cache and no runs
-  directory, fetches the datasets through the S3 remote and the models from MLflow, re-runs and finds
-  every value equal.
+- A tiny retrain of a MovieLens-format directory with ``storage.*`` pointing at the server pushes its
+  dataset versions to the S3 DVC remote, its stage results to Prefect result storage and its checkpoints
+  to S3, and records the remote on the MLflow run. Then the worker's disk is gone (the data directory
+  too); ``asft audit`` from another directory, with an empty DVC cache and no runs directory, fetches the
+  datasets through the S3 remote and the models from MLflow, re-runs from the restored raw dataset and
+  finds every value equal.
 """
 
 from __future__ import annotations
@@ -118,12 +119,24 @@ def test_checkpoint_in_s3_resumes_on_another_pod(s3, tmp_path, tiny_overrides):
 @pytest.mark.slow
 def test_retrain_to_s3_then_audit_from_a_fresh_directory(s3, prefect_server, isolated_runs, tmp_path, monkeypatch,
                                                           tiny_overrides):
+    import shutil
+
     from mlflow.tracking import MlflowClient
     from prefect.settings import get_current_settings
 
+    from asft.config import load_config
+    from asft.simulator import Simulator
     from flows.retrain import retrain
     from ops.audit import audit
     from tasks import lineage
+
+    # a MovieLens-100K-format log that only the worker has
+    sim = Simulator(load_config(None, tiny_overrides).simulator, 7).generate().interactions
+    source = tmp_path / "pod" / "ml-tiny"
+    source.mkdir(parents=True)
+    codes = {c: sim[c].str[1:].astype(int) for c in ("user_id", "item_id")}
+    (source / "u.data").write_text("".join(f"{u}\t{i}\t{int(r)}\t{t}\n" for u, i, r, t in zip(
+        codes["user_id"], codes["item_id"], sim["rating"], sim["timestamp"], strict=True)))
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = [f"storage.dvc_remote=s3://{BUCKET}/dvc", f"storage.s3_endpoint_url={s3['endpoint']}",
@@ -131,7 +144,7 @@ def test_retrain_to_s3_then_audit_from_a_fresh_directory(s3, prefect_server, iso
     # one method, one reward member, every stage in the flow's process: the smallest whole pipeline
     small = ["posttrain.methods=[asft]", "posttrain.champion_method=asft", "reward.members=1",
              "validation.data_docs=false", "preferences.contexts_per_user=4", "orchestration.max_parallel=1"]
-    result = retrain(data="simulator", output=str(tmp_path / "pod/run"), config=str(REPO / "params.yaml"),
+    result = retrain(data=str(source), output=str(tmp_path / "pod/run"), config=str(REPO / "params.yaml"),
                      overrides=[*tiny_overrides, *small, *storage, f"tracking.mlflow_uri={uri}",
                                 "tracking.experiment=remote-lineage"], use_cache=True, register_models=False)
     pid = result["mlflow"]["parent_run_id"]
@@ -146,7 +159,10 @@ def test_retrain_to_s3_then_audit_from_a_fresh_directory(s3, prefect_server, iso
     assert any(k.endswith("LATEST.json") and "/train-base-" in f"/{k}" for k in _keys(s3["client"], "ckpt-flow/"))
     assert not any(k in json.dumps(tags) for k in ("testing",))  # no credential on the run
 
-    # a fresh machine: another working directory, an empty DVC cache, no runs directory
+    # a fresh machine: another working directory, an empty DVC cache, no runs directory; the worker's disk
+    # (its data directory, DVC cache, runs and work directories) is gone
+    shutil.rmtree(tmp_path / "pod")
+    shutil.rmtree(isolated_runs, ignore_errors=True)
     fresh = tmp_path / "auditor"
     fresh.mkdir()
     monkeypatch.chdir(fresh)
@@ -160,6 +176,7 @@ def test_retrain_to_s3_then_audit_from_a_fresh_directory(s3, prefect_server, iso
     assert all(data[k]["from"] == "remote:asft-remote" for k in ("raw", "processed", "preferences"))
     models = report["checks"]["models"]
     assert models["ok"] and set(models["compared"]) == {"base", "reward", "judge", "posttrain/asft"}
+    assert report["rerun_input"].startswith(f"raw dataset {result['datasets']['raw']} restored from remote:")
     rerun = report["rerun"]
     assert rerun["compared"] > 100 and rerun["mismatched"] == []
     assert rerun["datasets_equal"] and rerun["model_hashes_equal"] and rerun["models_vs_mlflow"]["equal"]
