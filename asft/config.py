@@ -251,6 +251,10 @@ class EvalConfig(_Section):
     mask_history: bool = Field(True, description="Mask items already in the user's history before ranking.")
     also_unmasked: bool = Field(True, description="Also report test metrics without history masking.")
     batch_size: int = Field(512, ge=1, description="Users scored per forward pass.")
+    memory_mb: int = Field(
+        1024, ge=16, description="Memory budget of one chunk of full-catalogue scores (users x items): fewer than"
+        " `batch_size` users are scored at once when their scores would not fit, so evaluation, candidate"
+        " sampling and reward scoring stay bounded at 100k+ items. Results do not depend on it.")
 
     @field_validator("ks")
     @classmethod
@@ -402,6 +406,10 @@ class SamplingConfig(_Section):
                          " (always at least n_candidates items).")
     mask_history: bool = Field(True, description="Never sample an item the user already consumed.")
     batch_size: int = Field(64, ge=1, description="Training windows per forward pass.")
+    memory_mb: int = Field(
+        1024, ge=16, description="Memory budget of one chunk of per-position catalogue scores (windows x positions x"
+        " items): a batch is processed in fewer windows at a time when its scores would not fit (100k+ items)."
+        " The draws do not depend on it on CPU (the same random stream, consumed in the same order).")
     slates_per_user: int = Field(0, ge=0, description="Also write this many autoregressive slates per user"
                                  " (validation context, KV cache) to slates.parquet (0 = off).")
     slate_size: int = Field(10, ge=1, description="K: items per slate.")

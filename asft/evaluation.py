@@ -44,6 +44,18 @@ def mask_items(scores: torch.Tensor, histories: list[np.ndarray], keep: torch.Te
     return scores
 
 
+def rows_per_chunk(bytes_per_row: int, memory_mb: float | None, max_rows: int) -> int:
+    """Rows (users, windows) processed at once so that ``rows * bytes_per_row`` fits ``memory_mb``; at most
+    ``max_rows``, at least 1. ``memory_mb`` None: ``max_rows``."""
+    if memory_mb is None:
+        return max(1, max_rows)
+    return max(1, min(max_rows, int(memory_mb * 2**20 // max(1, bytes_per_row))))
+
+
+# Live [rows, V] float32 copies while ranking one chunk: logits, masked scores, comparison, gather/scatter.
+EVAL_COPIES = 4
+
+
 @dataclass
 class EvalResult:
     metrics: dict[str, float]
@@ -59,9 +71,17 @@ def evaluate_table(
     mask_history: bool = True,
     batch_size: int = 512,
     device: str | torch.device | None = None,
+    memory_mb: float | None = 1024,
 ) -> EvalResult:
-    """Rank every row's ``target`` given its ``input`` (and ``history`` for masking)."""
+    """Rank every row's ``target`` given its ``input`` (and ``history`` for masking).
+
+    Users are scored in chunks of at most ``batch_size``, fewer when their ``[users, items]`` scores would
+    exceed ``memory_mb``; only each user's rank is kept, so memory is bounded whatever the catalog and the
+    number of users (the ranks do not depend on the chunking)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    config = getattr(getattr(model, "module", model), "config", None)
+    if config is not None:
+        batch_size = rows_per_chunk(EVAL_COPIES * 4 * config.vocab_size, memory_mb, batch_size)
     was_training = model.training
     model.eval()
     inputs = [np.asarray(x, dtype=np.int64) for x in table["input"]]
@@ -75,6 +95,7 @@ def evaluate_table(
         if mask_history:
             mask_items(scores, histories[s : s + batch_size], keep=tgt)
         ranks.append(ranks_from_scores(scores, tgt).cpu())
+        del scores
     if was_training:
         model.train()
     r = torch.cat(ranks).numpy()

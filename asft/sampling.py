@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from asft.config import Config, SamplingConfig
 from asft.data.preprocess import NUM_SPECIAL, PAD, ProcessedData
-from asft.evaluation import pad_right
+from asft.evaluation import pad_right, rows_per_chunk
 from asft.models.recommender import backbone
 
 CANDIDATES_FILE = "candidates.parquet"
@@ -248,29 +248,45 @@ def sample_candidates(policy: torch.nn.Module, tc: TrainContexts, cfg: SamplingC
     bar = tqdm(range(0, len(idx_all), cfg.batch_size), desc="sampling", leave=False, disable=not progress,
                mininterval=1.0)
     for s in bar:
-        idx = idx_all[s : s + cfg.batch_size]
-        _, _, logits, z, mask = _sampling_logits(policy, tc, idx, cfg, device, with_mask=True)
-        b_t, sel_b, sel_t = _window_contexts(tc, idx, device)
-        zc = z[b_t]
-        cand, kappa = gumbel_topk(zc, n, batch_generator(seed, idx[0], len(idx), device=device), return_threshold=True)
-        ref_lp = torch.log_softmax(logits[b_t], dim=-1)
-        q_lp = torch.log_softmax(zc, dim=-1)
-        logged = torch.tensor([int(tc.windows[idx[b]][t + 1]) for b, t in zip(sel_b, sel_t)], device=device)
-        cols["window"] += [idx[b] for b in sel_b]
-        cols["pos"] += sel_t
-        cols["user_idx"] += [int(tc.user[idx[b]]) for b in sel_b]
-        cols["context_end"] += [int(tc.start[idx[b]] + t + 1) for b, t in zip(sel_b, sel_t)]
-        cols["logged"] += logged.tolist()
-        cols["logged_rating"] += [tc.logged_rating(idx[b], t) for b, t in zip(sel_b, sel_t)]
-        cols["candidates"] += list(cand.cpu().numpy().astype(np.int32))
-        cols["ref_logp"] += list(ref_lp.gather(1, cand).cpu().numpy().astype(np.float32))
-        banned = torch.isinf(filter_logits(logits[b_t], None if mask is None else mask[b_t]))
-        ref_m = torch.log_softmax(logits[b_t].masked_fill(banned, float("-inf")), dim=-1)
-        cols["ref_logp_masked"] += list(ref_m.gather(1, cand).cpu().numpy().astype(np.float32))
-        cols["sample_logp"] += list(q_lp.gather(1, cand).cpu().numpy().astype(np.float32))
-        cols["sample_iw"] += list(inclusion_weights(zc, cand, kappa).cpu().numpy().astype(np.float32))
-        cols["logged_ref_logp"] += ref_lp.gather(1, logged[:, None])[:, 0].cpu().tolist()
+        batch = idx_all[s : s + cfg.batch_size]
+        gen = batch_generator(seed, batch[0], len(batch), device=device)
+        # Within a batch, as many windows at a time as the memory budget allows: the Gumbel noise is
+        # drawn from the batch's generator in the same row order, so the draws do not depend on it (CPU).
+        step = rows_per_chunk(SAMPLE_COPIES * 4 * tc.vocab_size * max(len(tc.windows[i]) for i in batch),
+                              cfg.memory_mb, len(batch))
+        for s2 in range(0, len(batch), step):
+            _sample_windows(policy, tc, batch[s2 : s2 + step], cfg, n, gen, cols, device)
     return pd.DataFrame(cols)
+
+
+# Live [contexts, V] float copies while sampling one chunk (logits, filtered, log-softmaxes, masks, noise).
+SAMPLE_COPIES = 10
+
+
+def _sample_windows(policy, tc: TrainContexts, idx: list[int], cfg: SamplingConfig, n: int, gen, cols: dict,
+                    device) -> None:
+    """Sample the contexts of windows ``idx`` into ``cols`` (see :func:`sample_candidates`)."""
+    _, _, logits, z, mask = _sampling_logits(policy, tc, idx, cfg, device, with_mask=True)
+    b_t, sel_b, sel_t = _window_contexts(tc, idx, device)
+    zc = z[b_t]
+    cand, kappa = gumbel_topk(zc, n, gen, return_threshold=True)
+    ref_lp = torch.log_softmax(logits[b_t], dim=-1)
+    q_lp = torch.log_softmax(zc, dim=-1)
+    logged = torch.tensor([int(tc.windows[idx[b]][t + 1]) for b, t in zip(sel_b, sel_t)], device=device)
+    cols["window"] += [idx[b] for b in sel_b]
+    cols["pos"] += sel_t
+    cols["user_idx"] += [int(tc.user[idx[b]]) for b in sel_b]
+    cols["context_end"] += [int(tc.start[idx[b]] + t + 1) for b, t in zip(sel_b, sel_t)]
+    cols["logged"] += logged.tolist()
+    cols["logged_rating"] += [tc.logged_rating(idx[b], t) for b, t in zip(sel_b, sel_t)]
+    cols["candidates"] += list(cand.cpu().numpy().astype(np.int32))
+    cols["ref_logp"] += list(ref_lp.gather(1, cand).cpu().numpy().astype(np.float32))
+    banned = torch.isinf(filter_logits(logits[b_t], None if mask is None else mask[b_t]))
+    ref_m = torch.log_softmax(logits[b_t].masked_fill(banned, float("-inf")), dim=-1)
+    cols["ref_logp_masked"] += list(ref_m.gather(1, cand).cpu().numpy().astype(np.float32))
+    cols["sample_logp"] += list(q_lp.gather(1, cand).cpu().numpy().astype(np.float32))
+    cols["sample_iw"] += list(inclusion_weights(zc, cand, kappa).cpu().numpy().astype(np.float32))
+    cols["logged_ref_logp"] += ref_lp.gather(1, logged[:, None])[:, 0].cpu().tolist()
 
 
 SCORE_COLUMNS = ("r_mean", "r_std", "r_pess", "logged_r_mean", "logged_r_pess", "expected_r_mean", "expected_r_pess")
@@ -293,10 +309,14 @@ def score_candidates(frame: pd.DataFrame, policy: torch.nn.Module, members: list
     cand_all = stack(frame, "candidates").astype(np.int64)
     logged_all = frame["logged"].to_numpy(np.int64)
     pos_all = frame["pos"].to_numpy(np.int64)
-    bar = tqdm(range(0, len(uniq), cfg.batch_size), desc="scoring", leave=False, disable=not progress, mininterval=1.0)
+    # Windows per forward pass: at most cfg.batch_size, fewer when their per-position scores of every item
+    # (logits, the members' rewards and their statistics) would exceed the memory budget.
+    step = rows_per_chunk((len(members) + SAMPLE_COPIES) * 4 * tc.vocab_size * max(len(w) for w in tc.windows),
+                          cfg.memory_mb, cfg.batch_size)
+    bar = tqdm(range(0, len(uniq), step), desc="scoring", leave=False, disable=not progress, mininterval=1.0)
     row = 0
     for s in bar:
-        idx = uniq[s : s + cfg.batch_size].tolist()
+        idx = uniq[s : s + step].tolist()
         ids, am, _, z = _sampling_logits(policy, tc, idx, cfg, device)
         mean, std, pess = position_rewards(members, ids, am, kappa)
         end = int(np.searchsorted(windows, idx[-1], side="right"))

@@ -95,6 +95,9 @@ def main() -> None:
     ap.add_argument("--negatives", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--sampled", nargs="*", default=[], help="extra overrides of the sampled runs only")
+    ap.add_argument("--only", choices=["full", "sampled"], default=None,
+                    help="run only this objective for every seed (sampled: at the first --negatives) and stop;"
+                    " lets several processes share the plan (the full command then reuses their runs)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of both objectives")
     a = ap.parse_args()
     out = Path(a.out)
@@ -111,14 +114,22 @@ def main() -> None:
         extra = ["train.softmax=full"] if k is None else ["train.softmax=sampled", f"train.negatives={k}", *a.sampled]
         return load_config(a.config, [*base, f"seed={seed}", *extra])
 
+    if a.only:
+        for s in a.seeds:
+            if a.only == "full":
+                run_one(f"full-s{s}", processed, cfg_for(s, None), out)
+            else:
+                run_one(f"sampled-k{a.negatives[0]}-s{s}", processed, cfg_for(s, a.negatives[0]), out)
+        return
     s0 = a.seeds[0]
     runs = {"full": [run_one(f"full-s{s0}", processed, cfg_for(s0, None), out)]}
     tune = {k: run_one(f"sampled-k{k}-s{s0}", processed, cfg_for(s0, k), out) for k in a.negatives}
     best_k = max(a.negatives, key=lambda k: tune[k]["valid"]["ndcg@10"])
     runs["sampled"] = [tune[best_k]]
     for s in a.seeds[1:]:
-        runs["full"].append(run_one(f"full-s{s}", processed, cfg_for(s, None), out))
         runs["sampled"].append(run_one(f"sampled-k{best_k}-s{s}", processed, cfg_for(s, best_k), out))
+    for s in a.seeds[1:]:
+        runs["full"].append(run_one(f"full-s{s}", processed, cfg_for(s, None), out))
 
     def per_user(recs, metric):
         ranks = np.array([r["test_ranks"] for r in recs], dtype=np.float64)

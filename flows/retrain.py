@@ -117,6 +117,86 @@ def quiet_data_errors_on_console() -> None:
             h.addFilter(_DataErrorConsoleFilter())
 
 
+_ACTIVE: dict[str, dict] = {}  # flow run id -> its MLflow parent run, output dir and stages (for the state hooks)
+
+
+def _hook_logger():
+    try:
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - a hook called outside a run context (tests, a runner)
+        return logging.getLogger("asft.retrain")
+
+
+def _mlflow_parent(flow_run) -> dict | None:
+    """The MLflow parent run of ``flow_run``: recorded by the flow in this process, else looked up in the
+    tracking store its parameters name (a hook run by another process, e.g. a runner after a kill)."""
+    got = _ACTIVE.get(str(flow_run.id))
+    if got is not None:
+        return got
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import PREFECT_FLOW_RUN_TAG, resolve_tracking_uri
+
+    params = flow_run.parameters or {}
+    try:
+        raw = params.get("overrides")
+        ov = (list(raw) if isinstance(raw, list) else
+              overrides_from_model(ConfigOverrides.model_validate(raw)) if raw else [])
+        if params.get("data"):
+            ov.append(f"data.source={params['data']}")
+        config = params.get("config", "params.yaml")
+        cfg = load_config(config if config and Path(config).is_file() else None, ov)
+        uri = resolve_tracking_uri(cfg)
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        runs = client.search_runs([exp.experiment_id], f"tags.`{PREFECT_FLOW_RUN_TAG}` = '{flow_run.id}'") if exp else []
+    except Exception as e:  # noqa: BLE001 - a hook must not raise; say why the runs stay open
+        _hook_logger().warning("retrain %s: MLflow parent run not found: %s", flow_run.name, e)
+        return None
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    if not parents:
+        return None
+    out = parents[0].data.tags.get("output_dir")
+    return {"uri": uri, "parent_run_id": parents[0].info.run_id, "out": Path(out) if out else None}
+
+
+def _close_on(status: str):
+    """A flow state hook (on_failure: FAILED; on_crashed, on_cancellation: KILLED): the MLflow parent run
+    and the stage runs left open get ``status`` and the reason (tag ``terminated_reason``), and
+    ``failure.json`` records the stage, the flow run's state and its message, for a crash the flow's own
+    error handling never saw (a signal, a lost worker, a cancellation, an error outside the stages)."""
+
+    def hook(flow_, flow_run, state) -> None:
+        found = _mlflow_parent(flow_run)
+        _ACTIVE.pop(str(flow_run.id), None)
+        reason = f"Prefect flow run {flow_run.name} ({flow_run.id}) {state.name}: {state.message or ''}".strip()
+        if found is None:
+            return
+        from mlflow.tracking import MlflowClient
+
+        from tasks.tracking import close_run_tree
+
+        stage = found["stages"].current if found.get("stages") is not None else None
+        try:
+            client = MlflowClient(found["uri"])
+            if found.get("out") is not None:
+                f = Path(found["out"]) / "failure.json"
+                info = json.loads(f.read_text()) if f.is_file() else {
+                    "stage": stage or "?", "error": reason[:5000], "output_dir": str(found["out"]),
+                    "mlflow_run_id": found["parent_run_id"]}
+                info.update({"flow_run_id": str(flow_run.id), "flow_run_state": state.name,
+                             "flow_run_message": (state.message or "")[:5000]})
+                write_json(f, info)
+                client.log_artifact(found["parent_run_id"], str(f))
+                client.set_tag(found["parent_run_id"], "failed_stage", info.get("stage", "?"))
+            close_run_tree(client, found["parent_run_id"], status, reason)
+        except Exception as e:  # noqa: BLE001 - a hook must not raise; the next retrain's sweep closes them
+            _hook_logger().warning("retrain %s: could not mark its MLflow runs %s: %s", flow_run.name, status, e)
+
+    hook.__name__ = f"mark_mlflow_runs_{status.lower()}"
+    return hook
+
+
 def report_failure(flow_, flow_run, state) -> None:
     """Flow on_failure/on_crashed hook: one line naming the stage and the error (the place to plug a
     notification). The stage comes from ``failure.json`` written by the flow."""
@@ -289,8 +369,9 @@ def _plan(cfg: Config, sweep: dict[str, float], reuse_base: bool) -> int:
     return len(fixed) + len(cfg.posttrain.methods) + 2 * len(sweep)
 
 
-@flow(name="retrain", log_prints=True, validate_parameters=True, on_failure=[report_failure],
-      on_crashed=[report_failure], task_runner=ThreadPoolTaskRunner(max_workers=8))
+@flow(name="retrain", log_prints=True, validate_parameters=True,
+      on_failure=[_close_on("FAILED"), report_failure], on_crashed=[_close_on("KILLED"), report_failure],
+      on_cancellation=[_close_on("KILLED")], task_runner=ThreadPoolTaskRunner(max_workers=8))
 def retrain(
     data: str | None = None,
     output: str | None = None,
@@ -327,6 +408,7 @@ def retrain(
         tags["audit_of"] = audit_of
     parent = start_parent(cfg, run_name, tags)
     uri, pid = parent.client.tracking_uri, parent.run_id
+    hooked = _ACTIVE.setdefault(str(current_flow_run.id), {"uri": uri, "parent_run_id": pid, "out": out})
     parent.log_params(cfg.flat())
     parent.log_artifact(cfg_path)
     # Training stages checkpoint into work directories keyed by their inputs, params and code: a rerun
@@ -338,6 +420,7 @@ def retrain(
              if lam != cfg.advantage.lam and "asft" in cfg.posttrain.methods}
     do_register = register_models and cfg.registry.enabled and not audit_of
     run = _Stages(cfg, ctx, use_cache, _plan(cfg, sweep, do_register))
+    hooked["stages"] = run  # the state hooks name the stage a crash or cancellation interrupted
     run.timings["flow_setup"] = time.perf_counter() - t_start
     at = lambda rel: str(out / rel)
     try:
@@ -354,7 +437,7 @@ def retrain(
         processed, raw_dir, pref_dir = stats["out_dir"], raw["out_dir"], prefs["out_dir"]
         run.current = "train-base"
         base_key = lineage.task_key(pipeline.get_stage("train-base"), cfg, {"processed_dir": processed})
-        base = _champion_base(cfg, uri, pid, base_key, out, run) if (do_register and use_cache and
+        base = _champion_base(cfg, uri, pid, base_key, out, run, processed) if (do_register and use_cache and
                                                                      cfg.registry.reuse_champion_base) else None
         if base is None:
             base = run.run("train-base", {"processed_dir": processed}, at(stages.BASE_MODEL))
@@ -411,11 +494,13 @@ def retrain(
             lineage_tags = {"base_key": base_key, "base_run_id": base_run_id, "code_version": lin["code_version"],
                             **{f"dvc.{k}.md5": v for k, v in datasets.items()}}
             t = time.perf_counter()
-            promotion = promote_task(method, post[method]["model_dir"], policies[method]["valid"], reward["out_dir"],
-                                     lineage_tags, ref, processed, judge["out_dir"], raw_dir, cfg, str(out), uri, pid,
-                                     reward_metrics=report["ensemble"])
+            promotion = promote_task.with_options(timeout_seconds=cfg.registry.gate_timeout_s)(
+                method, post[method]["model_dir"], policies[method]["valid"], reward["out_dir"], lineage_tags, ref,
+                processed, judge["out_dir"], raw_dir, cfg, str(out), uri, pid, reward_metrics=report["ensemble"])
             run.timings["promote"] = time.perf_counter() - t
-            parent.set_tags({"promotion.alias": promotion["alias"], "promotion.reason": promotion["reason"][:4000]})
+            parent.set_tags({"promotion.alias": promotion["alias"], "promotion.reason": promotion["reason"][:4000],
+                             "registry.product": promotion["product"],
+                             "registry.recommender_model": promotion["recommender_model"]})
     except BaseException as e:
         failure = {"stage": run.current, "error": f"{type(e).__name__}: {e}"[:5000],
                    "traceback": traceback.format_exc()[-8000:], "output_dir": str(out), "mlflow_run_id": pid}
@@ -473,6 +558,7 @@ def retrain(
     links = _mlflow_links(uri, parent, post)
     _artifacts(result, policies, links)
     _final_summary(result, policies, links, run.timings["flow_total"])
+    _ACTIVE.pop(str(current_flow_run.id), None)
     return result
 
 
@@ -493,7 +579,8 @@ def _artifacts(result: dict, policies: dict, links: dict[str, str]) -> None:
     rows = [{"policy": n, **{k: round(r["test"][k], 4) for k in keys}} for n, r in policies.items()]
     create_table_artifact(rows, key="posttrain-methods", description="Post-training methods on test (section 7)")
     promo = result["promotion"]
-    decision = (f"**{promo['alias']}** (v{promo['recommender_version']}): {promo['reason']}" if promo
+    decision = (f"**{promo['alias']}** ({promo['recommender_model']} v{promo['recommender_version']}): "
+                f"{promo['reason']}" if promo
                 else "not registered")
     md = [f"# retrain {Path(result['output_dir']).name}", "", f"- promotion: {decision}",
           f"- MLflow run: [{links['retrain']}]({links['retrain']})", f"- output: `{result['output_dir']}`",
@@ -513,7 +600,7 @@ def _final_summary(result: dict, policies: dict, links: dict[str, str], seconds:
     _print_methods(policies)
     promo = result["promotion"]
     if promo:
-        console.print(f"promotion: {promo['alias']} (asft-recommender v{promo['recommender_version']}): "
+        console.print(f"promotion: {promo['alias']} ({promo['recommender_model']} v{promo['recommender_version']}): "
                       f"{promo['reason']}")
     else:
         console.print("promotion: none (registration off or the champion method did not run)")
@@ -523,14 +610,15 @@ def _final_summary(result: dict, policies: dict, links: dict[str, str], seconds:
     console.print(f"output: {result['output_dir']}  (metrics.json)  finished in {seconds:.0f} s")
 
 
-def _champion_base(cfg, uri: str, pid: str, base_key: str, out: Path, run: _Stages) -> dict | None:
-    """The champion's base model when it was trained on this data with these params and code."""
+def _champion_base(cfg, uri: str, pid: str, base_key: str, out: Path, run: _Stages, processed: str) -> dict | None:
+    """The champion (of this run's product) base model when it was trained on this data with these params
+    and code."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.registry import champion_base
+    from tasks.registry import champion_base, model_names
 
     t = time.perf_counter()
-    got = champion_base(MlflowClient(uri), cfg.registry.recommender_model, base_key,
+    got = champion_base(MlflowClient(uri), model_names(cfg, processed)["recommender"], base_key,
                         out / stages.BASE_MODEL / "best")
     if got is None:
         return None

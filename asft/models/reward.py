@@ -35,7 +35,7 @@ from torch import nn
 from transformers import AutoModel, GPT2PreTrainedModel, LlamaPreTrainedModel, PretrainedConfig
 
 from asft.data.preprocess import NUM_SPECIAL, ItemVocab
-from asft.evaluation import pad_right
+from asft.evaluation import pad_right, rows_per_chunk
 from asft.models.recommender import VOCAB_FILE, backbone, item_embeddings, last_hidden
 
 ENSEMBLE_FILE = "ensemble.json"
@@ -203,6 +203,17 @@ def score_contexts(models: list[RewardModel], contexts: list[np.ndarray], batch_
     return np.stack(out)
 
 
+def score_context_chunks(models: list[RewardModel], contexts: list[np.ndarray], batch_size: int = 512,
+                         device: str | torch.device = "cpu", head: str = "reward", memory_mb: float | None = 1024):
+    """:func:`score_contexts` streamed: yields ``(start, scores [K, n, n_items])`` for consecutive chunks
+    ``contexts[start : start + n]`` sized so that a chunk's scores (and the ensemble statistics a caller
+    derives from them) fit ``memory_mb``; the same values as one dense call."""
+    n_items = models[0].config.vocab_size - NUM_SPECIAL
+    rows = rows_per_chunk((2 * len(models) + 5) * n_items * 4, memory_mb, max(1, len(contexts)))
+    for s in range(0, len(contexts), rows):
+        yield s, score_contexts(models, contexts[s : s + rows], batch_size, device, head)
+
+
 @dataclass
 class EnsembleScores:
     """Ensemble rewards of every vocabulary token ([N, V]; special tokens -inf in mean/pessimistic, 0 in std)."""
@@ -253,8 +264,37 @@ class RewardEnsemble:
         return cls(members, vocab, info.get("kappa", 1.0), info.get("centring"), info)
 
     def score_all(self, contexts: list[np.ndarray], standardize: bool = False, batch_size: int = 512) -> EnsembleScores:
-        """Score every catalog item for each context in one forward pass per member."""
-        per = score_contexts(self.members, contexts, batch_size, self.device)  # [K, N, I]
+        """Score every catalog item for each context in one forward pass per member: dense ``[N, V]`` arrays
+        (``(K + 3) x N x V`` floats), for a bounded number of contexts; over many contexts of a large
+        catalogue stream :meth:`score_chunks` or gather what is needed with :meth:`score_items`."""
+        return self._ensemble(score_contexts(self.members, contexts, batch_size, self.device), standardize)
+
+    def score_chunks(self, contexts: list[np.ndarray], standardize: bool = False, batch_size: int = 512,
+                     memory_mb: float | None = 1024):
+        """:meth:`score_all` streamed: yields ``(start, EnsembleScores)`` of consecutive chunks of ``contexts``
+        whose scores fit ``memory_mb``."""
+        for start, per in score_context_chunks(self.members, contexts, batch_size, self.device,
+                                               memory_mb=memory_mb):
+            yield start, self._ensemble(per, standardize)
+
+    def score_items(self, contexts: list[np.ndarray], items: np.ndarray, standardize: bool = False,
+                    batch_size: int = 512, memory_mb: float | None = 1024) -> dict[str, np.ndarray]:
+        """Scores of given items only: ``items`` [N, M] tokens, one row per context; returns ``mean``,
+        ``std``, ``pessimistic`` [N, M] and ``members`` [K, N, M]. Memory: one chunk plus the result."""
+        items = np.asarray(items, dtype=np.int64)
+        n, m = items.shape
+        out = {"mean": np.empty((n, m), np.float32), "std": np.empty((n, m), np.float32),
+               "pessimistic": np.empty((n, m), np.float32),
+               "members": np.empty((len(self.members), n, m), np.float32)}
+        for start, sc in self.score_chunks(contexts, standardize, batch_size, memory_mb):
+            rows = np.arange(sc.mean.shape[0])[:, None]
+            it = items[start : start + len(rows)]
+            for key in ("mean", "std", "pessimistic"):
+                out[key][start : start + len(rows)] = getattr(sc, key)[rows, it]
+            out["members"][:, start : start + len(rows)] = sc.members[:, rows, it]
+        return out
+
+    def _ensemble(self, per: np.ndarray, standardize: bool) -> EnsembleScores:
         if standardize:
             per = (per - self.centring["mean"]) / self.centring["std"]
         k, n, _ = per.shape
@@ -271,14 +311,21 @@ class RewardEnsemble:
                               pessimistic=widen(mean - self.kappa * std, -np.inf), members=full)
 
     def score_pairs(self, contexts: list[np.ndarray], ctx_index: np.ndarray, chosen: np.ndarray,
-                    rejected: np.ndarray, batch_size: int = 512) -> dict[str, np.ndarray]:
+                    rejected: np.ndarray, batch_size: int = 512, memory_mb: float | None = 1024
+                    ) -> dict[str, np.ndarray]:
         """Reward differences r(chosen) - r(rejected) per pair: ``members`` [K, P] and ``mean`` [P].
 
         ``contexts`` are the distinct contexts; pair p uses ``contexts[ctx_index[p]]`` (each context
         is scored once, whatever its number of pairs).
         """
-        per = score_contexts(self.members, contexts, batch_size, self.device)  # [K, N, I]
+        ctx_index = np.asarray(ctx_index, dtype=np.int64)
         c, r = np.asarray(chosen) - NUM_SPECIAL, np.asarray(rejected) - NUM_SPECIAL
-        d = per[:, ctx_index, c] - per[:, ctx_index, r]
-        return {"members": d, "mean": d.mean(axis=0), "std": per[:, ctx_index, c].std(axis=0) / 2
-                + per[:, ctx_index, r].std(axis=0) / 2}
+        pc = np.empty((len(self.members), len(ctx_index)), np.float32)
+        pr = np.empty_like(pc)
+        for start, per in score_context_chunks(self.members, contexts, batch_size, self.device,
+                                               memory_mb=memory_mb):  # [K, n, I] chunks, bounded
+            sel = np.flatnonzero((ctx_index >= start) & (ctx_index < start + per.shape[1]))
+            pc[:, sel] = per[:, ctx_index[sel] - start, c[sel]]
+            pr[:, sel] = per[:, ctx_index[sel] - start, r[sel]]
+        d = pc - pr
+        return {"members": d, "mean": d.mean(axis=0), "std": pc.std(axis=0) / 2 + pr.std(axis=0) / 2}

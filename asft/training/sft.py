@@ -256,7 +256,8 @@ def train_base(
             "trained_masked": cfg.train.mask_history, "softmax": "sampled" if sampled else "full"}
 
     def evaluate_fn(m):
-        return evaluate_table(m, valid, cfg.eval.ks, cfg.eval.mask_history, cfg.eval.batch_size).metrics
+        return evaluate_table(m, valid, cfg.eval.ks, cfg.eval.mask_history, cfg.eval.batch_size,
+                              memory_mb=cfg.eval.memory_mb).metrics
 
     def save_best(m, path):
         save_recommender(m, data.vocab, path, meta=meta)
@@ -277,13 +278,16 @@ def evaluate_model(model_dir: str | Path, processed_dir: str | Path, cfg: Config
     model, _, _ = load_recommender(model_dir, device=device)
     data = ProcessedData.open(processed_dir)
     out = {}
-    valid = evaluate_table(model, data.table("valid"), cfg.eval.ks, cfg.eval.mask_history, cfg.eval.batch_size)
+    valid = evaluate_table(model, data.table("valid"), cfg.eval.ks, cfg.eval.mask_history, cfg.eval.batch_size,
+                           memory_mb=cfg.eval.memory_mb)
     test_tbl = data.table("test")
-    test = evaluate_table(model, test_tbl, cfg.eval.ks, cfg.eval.mask_history, cfg.eval.batch_size)
+    test = evaluate_table(model, test_tbl, cfg.eval.ks, cfg.eval.mask_history, cfg.eval.batch_size,
+                           memory_mb=cfg.eval.memory_mb)
     out["valid"] = valid.metrics
     out["test"] = test.metrics
     if cfg.eval.also_unmasked:
-        out["test_unmasked"] = evaluate_table(model, test_tbl, cfg.eval.ks, False, cfg.eval.batch_size).metrics
+        out["test_unmasked"] = evaluate_table(model, test_tbl, cfg.eval.ks, False, cfg.eval.batch_size,
+                                              memory_mb=cfg.eval.memory_mb).metrics
     if data.stats.get("has_ratings"):
         high = test_tbl["target_rating"].to_numpy() >= 4
         if high.any():
