@@ -591,6 +591,24 @@ class RegistryConfig(_Section):
                                    " the last `preprocess.max_len` of them.")
     reuse_champion_base: bool = Field(True, description="Reuse the champion's base model (downloaded from MLflow)"
                                       " when its data hash, params and code version equal this run's.")
+    product: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="The product (dataset lineage) the registered models belong to: the names become"
+        " `<recommender_model>-<product>` and `<reward_model>-<product>`, each with its own champion, and the gate"
+        " only compares models of one product. None = derived per run: 'simulator' or the dataset directory's"
+        " name, plus the catalog fingerprint (first 8 hex of the sha256 of the item ids), so datasets and"
+        " catalogs never share a lineage. Name it in production for stable serving names.")
+    catalog_change: Literal["challenger", "champion"] = Field(
+        "challenger", description="When the product's champion ranks another catalog than the new model (a named"
+        " `product` whose catalog changed), the two are not compared: 'challenger' keeps the champion (promote by"
+        " hand), 'champion' lets the newest catalog take over the lineage.")
+    gate_timeout_s: float = Field(
+        1800, gt=0, description="Time limit of the promote stage: waiting for the promotion gate (one promotion"
+        " per product at a time), re-evaluating the champion and registering; past it the run fails.")
+    gate_lease_s: float = Field(
+        120, ge=60, le=86400, description="With a Prefect server: lease of the gate's global concurrency slot,"
+        " renewed while the gate runs; a holder that dies (kill -9, lost pod) frees the slot when its lease"
+        " expires.")
 
 
 class OrchestrationConfig(_Section):

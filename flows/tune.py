@@ -55,7 +55,9 @@ def tune(data: str | None = None, output: str = "runs/tune", config: str | None 
                       [*(overrides or []), *([f"data.source={data}"] if data else [])])
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    ingest = _ingest(cfg, str(out / "raw"), str(out / "docs"))
+    # time limits: a data stage's for ingest; a training stage's per trial for the study
+    ingest = _ingest.with_options(timeout_seconds=cfg.orchestration.data_timeout_s)(cfg, str(out / "raw"),
+                                                                                    str(out / "docs"))
     parent = uri = None
     if cfg.tracking.enabled:
         from tasks.tracking import start_parent
@@ -65,7 +67,9 @@ def tune(data: str | None = None, output: str = "runs/tune", config: str | None 
         parent, uri = run.run_id, run.client.tracking_uri
         run.log_params({f"tune.{k}": v for k, v in cfg.tune.model_dump(mode="json", exclude={"space"}).items()})
     try:
-        result = _tune(cfg, ingest["raw_dir"], str(out), n_trials, parent, uri)
+        study_limit = cfg.orchestration.train_timeout_s * (n_trials or cfg.tune.n_trials)
+        result = _tune.with_options(timeout_seconds=study_limit)(cfg, ingest["raw_dir"], str(out), n_trials, parent,
+                                                                 uri)
     except BaseException:
         if parent:
             run.end("FAILED")

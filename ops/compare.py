@@ -63,10 +63,11 @@ def comparison_table(runs, split: str = "test", metrics: tuple[str, ...] = DEFAU
         for method, vals in sorted(per.items(), key=lambda kv: (kv[0] != "base", kv[0])):
             rows.append({"run": r.info.run_name, "run_id": r.info.run_id, "started": started,
                          "dataset": r.data.tags.get("dvc.processed.md5", "")[:8],
+                         "product": r.data.tags.get("registry.product", ""),  # the registry lineage, if registered
                          "alias": r.data.tags.get("promotion.alias", "") if method == r.data.params.get(
                              "posttrain.champion_method") else "",
                          "method": method, **{k: vals.get(k, math.nan) for k in metrics}})
-    return pd.DataFrame(rows, columns=["run", "run_id", "started", "dataset", "alias", "method", *metrics])
+    return pd.DataFrame(rows, columns=["run", "run_id", "started", "dataset", "product", "alias", "method", *metrics])
 
 
 def compare_main(args) -> int:
@@ -90,10 +91,10 @@ def compare_main(args) -> int:
     table.to_csv(out / "compare.csv", index=False)
     png = run_method_bars(table, metrics, out / "compare.png", f"{', '.join(experiments)} ({args.split})")
     t = Table(title=f"runs x methods ({args.split}) - {', '.join(experiments)}")
-    for c in ("run", "started", "dataset", "alias", "method", *metrics):
+    for c in ("run", "started", "dataset", "product", "alias", "method", *metrics):
         t.add_column(c, justify="right" if c in metrics else "left")
     for _, row in table.iterrows():
-        t.add_row(row["run"], row["started"], row["dataset"], row["alias"], row["method"],
+        t.add_row(row["run"], row["started"], row["dataset"], row["product"], row["alias"], row["method"],
                   *["" if pd.isna(row[m]) else f"{row[m]:.4f}" for m in metrics])
     Console(width=200).print(t)
     print(f"table: {out / 'compare.csv'}  plot: {png}", file=sys.stderr)

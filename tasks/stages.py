@@ -42,7 +42,7 @@ from asft.pipeline import StageSpec
 from asft.plots import metric_bars, training_curves
 from asft.utils import _json_default, dvc_md5
 from tasks import lineage
-from tasks.tracking import TrackedRun, stage_run, store_lock
+from tasks.tracking import TrackedRun, stage_run
 
 CONSOLE = Console(stderr=True, width=160)  # what a person sees: stage lines and summaries
 _SLOTS: dict[str, threading.BoundedSemaphore] = {}
@@ -420,65 +420,95 @@ def flat_report(rep: dict, prefix: str = "") -> dict[str, float]:
 def promote_task(method: str, model_dir: str, valid_report: dict, reward_dir: str, lineage_tags: dict,
                  ref_dir: str, processed_dir: str, judge_dir: str, raw_dir: str, cfg: Config, out_dir: str,
                  tracking_uri: str, parent_run_id: str, reward_metrics: dict[str, float] | None = None) -> dict:
-    """Register the ``method`` policy and its reward ensemble; champion only if the gate passes.
+    """Register the ``method`` policy and its reward ensemble under the run's product; champion only if
+    the gate passes.
 
-    The current champion is re-evaluated on this run's validation contexts with this run's held-out
-    judge (when it ranks the same catalog), so both sides of the gate are measured the same way;
-    with a different catalog the champion's recorded validation metrics are used, and the reason
-    says so.
+    The product's registered names come from :func:`tasks.registry.model_names`. The whole
+    read-decide-register-move is one critical section per product (:func:`tasks.registry.promotion_gate`):
+    the champion alias is read inside it, and read again just before the alias moves (compare-and-set: a
+    champion that changed meanwhile, which the gate should make impossible, leaves this version challenger).
+    The current champion is re-evaluated on this run's validation contexts with this run's held-out judge,
+    so both sides of the gate are measured the same way; a champion of another catalog is never compared
+    (:func:`asft.promotion.catalog_change_decision`).
     """
     from mlflow.tracking import MlflowClient
 
     from asft.posttrain import evaluate_policies
-    from asft.promotion import promotion_decision
+    from asft.promotion import catalog_change_decision, promotion_decision
     from tasks import registry
 
     rc = cfg.registry
     client = MlflowClient(tracking_uri)
     out = Path(out_dir)
-    # One promotion at a time per local store: the gate reads the champion and moves the alias.
-    with store_lock(tracking_uri, "registry"), stage_run(tracking_uri, parent_run_id, "promote",
-                                                         tags={"method": method}) as run:
-        champ = registry.alias_version(client, rc.recommender_model, registry.CHAMPION)
-        champ_report, basis = None, "no champion"
-        if champ is not None:
-            champ_dir = registry.download_model_dir(client, champ, out / "champion")
-            if registry.same_catalog(champ_dir, processed_dir):
-                champ_report = evaluate_policies({"champion": champ_dir}, ref_dir, processed_dir, None, judge_dir,
-                                                 stages.load_simulator(raw_dir), cfg, splits=("valid",))["champion"]["valid"]
-                basis = f"champion v{champ.version} re-evaluated on this run's validation data and judge"
+    names = registry.model_names(cfg, processed_dir)
+    rec_name, rew_name, product = names["recommender"], names["reward"], names["product"]
+    catalog = (names["catalog"], int(names["items"]))
+    with stage_run(tracking_uri, parent_run_id, "promote", tags={"method": method, "product": product}) as run:
+        t_wait = time.perf_counter()
+        with registry.promotion_gate(tracking_uri, rec_name, rc.gate_timeout_s, rc.gate_lease_s) as gate:
+            waited = time.perf_counter() - t_wait
+            champ = registry.alias_version(client, rec_name, registry.CHAMPION)
+            champ_report, basis = None, "no champion"
+            if champ is None:
+                decision = promotion_decision(valid_report, None, rc.ndcg_tolerance, rc.judged_margin)
             else:
-                champ_report = {"ndcg@10": float(champ.tags["valid_ndcg_at_10"]),
-                                "judged_top10": float(champ.tags["valid_judged_top10"])}
-                basis = f"champion v{champ.version} ranks another catalog: its recorded validation metrics"
-        decision = promotion_decision(valid_report, champ_report, rc.ndcg_tolerance, rc.judged_margin)
-        reason = f"{decision.reason} ({basis})"
-        common = {**lineage_tags, "method": method, "alias": decision.alias, "promotion_reason": reason,
-                  "valid_ndcg_at_10": valid_report["ndcg@10"], "valid_judged_top10": valid_report["judged_top10"],
-                  "retrain_run_id": parent_run_id}
-        rec_local = registry.save_serving_model("recommender", model_dir, out / "serving" / "recommender", rc.serve_k)
-        rew_local = registry.save_serving_model("reward", reward_dir, out / "serving" / "reward")
-        rec = registry.register_version(
-            client, rc.recommender_model, parent_run_id, rec_local, "recommender", common,
-            "Generative recommender post-trained with A-SFT; pyfunc: history -> top-K",
-            metrics={f"posttrain/{method}/valid/{k}": v for k, v in valid_report.items()},
-            dataset=("processed", lineage_tags["dvc.processed.md5"]))
-        rew = registry.register_version(
-            client, rc.reward_model, parent_run_id, rew_local, "reward_model",
-            {**common, "recommender_version": rec.version},
-            "Bradley-Terry reward ensemble; pyfunc: (history, items) -> rewards",
-            metrics={f"reward/{k}": v for k, v in (reward_metrics or {}).items()},
-            dataset=("preferences", lineage_tags["dvc.preferences.md5"]))
-        client.set_model_version_tag(rc.recommender_model, rec.version, "reward_version", rew.version)
-        client.set_registered_model_alias(rc.recommender_model, decision.alias, rec.version)
-        client.set_registered_model_alias(rc.reward_model, decision.alias, rew.version)
-        result = {**decision.to_dict(), "reason": reason, "recommender_version": rec.version,
-                  "reward_version": rew.version, "champion_version_before": champ.version if champ else None}
+                champ_dir = registry.download_model_dir(client, champ, out / "champion")
+                champ_catalog = registry.catalog_of(champ_dir)
+                if champ_catalog[0] == catalog[0]:
+                    champ_report = evaluate_policies(
+                        {"champion": champ_dir}, ref_dir, processed_dir, None, judge_dir,
+                        stages.load_simulator(raw_dir), cfg, splits=("valid",))["champion"]["valid"]
+                    basis = f"champion v{champ.version} re-evaluated on this run's validation data and judge"
+                    decision = promotion_decision(valid_report, champ_report, rc.ndcg_tolerance, rc.judged_margin)
+                else:
+                    basis = f"champion v{champ.version}: catalog {champ_catalog[0][:12]}, not compared"
+                    decision = catalog_change_decision(valid_report, champ.version, product, champ_catalog, catalog,
+                                                       rc.catalog_change)
+            reason = f"{decision.reason} ({basis})"
+            common = {**lineage_tags, "method": method, "alias": decision.alias, "promotion_reason": reason,
+                      "valid_ndcg_at_10": valid_report["ndcg@10"], "valid_judged_top10": valid_report["judged_top10"],
+                      "retrain_run_id": parent_run_id, "product": product, "catalog_fingerprint": catalog[0],
+                      "catalog_items": catalog[1]}
+            model_tags = {"product": product, "catalog_fingerprint": catalog[0], "catalog_items": catalog[1],
+                          "data_source": cfg.data.source}
+            limits = {"max_rows": rc.serve_max_rows, "max_history": rc.serve_max_history}
+            rec_local = registry.save_serving_model("recommender", model_dir, out / "serving" / "recommender",
+                                                    rc.serve_k, processed_dir=processed_dir, **limits)
+            rew_local = registry.save_serving_model("reward", reward_dir, out / "serving" / "reward", **limits)
+            rec = registry.register_version(
+                client, rec_name, parent_run_id, rec_local, "recommender", common,
+                registry.serving_description("recommender", rc.serve_k, **limits),
+                metrics={f"posttrain/{method}/valid/{k}": v for k, v in valid_report.items()},
+                dataset=("processed", lineage_tags["dvc.processed.md5"]), model_tags=model_tags)
+            rew = registry.register_version(
+                client, rew_name, parent_run_id, rew_local, "reward_model",
+                {**common, "recommender_version": rec.version},
+                registry.serving_description("reward", rc.serve_k, **limits),
+                metrics={f"reward/{k}": v for k, v in (reward_metrics or {}).items()},
+                dataset=("preferences", lineage_tags["dvc.preferences.md5"]), model_tags=model_tags)
+            client.set_model_version_tag(rec_name, rec.version, "reward_version", rew.version)
+            alias, now = decision.alias, registry.alias_version(client, rec_name, registry.CHAMPION)
+            if alias == registry.CHAMPION and (now.version if now else None) != (champ.version if champ else None):
+                alias = registry.CHALLENGER  # compare-and-set failed: the champion moved during this gate
+                reason += (f"; not promoted: the champion moved from v{champ.version if champ else None} to "
+                           f"v{now.version if now else None} while this gate ran")
+                for name, v in ((rec_name, rec.version), (rew_name, rew.version)):
+                    client.set_model_version_tag(name, v, "alias", alias)
+                    client.set_model_version_tag(name, v, "promotion_reason", reason)
+            client.set_registered_model_alias(rec_name, alias, rec.version)
+            client.set_registered_model_alias(rew_name, alias, rew.version)
+        result = {**decision.to_dict(), "alias": alias, "promote": alias == registry.CHAMPION, "reason": reason,
+                  "recommender_version": rec.version, "reward_version": rew.version,
+                  "champion_version_before": champ.version if champ else None, "product": product,
+                  "recommender_model": rec_name, "reward_model": rew_name, "catalog_fingerprint": catalog[0],
+                  "gate": gate, "gate_wait_s": waited}
         path = registry.write_decision(out / "promotion.json", result)
         run.log_artifact(path)
-        run.set_tags({"promotion.alias": decision.alias, "promotion.reason": reason[:4000]})
+        run.set_tags({"promotion.alias": alias, "promotion.reason": reason[:4000], "promotion.gate": gate,
+                      "registered_model": rec_name})
         if champ_report:
             run.log_metrics(champ_report, prefix="champion_valid/")
         run.log_metrics(valid_report, prefix="new_valid/")
-    get_run_logger().info("registered %s v%s as %s: %s", rc.recommender_model, rec.version, decision.alias, reason)
+        run.log_metrics({"gate_wait_s": waited})
+    get_run_logger().info("registered %s v%s as %s: %s", rec_name, rec.version, alias, reason)
     return result

@@ -33,6 +33,7 @@ def test_concurrent_retrains_against_servers_one_champion_per_product(tmp_path, 
         results = launch(3, tmp_path, [*TINY, "posttrain.methods=[asft]"], env_extra=env, tracking_uri=srv["mlflow"],
                          per_run=per_run)
         report = check(tmp_path, results, srv["mlflow"])
+        beta_model = MlflowClient(srv["mlflow"]).get_registered_model("asft-recommender-beta")
     failed = [r["log_tail"] for r in results if r["rc"] != 0]
     assert not failed, failed
     assert consistent(report, 3, products=2), report
@@ -51,9 +52,7 @@ def test_concurrent_retrains_against_servers_one_champion_per_product(tmp_path, 
     (beta,) = report["gates"]["beta"]
     assert beta["champion_before"] is None and beta["alias"] == "champion"
     assert beta["reason"].startswith("no current champion")
-    client = MlflowClient(srv["mlflow"])
-    rm = client.get_registered_model("asft-recommender-beta")
-    assert rm.tags["product"] == "beta" and len(rm.tags["catalog_fingerprint"]) == 64
+    assert beta_model.tags["product"] == "beta" and len(beta_model.tags["catalog_fingerprint"]) == 64
 
 
 # -- state hooks and dead runs -------------------------------------------------------------------------------
@@ -157,3 +156,36 @@ def test_dead_runs_are_closed_from_the_prefect_flow_run_state(prefect_server, tm
     assert "heartbeats" in client.get_run(dead_pid).data.tags["terminated_reason"]
     for rid in (live_pid, live_stage, unknown_pid):
         assert client.get_run(rid).info.status == "RUNNING"
+
+
+# -- products and catalogs (pure) ------------------------------------------------------------------------------
+def test_products_scope_the_registered_names_and_catalog_changes_are_not_compared(tmp_path):
+    from asft.config import load_config
+    from asft.data.preprocess import ItemVocab
+    from asft.promotion import catalog_change_decision, catalog_fingerprint, product_name, registered_name
+    from tasks.registry import model_names
+
+    fp = catalog_fingerprint(["i1", "i2", "i3"])
+    assert fp != catalog_fingerprint(["i2", "i1", "i3"]) and len(fp) == 64  # the order fixes the tokens
+    assert product_name(None, "simulator", fp) == f"simulator-{fp[:8]}"
+    assert product_name(None, "/data/ML 100K/", fp) == f"ML-100K-{fp[:8]}"
+    assert product_name(None, "/data/shop/events.parquet", fp) == f"events-{fp[:8]}"
+    assert product_name("shop-eu", "simulator", fp) == "shop-eu"
+    assert registered_name("asft-recommender", "shop-eu") == "asft-recommender-shop-eu"
+
+    ItemVocab(["i1", "i2", "i3"]).save(tmp_path / "vocab.json")
+    names = model_names(load_config(None, ["data.source=simulator"]), tmp_path)
+    assert names == {"product": f"simulator-{fp[:8]}", "recommender": f"asft-recommender-simulator-{fp[:8]}",
+                     "reward": f"asft-reward-simulator-{fp[:8]}", "catalog": fp, "items": "3"}
+    named = model_names(load_config(None, ["registry.product=shop-eu"]), tmp_path)
+    assert (named["recommender"], named["reward"]) == ("asft-recommender-shop-eu", "asft-reward-shop-eu")
+    with pytest.raises(Exception, match="registry.product"):
+        load_config(None, ["registry.product=../other"])
+
+    new = {"ndcg@10": 0.12, "judged_top10": 0.3}
+    kept = catalog_change_decision(new, 4, "shop-eu", ("a" * 64, 1682), ("b" * 64, 1700))
+    assert (kept.promote, kept.alias, kept.champion) == (False, "challenger", None)
+    assert "catalog changed in product 'shop-eu'" in kept.reason and "not compared" in kept.reason
+    assert "1682 items" in kept.reason and "1700 items" in kept.reason and "NDCG" not in kept.reason
+    took = catalog_change_decision(new, 4, "shop-eu", ("a" * 64, 1682), ("b" * 64, 1700), "champion")
+    assert (took.promote, took.alias) == (True, "champion") and "newest catalog" in took.reason

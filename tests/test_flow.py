@@ -154,7 +154,9 @@ def test_retrain_flow_records_everything(prefect_server, isolated_runs, tmp_path
 
     # registry: the first model is champion (recommender and its reward model), reason logged
     assert metrics["promotion"]["alias"] == "champion"
-    for name in ("asft-recommender", "asft-reward"):
+    promo = metrics["promotion"]  # the product: the simulator and this catalog's fingerprint
+    assert promo["recommender_model"] == f"asft-recommender-{promo['product']}" and promo["product"].startswith("simulator-")
+    for name in (promo["recommender_model"], promo["reward_model"]):
         v = client.get_model_version_by_alias(name, "champion")
         assert v.run_id == parent.info.run_id and v.tags["promotion_reason"].startswith("no current champion")
     assert parent.data.tags["promotion.alias"] == "champion"
@@ -192,7 +194,8 @@ def test_retrain_reuses_cache_and_champion_base(prefect_server, isolated_runs, t
     src = client.get_run(hits["posttrain-asft"].data.tags["source_run_id"])
     assert src.data.tags["mlflow.parentRunId"] == first["mlflow"]["parent_run_id"]
     assert hits["posttrain-asft"].data.metrics["test/ndcg_at_10"] == second["posttrain"]["asft"]["test"]["ndcg@10"]
-    assert client.get_model_version_by_alias("asft-recommender", "champion").run_id == first["mlflow"]["parent_run_id"]
+    assert client.get_model_version_by_alias(first["promotion"]["recommender_model"], "champion").run_id == \
+        first["mlflow"]["parent_run_id"]
 
 
 def test_retrain_flow_stops_at_validation(prefect_server, isolated_runs, tmp_path, tiny_overrides):

@@ -224,8 +224,9 @@ def test_scheduled_deployment_worker_registry_serving_compare_audit(servers, tin
     assert parent.data.tags["prefect.deployment"] == "retrain-weekly"
     assert abs(parent.data.metrics["posttrain/asft/test/ndcg_at_10"] - m1["posttrain"]["asft"]["test"]["ndcg@10"]) < 1e-12
     assert m1["promotion"]["alias"] == "champion" and m1["promotion"]["reason"].startswith("no current champion")
-    champ = client.get_model_version_by_alias("asft-recommender", "champion")
-    reward_champ = client.get_model_version_by_alias("asft-reward", "champion")
+    rec_name, rew_name = m1["promotion"]["recommender_model"], m1["promotion"]["reward_model"]  # the product's
+    champ = client.get_model_version_by_alias(rec_name, "champion")
+    reward_champ = client.get_model_version_by_alias(rew_name, "champion")
     assert champ.run_id == parent.info.run_id and champ.tags["method"] == "asft"
     assert reward_champ.run_id == parent.info.run_id
     assert champ.tags["dvc.processed.md5"] == m1["datasets"]["processed"]
@@ -239,14 +240,14 @@ def test_scheduled_deployment_worker_registry_serving_compare_audit(servers, tin
     assert m2["promotion"]["alias"] == "challenger", m2["promotion"]
     assert "NDCG@10" in m2["promotion"]["reason"] and "re-evaluated" in m2["promotion"]["reason"]
     assert m2["lineage"]["cache"]["preprocess"]["hit"] and not m2["lineage"]["cache"]["train-base"]["hit"]
-    assert client.get_model_version_by_alias("asft-recommender", "champion").version == champ.version
-    chall = client.get_model_version_by_alias("asft-recommender", "challenger")
+    assert client.get_model_version_by_alias(rec_name, "champion").version == champ.version
+    chall = client.get_model_version_by_alias(rec_name, "challenger")
     assert chall.run_id == m2["mlflow"]["parent_run_id"] and "NDCG@10" in chall.tags["promotion_reason"]
     p2 = client.get_run(m2["mlflow"]["parent_run_id"])
     assert p2.data.tags["promotion.alias"] == "challenger"
 
     # serving: `mlflow models serve` of the champion answers a recommendation request
-    proc, port = _serve(lambda p: [str(BIN / "mlflow"), "models", "serve", "-m", "models:/asft-recommender@champion",
+    proc, port = _serve(lambda p: [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{rec_name}@champion",
                                    "--env-manager", "local", "-h", "127.0.0.1", "-p", str(p), "-w", "1"],
                         "/ping", env, tmp / "serve.log", 180, cwd=tmp)
     try:
@@ -298,4 +299,4 @@ def test_scheduled_deployment_worker_registry_serving_compare_audit(servers, tin
     assert report["rerun"]["numeric"] > 200 and report["rerun"]["mismatched"] == []
     audit_run = client.get_run(report["rerun"]["audit_run_id"])
     assert audit_run.data.tags["kind"] == "audit" and audit_run.data.tags["audit_of"] == m1["mlflow"]["parent_run_id"]
-    assert client.get_model_version_by_alias("asft-recommender", "champion").version == champ.version  # untouched
+    assert client.get_model_version_by_alias(rec_name, "champion").version == champ.version  # untouched
