@@ -121,7 +121,7 @@ def stage_validate(raw_dir: str | Path, cfg: Config, docs_dir: str | Path | None
 
 def stage_preprocess(raw_dir: str | Path, cfg: Config, out_dir: str | Path, docs_dir: str | Path | None = None) -> dict:
     from asft.data.expectations import validate_processed
-    from asft.data.preprocess import preprocess
+    from asft.data.preprocess import preprocess_raw_dir
 
     report: dict = {}
 
@@ -129,7 +129,8 @@ def stage_preprocess(raw_dir: str | Path, cfg: Config, out_dir: str | Path, docs
         report.update(validate_processed(tmp, cfg, docs_dir))
         write_json(tmp / "validation.json", persisted_report(report))
 
-    stats = preprocess(read_raw(raw_dir), cfg.preprocess, out_dir, validate_fn=check)
+    # = preprocess(read_raw(raw_dir), ...), without holding the raw log while the output is validated
+    stats = preprocess_raw_dir(raw_dir, cfg.preprocess, out_dir, validate_fn=check)
     return {**stats, "processed_dir": str(out_dir), "sha256": dir_sha256(out_dir), "validation": report}
 
 

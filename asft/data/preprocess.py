@@ -210,17 +210,68 @@ def preprocess(data: InteractionData, cfg: PreprocessConfig, out_dir: str | Path
     df = data.interactions
     if df[TS].dtype != np.int64:
         raise DataFormatError("<interactions>", f"timestamp must be int64, got {df[TS].dtype}", column=TS)
-    n_raw = len(df)
+    columns = {c: df[c] for c in (USER, ITEM, TS, RATING) if c in df.columns}
+    return _preprocess(columns, len(df), data, cfg, out_dir, validate_fn)
+
+
+def preprocess_raw_dir(raw_dir: str | Path, cfg: PreprocessConfig, out_dir: str | Path,
+                       validate_fn: Callable[[Path], None] | None = None) -> dict:
+    """:func:`preprocess` of a published ``raw/`` directory (same outputs as
+    ``preprocess(read_raw(raw_dir), ...)``), reading only the canonical columns with Arrow and releasing
+    them once they are encoded, so the raw log is not held in memory while the output is validated."""
+    raw_dir = Path(raw_dir)
+    src = json.loads((raw_dir / "source.json").read_text())
+    items = pd.read_parquet(raw_dir / "catalog.parquet") if (raw_dir / "catalog.parquet").is_file() else None
+    path = raw_dir / "interactions.parquet"
+    names = pq.read_schema(path).names
+    table = pq.read_table(path, columns=[c for c in (USER, ITEM, TS, RATING) if c in names])
+    n_raw = table.num_rows
+    for c in (USER, ITEM, TS):
+        if c not in table.column_names:
+            raise DataFormatError(path, f"column {c!r} not found", column=c)
+    ts_type = table.schema.field(TS).type
+    if ts_type != pa.int64():
+        raise DataFormatError("<interactions>", f"timestamp must be int64, got {_pandas_dtype(ts_type)}", column=TS)
+    columns = {c: table.column(c) for c in table.column_names}
+    del table
+    data = InteractionData(pd.DataFrame(), items, src["source"], src["format"])
+    return _preprocess(columns, n_raw, data, cfg, out_dir, validate_fn)
+
+
+def _pandas_dtype(t: pa.DataType) -> str:
+    try:
+        return str(np.dtype(t.to_pandas_dtype()))
+    except (NotImplementedError, TypeError):
+        return str(t)
+
+
+def _column(col, what: str) -> np.ndarray | pd.Series:
+    """A canonical column (pandas or Arrow) as what :func:`_preprocess` needs: ids as a pandas Series,
+    timestamps as int64 and ratings as float64 (NaN when missing)."""
+    if isinstance(col, pd.Series):
+        if what == "id":
+            return col
+        return col.to_numpy(dtype=np.int64) if what == "ts" else col.to_numpy(dtype=np.float64, na_value=np.nan)
+    if what == "id":
+        return col.to_pandas()
+    if what == "ts":
+        return np.asarray(col.to_numpy(), dtype=np.int64)
+    return np.asarray(col.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def _preprocess(columns: dict, n_raw: int, data: InteractionData, cfg: PreprocessConfig, out_dir: str | Path,
+                validate_fn: Callable[[Path], None] | None) -> dict:
+    """The preprocessing of :func:`preprocess` on the canonical columns (pandas or Arrow); ``columns`` is
+    emptied as they are encoded (the caller's only reference lets them go)."""
     # users in string order (user_idx follows it); items in order of first appearance after sorting
-    ucode, user_names = _factorize(df[USER], sort=True)
-    icode, item_names = _factorize(df[ITEM], sort=False)
+    ucode, user_names = _factorize(_column(columns.pop(USER), "id"), sort=True)
+    icode, item_names = _factorize(_column(columns.pop(ITEM), "id"), sort=False)
     users_raw, items_raw = len(user_names), len(item_names)
-    ts = df[TS].to_numpy(dtype=np.int64)
+    ts = _column(columns.pop(TS), "ts")
     # sort by user, then timestamp; lexsort is stable, so ties keep the source row order
     order = np.lexsort((ts, ucode))
     ucode, icode, ts = ucode[order], icode[order], ts[order]
-    has_rating_col = RATING in df.columns
-    rating = df[RATING].to_numpy(dtype=np.float64, na_value=np.nan)[order] if has_rating_col else None
+    rating = _column(columns.pop(RATING), "rating")[order] if RATING in columns else None
     del order
 
     def keep_rows(mask: np.ndarray) -> None:
@@ -300,7 +351,7 @@ def preprocess(data: InteractionData, cfg: PreprocessConfig, out_dir: str | Path
     n_windows = len(owner)
     del owner, w_start, w_end, first, w_len
 
-    def held_out(back: int) -> pa.Table:
+    def held_out(tokens: np.ndarray, ratings: np.ndarray | None, starts: np.ndarray, back: int) -> pa.Table:
         t = lengths - back  # position of the target in each sequence
         hist_off = np.concatenate([[0], np.cumsum(t)])
         in_len = np.minimum(t, L)
@@ -345,8 +396,9 @@ def preprocess(data: InteractionData, cfg: PreprocessConfig, out_dir: str | Path
         del seq_table
         pq.write_table(train_table, tmp / "train.parquet")
         del train_table
-        pq.write_table(held_out(2), tmp / "valid.parquet")
-        pq.write_table(held_out(1), tmp / "test.parquet")
+        pq.write_table(held_out(tokens, ratings, starts, 2), tmp / "valid.parquet")
+        pq.write_table(held_out(tokens, ratings, starts, 1), tmp / "test.parquet")
+        del tokens, ratings, starts
         vocab.save(tmp / "vocab.json")
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
         if data.items is not None:
