@@ -8,8 +8,9 @@ One command (prints and writes JSON)::
    bucket holding the DVC remote (``dvc/``), Prefect's results (``results/``), the checkpoints
    (``checkpoints/``) and the MLflow artifacts (``mlflow/``); MLflow's backend is a SQLite file outside
    both clones (the "tracking server").
-2. The worker: ``git clone REPO worker``, then ``retrain`` there with ``storage.*`` pointing at the server
-   (its own DVC cache, Prefect home and runs directory inside the clone). Then the worker clone is deleted:
+2. The worker: ``git clone REPO worker``, then ``retrain --no-register`` there with ``storage.*`` pointing at
+   the server (its own DVC cache, Prefect home and runs directory inside the clone; every trained model is
+   logged to MLflow by its stage run, registration is left out). Then the worker clone is deleted:
    the pod is gone with its disk.
 3. The auditor: ``git clone REPO auditor`` (an empty DVC cache, no runs directory, another Prefect home),
    then ``asft audit RUN_ID``: datasets fetched through the S3 DVC remote the run recorded, models
@@ -80,7 +81,8 @@ def main() -> int:
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "ASFT_"))}
     base_env.update(DO_NOT_TRACK="true", PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true",
                     DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", GX_ANALYTICS_ENABLED="false",
-                    MLFLOW_S3_ENDPOINT_URL=endpoint, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+                    MLFLOW_S3_ENDPOINT_URL=endpoint, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300")  # a busy machine starts slowly
     uri = f"sqlite:///{work / 'tracking' / 'mlflow.db'}"
     (work / "tracking").mkdir()
     storage = [f"storage.dvc_remote=s3://{BUCKET}/dvc", f"storage.s3_endpoint_url={endpoint}",
@@ -99,7 +101,7 @@ def main() -> int:
            "PYTHONPATH": str(worker)}
     out = worker / "runs" / "lineage-run"
     result["retrain"] = _run([py, "-m", "asft.cli", "retrain", "--data", "simulator", "--output", str(out),
-                              *TINY, *storage, *args.overrides], worker, env, work / "retrain.log")
+                              "--no-register", *TINY, *storage, *args.overrides], worker, env, work / "retrain.log")
     if result["retrain"]["rc"] != 0:
         print(json.dumps(result, indent=1))
         return 1
