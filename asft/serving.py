@@ -27,10 +27,11 @@ import numpy as np
 import torch
 
 from asft.data.preprocess import NUM_SPECIAL, ItemVocab
-from asft.evaluation import mask_items, pad_right
+from asft.evaluation import EVAL_COPIES, mask_items, pad_right, rows_per_chunk
 
 POPULARITY_FILE = "popularity.json"
 POPULAR = "popular"  # the ``fallback`` flag of a cold-start answer
+MEMORY_MB = 256  # budget of one chunk of whole-catalogue scores while answering a request
 
 
 class ServingInputError(ValueError):
@@ -171,15 +172,16 @@ class Recommender:
     """A saved generative recommender (``save_pretrained`` dir + item vocabulary) answering top-K."""
 
     def __init__(self, model, vocab, max_len: int, device: str | torch.device = "cpu",
-                 popularity: Popularity | None = None, limits: ServingLimits | None = None):
-        self.model, self.vocab, self.max_len = model.eval(), vocab, max_len
+                 popularity: Popularity | None = None, limits: ServingLimits | None = None,
+                 memory_mb: float | None = MEMORY_MB):
+        self.model, self.vocab, self.max_len, self.memory_mb = model.eval(), vocab, max_len, memory_mb
         self.device = torch.device(device)
         self.limits = limits or ServingLimits()
         self.popular = popularity.for_vocab(vocab) if popularity is not None else None
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu", popularity: str | Path | None = None,
-             limits: ServingLimits | None = None) -> Recommender:
+             limits: ServingLimits | None = None, memory_mb: float | None = MEMORY_MB) -> Recommender:
         """``popularity``: a ``popularity.json`` (the cold-start fallback); without it a history with
         no known item is refused."""
         from asft.models.recommender import load_recommender
@@ -187,7 +189,7 @@ class Recommender:
         model, vocab, meta = load_recommender(model_dir, device)
         max_len = int(meta.get("max_len") or model.config.max_position_embeddings)
         pop = Popularity.load(popularity) if popularity is not None else None
-        return cls(model, vocab, max_len, device, pop, limits)
+        return cls(model, vocab, max_len, device, pop, limits, memory_mb)
 
     def _popular(self, exclude: np.ndarray, k: int) -> tuple[list[str], list[float]]:
         tokens, logp = self.popular
@@ -204,6 +206,8 @@ class Recommender:
         Items missing from the catalog are ignored (and reported). A history with no known item gets
         the popularity fallback (flagged ``"popular"``), or raises :class:`ServingInputError` naming
         its rows when the model carries none. ``k`` above the catalog size returns the whole catalog.
+        At most ``batch_size`` histories are scored at once, fewer when their whole-catalogue scores
+        would not fit ``memory_mb``.
         """
         k = check_k(k)
         histories = check_histories(histories)
@@ -221,8 +225,9 @@ class Recommender:
         warm = [i for i, (toks, _) in enumerate(encoded) if len(toks)]
         from asft.models.recommender import mask_special, next_item_logits
 
-        for s in range(0, len(warm), batch_size):
-            rows = warm[s : s + batch_size]
+        step = rows_per_chunk(EVAL_COPIES * 4 * self.vocab.size, self.memory_mb, batch_size)
+        for s in range(0, len(warm), step):
+            rows = warm[s : s + step]
             hist = [encoded[i][0] for i in rows]
             ids, am = pad_right([h[-self.max_len:] for h in hist])
             logits = mask_special(next_item_logits(self.model, ids.to(self.device), am.to(self.device)).float())
@@ -240,18 +245,18 @@ class Recommender:
 class RewardScorer:
     """A saved reward ensemble scoring candidate items for a history: mean, std, pessimistic."""
 
-    def __init__(self, ensemble, limits: ServingLimits | None = None):
-        self.ensemble = ensemble
+    def __init__(self, ensemble, limits: ServingLimits | None = None, memory_mb: float | None = MEMORY_MB):
+        self.ensemble, self.memory_mb = ensemble, memory_mb
         self.limits = limits or ServingLimits()
 
     @classmethod
-    def load(cls, ensemble_dir: str | Path, device: str = "cpu", limits: ServingLimits | None = None) -> RewardScorer:
+    def load(cls, ensemble_dir: str | Path, device: str = "cpu", limits: ServingLimits | None = None,
+             memory_mb: float | None = MEMORY_MB) -> RewardScorer:
         from asft.models.reward import RewardEnsemble
 
-        return cls(RewardEnsemble.load(ensemble_dir, device), limits)
+        return cls(RewardEnsemble.load(ensemble_dir, device), limits, memory_mb)
 
-    def score(self, histories: list[list[str]], items: list[list[str]],
-              batch_size: int = 64) -> list[dict[str, list[float]]]:
+    def score(self, histories: list[list[str]], items: list[list[str]]) -> list[dict[str, list[float]]]:
         """Rewards of each row's candidate ``items`` after its history. A history with no known item
         and candidates outside the catalog raise :class:`ServingInputError` naming the rows (a reward
         has no cold-start answer)."""
@@ -277,10 +282,11 @@ class RewardScorer:
                                     f" {unknown[:10]})")
         max_len = int(self.ensemble.members[0].config.max_position_embeddings)
         out = []
-        # a few rows at a time: the ensemble scores the whole catalog per row (members x rows x items)
-        for s in range(0, len(encoded), batch_size):
-            scores = self.ensemble.score_all([t[-max_len:] for t in encoded[s : s + batch_size]])
-            for row, toks in enumerate(cands[s : s + batch_size]):
+        # the ensemble scores the whole catalog per row (members x rows x items): in chunks of rows
+        # that fit memory_mb
+        for start, scores in self.ensemble.score_chunks([t[-max_len:] for t in encoded], memory_mb=self.memory_mb):
+            for row in range(scores.mean.shape[0]):
+                toks = cands[start + row]
                 out.append({key: [float(v) for v in arr[row, toks]] for key, arr in
                             (("mean", scores.mean), ("std", scores.std), ("pessimistic", scores.pessimistic))})
         return out

@@ -119,7 +119,7 @@ def test_cold_start_gets_the_popular_fallback(client, raw_events, served):
 def test_known_and_unknown_items_and_batches(client, served):
     from asft.serving import Recommender
 
-    rec = Recommender.load(served[1])  # the raw model, without the pyfunc around it
+    rec = Recommender.load(served[1], memory_mb=1e-6)  # the raw model, one history at a time
     status, body = _post(client, [{"history": ["i3", "zz", "i1"], "k": 5}])
     assert status == 200
     (pred,) = body["predictions"]
@@ -168,7 +168,9 @@ def test_reward_model_refuses_unknown_candidates(served, tmp_path):
 
     scorer = RewardScorer.load(tmp_path / "ens")
     hist, cands = [["i1", "i2"], ["i3"], ["i4", "zz", "i5"]], [["i6", "i7"], ["i8"], []]
-    whole, rows = scorer.score(hist, cands), scorer.score(hist, cands, batch_size=1)  # chunked by rows: same
+    whole = scorer.score(hist, cands)
+    scorer.memory_mb = 1e-6  # one row at a time: the same scores
+    rows = scorer.score(hist, cands)
     assert [len(r["mean"]) for r in whole] == [2, 1, 0]
     for a, b in zip(whole, rows):
         for key in ("mean", "std", "pessimistic"):
