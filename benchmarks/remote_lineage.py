@@ -59,6 +59,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="/work/scale/lineage")
     ap.add_argument("--repo", default=str(Path(__file__).resolve().parents[1]))
+    ap.add_argument("--data", default="simulator",
+                    help="'simulator' or a data directory; a directory is copied onto the worker's disk and is gone "
+                         "with it, so the audit re-runs from the raw dataset restored through the DVC remote")
     ap.add_argument("overrides", nargs="*", help="extra key=value settings of the retrain")
     args = ap.parse_args()
     work = Path(args.work)
@@ -100,7 +103,12 @@ def main() -> int:
     env = {**base_env, "PREFECT_HOME": str(worker / ".prefect"), "ASFT_DATA_ROOTS": str(worker),
            "PYTHONPATH": str(worker)}
     out = worker / "runs" / "lineage-run"
-    result["retrain"] = _run([py, "-m", "asft.cli", "retrain", "--data", "simulator", "--output", str(out),
+    data = args.data
+    if data != "simulator":  # the log lives on the worker's disk only
+        data = str(worker / "worker-data" / Path(args.data).name)
+        shutil.copytree(Path(args.data).resolve(), data)
+    result["data"] = args.data
+    result["retrain"] = _run([py, "-m", "asft.cli", "retrain", "--data", data, "--output", str(out),
                               "--no-register", *TINY, *storage, *args.overrides], worker, env, work / "retrain.log")
     if result["retrain"]["rc"] != 0:
         print(json.dumps(result, indent=1))
@@ -131,6 +139,7 @@ def main() -> int:
     rerun = report.get("rerun", {})
     result["audit"].update({
         "lineage_ok": report["lineage_ok"], "reproduced": report.get("reproduced"),
+        "rerun_input": report.get("rerun_input"),
         "checks_ok": {k: c.get("ok") for k, c in checks.items()},
         "datasets_from": {k: checks["datasets"][k].get("from") for k in ("raw", "processed", "preferences")},
         "dvc_remote_used": checks["datasets"]["remote"],
