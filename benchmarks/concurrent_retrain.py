@@ -1,7 +1,7 @@
 """Concurrent ``retrain`` runs against shared stores: both finish, one champion per product.
 
     python benchmarks/concurrent_retrain.py [--runs 2] [--servers] [--products alpha,beta] [--lease-check]
-                                            [--work DIR] [--tiny] [key=value ...]
+                                            [--crash-check] [--work DIR] [--tiny] [key=value ...]
 
 Starts ``--runs`` ``retrain`` commands at the same moment, as two users (or a schedule and a user) would:
 the same working directory (so the same ``runs/`` tree, stage work directories and DVC cache) and
@@ -16,7 +16,10 @@ the same working directory (so the same ``runs/`` tree, stage work directories a
 ``--products alpha,beta`` adds one more command per extra product (``registry.product=beta`` ...), also at
 the same moment: each product has its own registered models and champion, and never compares with
 another's. ``--lease-check`` (with ``--servers``) also verifies that a gate slot held by a process that is
-killed (``kill -9``) comes back when its lease expires (about ``lease`` + the repossessor's 15 s loop).
+killed (``kill -9``) comes back when its lease expires (about ``lease`` + the repossessor's 15 s loop);
+``--crash-check`` that a retrain killed with SIGKILL mid-run is marked Crashed by the Prefect server
+(heartbeats every 30 s, the automation ``retrain`` installs) and its MLflow runs are then closed from
+that state.
 
 Then checks that the stores are consistent:
 
@@ -273,6 +276,64 @@ def lease_check(env_extra: dict[str, str], work: Path) -> dict:
             "acquired": res.stdout.strip() == "acquired", "error": res.stderr[-1000:] if res.returncode else ""}
 
 
+def crash_check(srv: dict, work: Path, overrides: list[str], heartbeat_s: int = 30, budget_s: float = 600) -> dict:
+    """A retrain killed with SIGKILL (its whole process group) mid-run: the Prefect server marks its flow run
+    Crashed from the missing heartbeats (the automation ``retrain`` installs), and the next retrain's
+    sweep (:func:`tasks.tracking.close_dead_runs`, called here as it would call it) closes its MLflow runs
+    from that state. No pid is consulted."""
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.tracking import close_dead_runs
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(work / ".prefect"), **srv["env"],
+           "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat_s)}
+    cmd = [sys.executable, "-m", "asft.cli", "retrain", "--config", str(work / "params.yaml"), *overrides,
+           "tracking.experiment=crash-check", f"tracking.mlflow_uri={srv['mlflow']}"]
+    log = work / "crash-check.log"
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    client = MlflowClient(srv["mlflow"])
+    t0, parent, stage = time.perf_counter(), None, None
+    while time.perf_counter() - t0 < budget_s and proc.poll() is None:
+        exp = client.get_experiment_by_name("crash-check")
+        runs = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'") if exp else []
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        stages = [r.data.tags.get("stage") for r in runs if r.data.tags.get("stage") == "train-base"]
+        if parents and stages:
+            parent, stage = parents[0], stages[0]
+            break
+        time.sleep(1)
+    if parent is None:
+        stop(proc)
+        return {"error": f"the retrain never reached train-base:\n{log.read_text()[-2000:]}"}
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    t_kill = time.perf_counter()
+    fr_id = parent.data.tags["prefect.flow_run_id"]
+    with temporary_settings(updates={PREFECT_API_URL: srv["prefect"]}):
+        state = None
+        while time.perf_counter() - t_kill < budget_s:
+            with get_client(sync_client=True) as pc:
+                state = pc.read_flow_run(fr_id).state
+            if state.is_final():
+                break
+            time.sleep(2)
+        t_state = time.perf_counter() - t_kill
+        status_before = client.get_run(parent.info.run_id).info.status
+        closed = close_dead_runs(client, parent.info.experiment_id)
+    after = client.get_run(parent.info.run_id)
+    kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return {"killed": "SIGKILL to the retrain's process group", "killed_during": stage,
+            "heartbeat_s": heartbeat_s, "prefect_state": state.name if state else None,
+            "prefect_state_message": state.message if state else None, "state_after_kill_s": round(t_state, 1),
+            "mlflow_parent_before_sweep": status_before, "closed_by_sweep": closed == [parent.info.run_id],
+            "mlflow_parent_after_sweep": after.info.status,
+            "terminated_reason": after.data.tags.get("terminated_reason"),
+            "stage_runs_after_sweep": sorted(k.info.status for k in kids)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=2, help="commands of the first product")
@@ -280,6 +341,8 @@ def main() -> int:
     ap.add_argument("--products", default="", help="comma-separated registry.product names: the first gets --runs"
                     " commands, every other one more command (default: the derived product)")
     ap.add_argument("--lease-check", action="store_true", help="with --servers: a killed holder's slot comes back")
+    ap.add_argument("--crash-check", action="store_true", help="with --servers: a retrain killed with SIGKILL is"
+                    " marked Crashed by Prefect and its MLflow runs are closed from that state")
     ap.add_argument("--work", default=str(REPO / "benchmarks" / "work" / "concurrent"))
     ap.add_argument("--tiny", action="store_true", help="the test suite's tiny config (seconds, not minutes)")
     ap.add_argument("overrides", nargs="*")
@@ -303,28 +366,36 @@ def main() -> int:
     with servers(work) if args.servers else contextlib.nullcontext() as srv:
         t_up = time.perf_counter() - t0
         env = {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(work / "results"), **(srv["env"] if srv else {})}
-        results = launch(n, work, overrides, env_extra=env, tracking_uri=srv["mlflow"] if srv else None,
-                         per_run=per_run)
-        report = check(work, results, srv["mlflow"] if srv else None)
+        results, report = [], {}
+        if n:  # --runs 0: only the checks below
+            results = launch(n, work, overrides, env_extra=env, tracking_uri=srv["mlflow"] if srv else None,
+                             per_run=per_run)
+            report = check(work, results, srv["mlflow"] if srv else None)
+        elif not (work / "params.yaml").exists():
+            (work / "params.yaml").write_text((REPO / "params.yaml").read_text())
         if args.lease_check and srv:
             report["lease_check"] = lease_check(srv["env"], work)
+        if args.crash_check and srv:
+            report["crash_check"] = crash_check(srv, work, overrides)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     me = resource.getrusage(resource.RUSAGE_SELF)
     report.update(runs=n, servers=bool(srv), servers_up_s=round(t_up, 1), overrides=overrides, per_run=per_run,
-                  consistent=consistent(report, n, max(len(products), 1)),
+                  consistent=consistent(report, n, max(len(products), 1)) if n else None,
                   total_wall_s=round(time.perf_counter() - t0, 1),
                   cpu_s=round(usage.ru_utime + usage.ru_stime + me.ru_utime + me.ru_stime, 1),
                   peak_rss_mb_largest_process=round(max(usage.ru_maxrss, me.ru_maxrss) / 1024, 1),
                   machine=f"{platform.node()} ({os.cpu_count()} CPUs)", date=datetime.now(UTC).isoformat())
-    out = REPO / "benchmarks" / "work" / "concurrent_retrain.json"
+    out = REPO / "benchmarks" / "work" / ("concurrent_retrain.json" if n else "concurrent_retrain_checks.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps({k: v for k, v in report.items() if k != "overrides"}, indent=1, default=str))
-    if not report["consistent"]:
+    if report["consistent"] is False:
         for r in results:
             if r["rc"] != 0:
                 print(f"--- run {r['run']} (exit {r['rc']}):\n{r['log_tail']}", file=sys.stderr)
-    return 0 if report["consistent"] else 1
+    ok = report["consistent"] is not False and report.get("lease_check", {}).get("acquired", True) and \
+        report.get("crash_check", {}).get("closed_by_sweep", True)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

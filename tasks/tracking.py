@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import logging
 import math
 import os
 import re
@@ -257,6 +258,10 @@ def start_parent(cfg: Config, run_name: str, tags: dict[str, Any], source_name: 
     ``LOCAL`` otherwise."""
     uri, exp_id = setup_experiment(cfg)
     client = MlflowClient(uri)
+    try:
+        ensure_crash_detection()
+    except Exception as e:  # noqa: BLE001 - never fail a retrain over the automation; runs are still closed
+        logging.getLogger(__name__).warning("could not install Prefect crash detection: %s", e)
     close_dead_runs(client, exp_id)
     source = source_tags(source_name, "JOB" if tags.get("prefect.deployment") else "LOCAL")
     run = client.create_run(exp_id, run_name=run_name,
@@ -350,14 +355,81 @@ def _flow_run_states(flow_run_ids: list[str]) -> dict[str, Any]:
     return {str(r.id): r.state for r in runs if r.state is not None}
 
 
+CRASH_DETECTION = "asft: flow runs without heartbeats are Crashed"
+
+
+def ensure_crash_detection() -> bool:
+    """Against a Prefect server: install (once) the proactive automation of Prefect's "Detect zombie flows"
+    guide, which marks a flow run Crashed when its heartbeats (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``)
+    stop for three intervals without a final state: the process died (``kill -9``, OOM, a lost pod) on
+    whichever host. :func:`close_dead_runs` then closes its MLflow runs. Returns True if it was created;
+    without a server (ephemeral API, where nothing evaluates automations) nothing is done."""
+    from datetime import timedelta
+
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if not settings.api.url or not settings.flows.heartbeat_frequency:
+        return False
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    within = 3 * settings.flows.heartbeat_frequency
+    with get_client(sync_client=True) as client:
+        if client.read_automations_by_name(CRASH_DETECTION):
+            return False
+        client.create_automation(AutomationCore(
+            name=CRASH_DETECTION,
+            description=f"A flow run with no heartbeat for {within} s and no final state has lost its process.",
+            trigger=EventTrigger(
+                after={"prefect.flow-run.heartbeat"},
+                expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                        "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+                match={"prefect.resource.id": ["prefect.flow-run.*"]}, for_each={"prefect.resource.id"},
+                posture=Posture.Proactive, threshold=1, within=timedelta(seconds=within)),
+            actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                        message=f"no heartbeat for {within} s: the flow run's process died")]))
+    return True
+
+
+def _process_gone(host: str, pid: str) -> bool:
+    """True only when ``pid`` ran on *this* host and no such process exists any more."""
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def _mark_crashed(flow_run_id: str, message: str):
+    """Set the flow run Crashed through the Prefect API; its new state (None if Prefect refused)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
+        return client.read_flow_run(flow_run_id).state
+
+
 def close_dead_runs(client: MlflowClient, exp_id: str) -> list[str]:
     """Retrain runs left RUNNING in MLflow whose Prefect flow run has ended (tag ``prefect.flow_run_id``):
-    the process died before it could close them (``kill -9``, OOM, a preempted pod; Prefect marks such a
-    flow run Crashed from its missing heartbeats, see README) or a hook could not reach MLflow. Their
-    stage runs and they are marked KILLED (flow run Crashed or Cancelled) or FAILED, with the flow run's
-    state as the reason. The flow run's state is asked of the Prefect API, so a run on another host
-    sharing the Prefect server is handled like a local one; runs unknown to this Prefect API and runs
-    whose flow run is still going are left alone. Returns the parent run ids closed."""
+    the process died before it could close them (``kill -9``, OOM, a preempted pod) or a hook could not
+    reach MLflow. Their stage runs and they are marked KILLED (flow run Crashed or Cancelled) or FAILED,
+    with the flow run's state as the reason. Returns the parent run ids closed.
+
+    The flow run's state is asked of the Prefect API, so a run on another host sharing the Prefect server
+    is handled like a local one: the server marks a flow run whose process vanished Crashed from its
+    missing heartbeats (:func:`ensure_crash_detection`). A flow run Prefect still reports running is left
+    alone, except when it ran on this host and its process is gone: then this host is a witness, and the
+    flow run is first marked Crashed *in Prefect* (so Prefect's record agrees, without waiting for missed
+    heartbeats, and with an ephemeral API where no server watches them), and closed from that state. A
+    flow run unknown to this Prefect API (another server) is closed only on that same-host evidence."""
     running = client.search_runs([exp_id], "attributes.status = 'RUNNING'", max_results=500)
     parents = {r.data.tags[PREFECT_FLOW_RUN_TAG]: r for r in running
                if not r.data.tags.get("mlflow.parentRunId") and r.data.tags.get(PREFECT_FLOW_RUN_TAG)}
@@ -365,18 +437,32 @@ def close_dead_runs(client: MlflowClient, exp_id: str) -> list[str]:
         return []
     try:
         states = _flow_run_states(list(parents))
-    except Exception:  # noqa: BLE001 - no Prefect API here: nothing can be said about these runs
-        return []
+    except Exception:  # noqa: BLE001 - no Prefect API here: only same-host evidence can be used
+        states = None
     closed = []
-    for fr_id, state in states.items():
-        if not state.is_final():
+    for fr_id, run in parents.items():
+        state = states.get(fr_id) if states is not None else None
+        host, pid = run.data.tags.get("host", ""), run.data.tags.get("pid", "")
+        if (state is None or not state.is_final()) and _process_gone(host, pid):
+            witness = f"process {pid} on {host} died while running"
+            if state is not None:
+                try:
+                    state = _mark_crashed(fr_id, witness)
+                except Exception:  # noqa: BLE001 - Prefect refused: close the MLflow runs on the evidence alone
+                    state = None
+            if state is None or not state.is_final():
+                close_run_tree(client, run.info.run_id, "KILLED",
+                               f"{witness}; its Prefect flow run {fr_id} is unknown to this Prefect API")
+                closed.append(run.info.run_id)
+                continue
+        if state is None or not state.is_final():
             continue
         status = "KILLED" if state.is_crashed() or state.is_cancelled() else "FAILED"
         reason = f"Prefect flow run {fr_id} ended {state.name} without closing its MLflow run"
         if state.message:
             reason += f": {state.message}"
-        close_run_tree(client, parents[fr_id].info.run_id, status, reason)
-        closed.append(parents[fr_id].info.run_id)
+        close_run_tree(client, run.info.run_id, status, reason)
+        closed.append(run.info.run_id)
     return closed
 
 

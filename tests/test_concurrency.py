@@ -7,6 +7,7 @@ Prefect's state hooks, and runs left open are closed from the Prefect flow run's
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -56,10 +57,16 @@ def test_concurrent_retrains_against_servers_one_champion_per_product(tmp_path, 
 
 
 # -- state hooks and dead runs -------------------------------------------------------------------------------
-def _store(tmp_path: Path, experiment: str) -> tuple[MlflowClient, str, str]:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory) -> Path:
+    """One SQLite MLflow store for these tests (creating its schema takes seconds); an experiment each."""
+    return tmp_path_factory.mktemp("mlflow-store")
+
+
+def _store(store_dir: Path, experiment: str) -> tuple[MlflowClient, str, str]:
+    uri = f"sqlite:///{store_dir / 'mlflow.db'}"
     client = MlflowClient(uri)
-    return client, uri, client.create_experiment(experiment, artifact_location=(tmp_path / "art").as_uri())
+    return client, uri, client.create_experiment(experiment, artifact_location=(store_dir / experiment).as_uri())
 
 
 def _retrain_runs(client: MlflowClient, exp: str, flow_run_id: str, out: Path, host: str = "this-host"):
@@ -72,7 +79,7 @@ def _retrain_runs(client: MlflowClient, exp: str, flow_run_id: str, out: Path, h
 
 
 @pytest.mark.parametrize("in_process", [True, False], ids=["flow-process", "found-from-parameters"])
-def test_crashed_flow_hook_marks_the_mlflow_runs_killed(tmp_path, in_process):
+def test_crashed_flow_hook_marks_the_mlflow_runs_killed(store_dir, tmp_path, in_process):
     """The on_crashed hook (a signal, a lost worker): parent and open stage runs KILLED with the flow run's
     state as the reason, failure.json naming the stage; the parent run is found in the flow's process or,
     from another process (a runner), through the tracking store the flow run's parameters name."""
@@ -81,12 +88,12 @@ def test_crashed_flow_hook_marks_the_mlflow_runs_killed(tmp_path, in_process):
 
     from flows import retrain as flow_mod
 
-    client, uri, exp = _store(tmp_path, "hooks")
+    client, uri, exp = _store(store_dir, f"hooks-{in_process}")
     out = tmp_path / "run"
     out.mkdir()
     fr = FlowRun(id=uuid.uuid4(), name="brave-fox", flow_id=uuid.uuid4(),
                  parameters={"config": None, "output": str(out),
-                             "overrides": [f"tracking.mlflow_uri={uri}", "tracking.experiment=hooks"]})
+                             "overrides": [f"tracking.mlflow_uri={uri}", f"tracking.experiment=hooks-{in_process}"]})
     pid, done, open_ = _retrain_runs(client, exp, str(fr.id), out)
     if in_process:
         stages = type("S", (), {"current": "train-base"})()
@@ -105,7 +112,7 @@ def test_crashed_flow_hook_marks_the_mlflow_runs_killed(tmp_path, in_process):
     assert "failure.json" in {a.path for a in client.list_artifacts(pid)}
 
 
-def test_failure_hook_keeps_the_flows_failure_record(tmp_path):
+def test_failure_hook_keeps_the_flows_failure_record(store_dir, tmp_path):
     """on_failure after the flow recorded the failed stage itself: the stage and error stay, the flow run's
     state is added, open stage runs are closed FAILED; the parent (already FAILED) keeps its status."""
     from prefect.client.schemas.objects import FlowRun
@@ -113,7 +120,7 @@ def test_failure_hook_keeps_the_flows_failure_record(tmp_path):
 
     from flows import retrain as flow_mod
 
-    client, uri, exp = _store(tmp_path, "hooks-failed")
+    client, uri, exp = _store(store_dir, "hooks-failed")
     out = tmp_path / "run"
     out.mkdir()
     fr = FlowRun(id=uuid.uuid4(), name="calm-owl", flow_id=uuid.uuid4(), parameters={})
@@ -128,10 +135,15 @@ def test_failure_hook_keeps_the_flows_failure_record(tmp_path):
 
 
 @pytest.mark.slow
-def test_dead_runs_are_closed_from_the_prefect_flow_run_state(prefect_server, tmp_path):
+def test_dead_runs_are_closed_from_the_prefect_flow_run_state(prefect_server, store_dir, tmp_path):
     """MLflow runs left RUNNING by a flow run that Prefect knows ended (here Crashed, on another host) are
     closed KILLED with the state as the reason; a flow run still running and one this Prefect API does not
-    know are left alone; no pid is consulted."""
+    know are left alone. A run of this host whose process is gone while Prefect still says Running: its
+    flow run is marked Crashed in Prefect first, then closed from that state."""
+    import socket
+    import subprocess
+    import sys
+
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed, Running
@@ -142,20 +154,31 @@ def test_dead_runs_are_closed_from_the_prefect_flow_run_state(prefect_server, tm
     def probe():
         return None
 
-    client, _, exp = _store(tmp_path, "dead-runs")
+    client, _, exp = _store(store_dir, "dead-runs")
     with get_client(sync_client=True) as pc:
         crashed = pc.create_flow_run(probe, state=Running())
         pc.set_flow_run_state(crashed.id, Crashed(message="Flow run stopped sending heartbeats"), force=True)
         alive = pc.create_flow_run(probe, state=Running())
+        orphan = pc.create_flow_run(probe, state=Running())
     dead_pid, _, dead_stage = _retrain_runs(client, exp, str(crashed.id), tmp_path / "a", host="gpu-pod-7")
-    live_pid, _, live_stage = _retrain_runs(client, exp, str(alive.id), tmp_path / "b")
+    live_pid, _, live_stage = _retrain_runs(client, exp, str(alive.id), tmp_path / "b", host=socket.gethostname())
+    client.set_tag(live_pid, "pid", str(os.getpid()))  # this host, a live process: left alone
     unknown_pid, _, _ = _retrain_runs(client, exp, str(uuid.uuid4()), tmp_path / "c")
-    assert close_dead_runs(client, exp) == [dead_pid]
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()  # a process of this host that has exited
+    orphan_pid, _, orphan_stage = _retrain_runs(client, exp, str(orphan.id), tmp_path / "d", host=socket.gethostname())
+    client.set_tag(orphan_pid, "pid", gone)
+    assert sorted(close_dead_runs(client, exp)) == sorted([dead_pid, orphan_pid])
     assert client.get_run(dead_pid).info.status == "KILLED" == client.get_run(dead_stage).info.status
     assert "Crashed" in client.get_run(dead_pid).data.tags["terminated_reason"]
     assert "heartbeats" in client.get_run(dead_pid).data.tags["terminated_reason"]
     for rid in (live_pid, live_stage, unknown_pid):
         assert client.get_run(rid).info.status == "RUNNING"
+    # the orphan: Prefect's record now says Crashed, and the MLflow runs were closed from that state
+    with get_client(sync_client=True) as pc:
+        assert pc.read_flow_run(orphan.id).state.is_crashed()
+    reason = client.get_run(orphan_pid).data.tags["terminated_reason"]
+    assert client.get_run(orphan_stage).info.status == "KILLED" and "ended Crashed" in reason and "died" in reason
 
 
 # -- products and catalogs (pure) ------------------------------------------------------------------------------
