@@ -17,7 +17,9 @@ its own process, on the flow's thread-pool task runner).
 - Every stage has a time limit; I/O and tracking errors are retried; a failure records the stage and error
   on the MLflow parent run and in ``OUTPUT/failure.json``, and nothing is registered.
 - Lineage on the parent run: git commit, dirty flag (+ the diff), code version, DVC hash of every dataset
-  (committed to the DVC cache, pushed to the default remote), params, seeds, package versions, model hashes.
+  (committed to the DVC cache, pushed to ``storage.dvc_remote`` or the default remote, which is recorded),
+  params, seeds, package versions, model hashes. ``storage.results_url`` / ``checkpoints_url``: stage results
+  and training checkpoints on remote storage (tasks/storage.py, asft/storage.py).
 - Prefect artifacts: a markdown summary with links to the MLflow runs, the methods table, stage progress.
 """
 
