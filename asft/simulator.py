@@ -31,9 +31,11 @@ timestamp ties by row order (stable sort).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,122 @@ SESSION_BREAK_PROB = 0.15  # probability that a gap is a break between sessions
 IN_SESSION_GAP_MEDIAN_S = 120.0  # log-normal in-session gaps
 IN_SESSION_GAP_SIGMA = 1.0
 SESSION_BREAK_MEAN_S = 2.0 * 86_400  # exponential session breaks
+
+
+# Sampler of the logging policy (computation only: the sampled distribution does not depend on these).
+HEAD_ITEMS = 512  # items with the largest static weight, scored exactly at every step
+TAIL_CENTRES = 256  # k-means centres of the other items' features
+RESIDUAL_BINS = 4  # each centre's items split by distance to it: one cell (own radius) per bin
+ROUND_DRAWS = 8  # proposals drawn per pending user in the first round (the first accepted one is kept)
+MAX_ROUND_DRAWS = 1024  # ... doubling each further round up to this
+KMEANS_ITERS = 8
+USER_CHUNK = 2048  # users simulated together (each block has its own random stream)
+
+
+@dataclass(frozen=True)
+class _Proposal:
+    """Static tables of the logging policy's exact rejection sampler (see ``Simulator._sample_next``).
+
+    Item ``i`` has static log-weight ``la_i = b_i / T + exposure_bias * log(pop_i)`` and logit
+    ``la_i + c * z . phi_i`` with ``c = UTILITY_SCALE * sqrt(dim) / T``. The ``n_head`` items of largest
+    ``la`` are scored exactly; the others are grouped into k-means centres of ``phi``, and each centre's
+    items into ``RESIDUAL_BINS`` cells by their distance to it.
+    """
+
+    c: float
+    head: np.ndarray  # [H] item indices
+    phi_head: np.ndarray  # [H, dim]
+    la_head: np.ndarray  # [H]
+    weight: np.ndarray  # [n_items] exp(la - max la)
+    centers: np.ndarray  # [C, dim]
+    cell_center: np.ndarray  # [K] centre of each cell
+    radius: np.ndarray  # [K] max |phi_i - centre| over the cell (slightly inflated)
+    log_mass: np.ndarray  # [K] log of the cell's static weight (in la units)
+    layout: np.ndarray  # tail items ordered by cell
+    cell_start: np.ndarray  # [K + 1] offsets into layout
+    cell_cum: np.ndarray  # [n_tail] k + normalised cumulative static weight inside cell k
+    delta: np.ndarray  # [n_tail, dim] c * (phi_i - centre of its cell), in layout order
+    c_radius: np.ndarray  # [K] c * radius
+
+    @property
+    def n_head(self) -> int:
+        return len(self.head)
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.radius)
+
+    @classmethod
+    def build(cls, sim: Simulator, head: int, centres: int, bins: int = RESIDUAL_BINS) -> _Proposal:
+        cfg = sim.cfg
+        temp = cfg.logging_temperature
+        with np.errstate(divide="ignore"):
+            la = sim.bias / temp + cfg.exposure_bias * np.log(sim.pop)
+        order = np.argsort(-la, kind="stable")
+        head_idx = np.sort(order[: min(max(head, 0), sim.n_items)])
+        tail = np.sort(order[len(head_idx):])
+        la_max = float(la.max())
+        weight = np.exp(la - la_max)
+        rng = np.random.default_rng(np.random.SeedSequence(sim.seed).spawn(3)[2])
+        centers, assign = _kmeans(sim.phi[tail], min(max(centres, 1), len(tail)), rng)
+        resid = np.linalg.norm(sim.phi[tail] - centers[assign], axis=1)
+        # Residual bin inside the centre: rank of the residual among the centre's items.
+        by = np.lexsort((resid, assign))
+        size_c = np.bincount(assign, minlength=len(centers))
+        start_c = np.concatenate([[0], np.cumsum(size_c)])
+        rank = np.empty(len(tail), dtype=np.int64)
+        rank[by] = np.arange(len(tail)) - np.repeat(start_c[:-1], size_c)
+        nb = max(int(bins), 1)
+        sub = assign * nb + (rank * nb) // np.maximum(size_c[assign], 1)
+        used, cell = np.unique(sub, return_inverse=True)
+        layout_order = np.argsort(cell, kind="stable")
+        layout, cell = tail[layout_order], cell[layout_order]
+        size = np.bincount(cell, minlength=len(used))
+        start = np.concatenate([[0], np.cumsum(size)])
+        radius = np.zeros(len(used))
+        np.maximum.at(radius, cell, resid[layout_order])
+        radius = radius * (1 + 1e-9) + 1e-12  # keeps the bound above rounding error
+        w = weight[layout]
+        mass = np.bincount(cell, weights=w, minlength=len(used))
+        local = _segment_cumsum(w, start)
+        cell_cum = cell + np.divide(local, mass[cell], out=np.ones_like(local), where=mass[cell] > 0)
+        cell_cum[start[1:] - 1] = np.arange(len(used)) + 1.0
+        with np.errstate(divide="ignore"):
+            log_mass = np.log(mass) + la_max
+        return cls(c=sim._scale / temp, head=head_idx, phi_head=np.ascontiguousarray(sim.phi[head_idx]),
+                   la_head=la[head_idx], weight=weight, centers=centers, cell_center=used // nb,
+                   radius=radius, log_mass=log_mass, layout=layout, cell_start=start, cell_cum=cell_cum,
+                   delta=np.ascontiguousarray(sim._scale / temp * (sim.phi[layout] - centers[(used // nb)[cell]])),
+                   c_radius=sim._scale / temp * radius)
+
+
+def _segment_cumsum(w: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Cumulative sums of ``w`` restarting at each offset in ``start`` (each segment summed on its own)."""
+    out = np.empty_like(w)
+    for a, b in itertools.pairwise(start):
+        np.cumsum(w[a:b], out=out[a:b])
+    return out
+
+
+def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd's k-means (seeded, ``KMEANS_ITERS`` rounds): centres ``[k', dim]`` and assignments (empty
+    cells dropped). Only the sampler's speed depends on how good the cells are."""
+    if len(x) == 0:
+        return np.zeros((0, x.shape[1])), np.zeros(0, dtype=np.int64)
+    centers = x[np.sort(rng.choice(len(x), size=k, replace=False))].copy()
+    for _ in range(KMEANS_ITERS + 1):
+        assign = _nearest(x, centers)
+        counts = np.bincount(assign, minlength=len(centers))
+        keep = counts > 0
+        sums = np.stack([np.bincount(assign, weights=x[:, j], minlength=len(centers)) for j in range(x.shape[1])], 1)
+        centers = sums[keep] / counts[keep, None]
+    return centers, _nearest(x, centers)
+
+
+def _nearest(x: np.ndarray, centers: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    c2 = (centers**2).sum(axis=1)
+    return np.concatenate([np.argmin(c2[None, :] - 2.0 * (x[a:a + chunk] @ centers.T), axis=1)
+                           for a in range(0, len(x), chunk)])
 
 
 class Simulator:
@@ -119,11 +237,23 @@ class Simulator:
         self._item_index = {i: k for k, i in enumerate(self.item_ids)}
         self._theta_norm = np.linalg.norm(self.theta, axis=1)
         self._scale = UTILITY_SCALE * math.sqrt(self.dim)
-        # Catalog-wide reference for standardising utilities into ratings.
-        base = self._utility_from_states(self.theta)
-        self.utility_mean = float(base.mean())
-        self.utility_std = float(base.std()) or 1.0
+        # Catalog-wide reference for standardising utilities into ratings: mean and std of u(theta_u, i)
+        # over all (user, item) pairs, in closed form (no users x items matrix).
+        self.utility_mean, self.utility_std = self._base_utility_moments()
         self.genres = self._make_genres()
+
+    def _base_utility_moments(self) -> tuple[float, float]:
+        """Mean and (population) std of ``u(theta_u, i) = s * theta_u . phi_i + b_i`` over all pairs.
+
+        ``E[(s theta.phi + b)^2] = s^2 tr(E[theta theta^T] E[phi phi^T]) + 2 s E[theta] . E[phi b] + E[b^2]``
+        since users and items are crossed: O((users + items) * dim^2) instead of users x items."""
+        s, th, ph, b = self._scale, self.theta, self.phi, self.bias
+        m_th, m_ph = th.mean(axis=0), ph.mean(axis=0)
+        mean = float(s * (m_th @ m_ph) + b.mean())
+        second = (s * s * float(np.sum((th.T @ th / len(th)) * (ph.T @ ph / len(ph))))
+                  + 2.0 * s * float(m_th @ (ph.T @ b / len(b))) + float(np.mean(b * b)))
+        var = max(second - mean * mean, 0.0)
+        return mean, math.sqrt(var) or 1.0
 
     def _make_genres(self) -> list[str]:
         order = np.argsort(-self.phi, axis=1, kind="stable")
@@ -171,24 +301,41 @@ class Simulator:
             return self._scale * (z @ self.phi.T) + self.bias[None, :]
         return self._scale * (z @ self.phi[item_idx].T) + self.bias[item_idx][None, :]
 
+    def _walk(self, z: np.ndarray, rows: np.ndarray, pos: np.ndarray, items: np.ndarray,
+              score: bool = False) -> np.ndarray | None:
+        """In place: move ``z[rows[e]]`` toward ``phi[items[e]]`` for the events ``e`` in the order of
+        ``pos`` (an event's position in its row's history); optionally return each event's utility under
+        the state before it. Memory O(events + rows), no padding."""
+        out = np.empty(len(items)) if score else None
+        if len(items) == 0:
+            return out
+        norms = np.linalg.norm(z, axis=1)
+        by_pos = np.argsort(pos, kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(pos))])
+        drift = self.cfg.taste_drift
+        for t in range(len(bounds) - 1):
+            sel = by_pos[bounds[t]:bounds[t + 1]]
+            r, it = rows[sel], items[sel]
+            if score:
+                out[sel] = self._scale * np.einsum("nd,nd->n", z[r], self.phi[it]) + self.bias[it]
+            if drift:
+                new = (1.0 - drift) * z[r] + drift * self.phi[it]
+                n = np.linalg.norm(new, axis=1)
+                new *= (norms[r] / np.where(n > 0, n, 1.0))[:, None]
+                z[r] = new
+        return out
+
     def _states(self, user_ids: Sequence[str], histories: Sequence[Sequence[str]]) -> np.ndarray:
         if len(user_ids) != len(histories):
             raise ValueError(f"{len(user_ids)} user ids but {len(histories)} histories")
-        uidx = self._uidx(user_ids)
-        z = self.theta[uidx].copy()
-        norms = self._theta_norm[uidx]
-        if len(histories) == 0:
-            return z
+        z = self.theta[self._uidx(user_ids)].copy()
         lens = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
-        max_len = int(lens.max()) if len(lens) else 0
-        if max_len == 0:
+        if lens.sum() == 0:
             return z
         flat = self._iidx([i for h in histories for i in h])
-        padded = np.zeros((len(histories), max_len), dtype=np.int64)
-        mask = np.arange(max_len)[None, :] < lens[:, None]
-        padded[mask] = flat
-        for t in range(max_len):
-            self._step_states(z, padded[:, t], norms, mask[:, t])
+        rows = np.repeat(np.arange(len(histories)), lens)
+        pos = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
+        self._walk(z, rows, pos, flat)
         return z
 
     def state(self, user_id: str, history: Sequence[str]) -> np.ndarray:
@@ -219,10 +366,10 @@ class Simulator:
             raise ValueError(f"empty recommendation list for context {int(np.argmin(lens))}")
         if len(recommended) == 0:
             return np.zeros(0)
-        u = self.utility(user_ids, histories)
+        z = self._states(user_ids, histories)  # [n_contexts, dim]: no contexts x items matrix
         flat = self._iidx([i for r in recommended for i in r])
         rows = np.repeat(np.arange(len(recommended)), lens)
-        vals = u[rows, flat]
+        vals = self._scale * np.einsum("nd,nd->n", z[rows], self.phi[flat]) + self.bias[flat]
         starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
         return np.add.reduceat(vals, starts) / lens
 
@@ -250,68 +397,170 @@ class Simulator:
             latent = latent + self.cfg.rating_noise * noise
         return np.clip(np.rint(latent), 1.0, 5.0)
 
+    # ------------------------------------------------------------------ the logging policy's sampler
+    def _proposal(self, head: int | None = None, cells: int | None = None) -> _Proposal:
+        """The static tables of the exact rejection sampler (cached per ``(head, cells)``)."""
+        key = (HEAD_ITEMS if head is None else int(head), TAIL_CENTRES if cells is None else int(cells))
+        cache = self.__dict__.setdefault("_proposals", {})
+        if key not in cache:
+            cache[key] = _Proposal.build(self, *key)
+        return cache[key]
+
+    def _sample_next(self, prop: _Proposal, z: np.ndarray, znorm: np.ndarray, consumed: np.ndarray,
+                     act: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One exact draw per row from pi_beta: the softmax over the row's unconsumed items of
+        ``u(z, i) / logging_temperature + exposure_bias * log(pop_i)``.
+
+        Row ``r`` has taste state ``z[r]`` (norm ``znorm[r]``) and consumed items ``consumed[act[r]]``.
+        Rejection sampling: a head item enters the proposal with its exact weight (zero once consumed)
+        and is always accepted; a tail cell ``k`` enters with its static weight times
+        ``exp(c * (z . mu_k + |z| R_k))``, an upper bound on ``exp(c * z . phi_i)`` for each of its items
+        (Cauchy-Schwarz, ``R_k`` the cell's radius around its centre ``mu_k``); an item drawn from the cell
+        by static weight is rejected if consumed and otherwise accepted with probability
+        ``exp(c * (z . phi_i - z . mu_k - |z| R_k)) <= 1``. Accepted draws follow the target exactly.
+        Each round draws candidates for every pending row (``ROUND_DRAWS``, doubling each round) and keeps
+        the first accepted one.
+        """
+        n = z.shape[0]
+        c, H, m = prop.c, prop.n_head, ROUND_DRAWS
+        width = H + prop.n_cells
+        logw = np.empty((n, width))
+        if H:
+            np.matmul(z, prop.phi_head.T, out=logw[:, :H])
+            logw[:, :H] *= c
+            logw[:, :H] += prop.la_head[None, :]
+            logw[:, :H][consumed[np.ix_(act, prop.head)]] = -np.inf
+        zmu = None
+        if prop.n_cells:
+            zmu = z @ prop.centers.T  # [n, centres]
+            logw[:, H:] = zmu[:, prop.cell_center]
+            logw[:, H:] += znorm[:, None] * prop.radius[None, :]
+            logw[:, H:] *= c
+            logw[:, H:] += prop.log_mass[None, :]
+        logw -= logw.max(axis=1, keepdims=True)
+        cum = np.cumsum(np.exp(logw, out=logw), axis=1, out=logw)
+        cum /= cum[:, -1:]
+        cum += np.arange(n, dtype=np.float64)[:, None]  # rows side by side: one sorted array
+        flat = cum.ravel()
+        choice = np.full(n, -1, dtype=np.int64)
+        pending = np.arange(n)
+        while pending.size:
+            rows = np.repeat(pending, m)
+            m = min(2 * m, MAX_ROUND_DRAWS)  # rows still pending have a low acceptance: draw more next round
+            j = np.searchsorted(flat, rows + rng.random(rows.size), side="right") - rows * width
+            j = np.clip(j, 0, width - 1)
+            item = np.empty(rows.size, dtype=np.int64)
+            ok = np.ones(rows.size, dtype=bool)
+            in_head = j < H
+            item[in_head] = prop.head[j[in_head]]
+            tail = np.flatnonzero(~in_head)
+            u2 = rng.random(tail.size)
+            u3 = rng.random(tail.size)
+            if tail.size:
+                k = j[tail] - H
+                pos = np.clip(np.searchsorted(prop.cell_cum, k + u2, side="right"), prop.cell_start[k],
+                              prop.cell_start[k + 1] - 1)
+                it = prop.layout[pos]
+                item[tail] = it
+                r = rows[tail]
+                gap = np.einsum("nd,nd->n", z[r], prop.delta[pos]) - znorm[r] * prop.c_radius[k]
+                ok[tail] = (u3 < np.exp(np.minimum(gap, 0.0))) & ~consumed[act[r], it]
+            ok = ok.reshape(pending.size, -1)
+            got = ok.any(axis=1)
+            first = np.argmax(ok, axis=1)
+            choice[pending[got]] = item.reshape(pending.size, -1)[np.flatnonzero(got), first[got]]
+            pending = pending[~got]
+        return choice
+
     # ------------------------------------------------------------------ generation
-    def _generate_arrays(self) -> dict[str, np.ndarray]:
-        cfg = self.cfg
-        rng = np.random.default_rng(np.random.SeedSequence(self.seed).spawn(2)[1])
-        n_u, n_i = self.n_users, self.n_items
-        lengths = rng.integers(cfg.min_len, cfg.max_len + 1, size=n_u)
-        steps = int(lengths.max())
-        z = self.theta.copy()
-        consumed = np.zeros((n_u, n_i), dtype=bool)
-        items = np.zeros((n_u, steps), dtype=np.int64)
-        util = np.zeros((n_u, steps))
-        log_pop = np.log(self.pop)[None, :] * cfg.exposure_bias
-        rows = np.arange(n_u)
+    def _chunk(self, job: tuple[int, np.ndarray, np.random.SeedSequence]) -> dict[str, np.ndarray]:
+        b, lengths, seq = job
+        users = np.arange(b * USER_CHUNK, b * USER_CHUNK + len(lengths))
+        return self._generate_chunk(users, lengths, seq, self._proposal())
+
+    def _generate_chunk(self, users: np.ndarray, lengths: np.ndarray, seq: np.random.SeedSequence,
+                        prop: _Proposal) -> dict[str, np.ndarray]:
+        """The events of one block of users, user-major (user, then step); timestamps not yet shifted."""
+        choice_rng, noise_rng = (np.random.default_rng(s) for s in seq.spawn(2))
+        n, steps = len(users), int(lengths.max())
+        z = self.theta[users].copy()
+        znorm = self._theta_norm[users]
+        consumed = np.zeros((n, self.n_items), dtype=bool)
+        items = np.zeros((n, steps), dtype=np.int64)
+        util = np.zeros((n, steps))
         for t in range(steps):
-            active = t < lengths
-            u = self._utility_from_states(z)
-            logits = u / cfg.logging_temperature + log_pop
-            logits[consumed] = -np.inf
-            gumbel = rng.gumbel(size=(n_u, n_i))  # drawn for all users: stream independent of masks
-            choice = np.argmax(logits + gumbel, axis=1)
-            items[:, t] = choice
-            util[:, t] = u[rows, choice]
-            consumed[rows[active], choice[active]] = True
-            self._step_states(z, choice, self._theta_norm, active)
-        noise = rng.standard_normal((n_u, steps))
-        ratings = self.ratings_from_utility(util, noise)
+            act = np.flatnonzero(t < lengths)
+            pick = self._sample_next(prop, z[act], znorm[act], consumed, act, choice_rng)
+            items[act, t] = pick
+            util[act, t] = self._scale * np.einsum("nd,nd->n", z[act], self.phi[pick]) + self.bias[pick]
+            consumed[act, pick] = True
+            self._step_states(z, items[:, t], znorm, t < lengths)
+        del consumed
+        ratings = self.ratings_from_utility(util, noise_rng.standard_normal((n, steps)))
         # Timestamps: per-user start offset, then gaps (ties, in-session gaps, session breaks).
-        starts = rng.integers(0, USER_START_SPAN_S + 1, size=n_u)
-        kind = rng.random((n_u, steps))
+        starts = noise_rng.integers(0, USER_START_SPAN_S + 1, size=n)
+        kind = noise_rng.random((n, steps))
         in_session = np.exp(
-            np.log(IN_SESSION_GAP_MEDIAN_S) + IN_SESSION_GAP_SIGMA * rng.standard_normal((n_u, steps))
+            np.log(IN_SESSION_GAP_MEDIAN_S) + IN_SESSION_GAP_SIGMA * noise_rng.standard_normal((n, steps))
         )
-        breaks = rng.exponential(SESSION_BREAK_MEAN_S, size=(n_u, steps))
-        gaps = np.where(
-            kind < TIE_PROB, 0.0, np.where(kind < TIE_PROB + SESSION_BREAK_PROB, breaks, in_session)
-        )
+        breaks = noise_rng.exponential(SESSION_BREAK_MEAN_S, size=(n, steps))
+        gaps = np.where(kind < TIE_PROB + SESSION_BREAK_PROB, breaks, in_session)
         gaps = np.where(kind < TIE_PROB, 0, np.maximum(np.rint(gaps), 1)).astype(np.int64)
         gaps[:, 0] = 0
         ts = starts[:, None] + np.cumsum(gaps, axis=1)
         mask = np.arange(steps)[None, :] < lengths[:, None]
-        user_flat = np.broadcast_to(rows[:, None], (n_u, steps))[mask]
-        ts_flat = ts[mask]
-        ts_flat = ts_flat - ts_flat.min() + int(cfg.start_timestamp)
-        order = np.argsort(ts_flat, kind="stable")  # user-major input: ties keep user, then event order
         return {
-            "user": user_flat[order],
-            "item": items[mask][order],
-            "timestamp": ts_flat[order].astype(np.int64),
-            "rating": ratings[mask][order].astype(np.float64),
-            "utility": util[mask][order],
-            "step": np.broadcast_to(np.arange(steps)[None, :], (n_u, steps))[mask][order],
+            "user": np.broadcast_to(users[:, None], (n, steps))[mask],
+            "item": items[mask],
+            "timestamp": ts[mask],
+            "rating": ratings[mask],
+            "utility": util[mask],
+            "step": np.broadcast_to(np.arange(steps)[None, :], (n, steps))[mask],
         }
 
-    def generate(self) -> InteractionData:
-        """The logged interactions (user_id, item_id, timestamp, rating) and the item catalog."""
-        a = self._generate_arrays()
-        user_names = np.array(self.user_ids, dtype=object)
-        item_names = np.array(self.item_ids, dtype=object)
+    def _generate_arrays(self, workers: int = 1) -> dict[str, np.ndarray]:
+        """The log as arrays in event order. Users are simulated in blocks of ``USER_CHUNK``, each with
+        its own random stream, so the result does not depend on ``workers`` (processes, one block each
+        at a time)."""
+        cfg = self.cfg
+        gen_seq = np.random.SeedSequence(self.seed).spawn(2)[1]
+        len_seq, *chunk_seqs = gen_seq.spawn(1 + -(-self.n_users // USER_CHUNK))
+        lengths = np.random.default_rng(len_seq).integers(cfg.min_len, cfg.max_len + 1, size=self.n_users)
+        self._proposal()
+        jobs = [(b, lengths[b * USER_CHUNK:(b + 1) * USER_CHUNK], seq) for b, seq in enumerate(chunk_seqs)]
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            global _WORKER_SIM
+            _WORKER_SIM = self  # inherited by the forked workers (no pickling of the parameters)
+            try:
+                with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("fork")) as ex:
+                    parts = list(ex.map(_chunk_worker, jobs))
+            finally:
+                _WORKER_SIM = None
+        else:
+            parts = [self._chunk(job) for job in jobs]
+        out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        del parts
+        ts = out["timestamp"]
+        ts -= ts.min() - int(cfg.start_timestamp)
+        order = np.argsort(ts, kind="stable")  # user-major input: ties keep user, then event order
+        return {k: v[order] for k, v in out.items()}
+
+    def generate(self, workers: int = 1) -> InteractionData:
+        """The logged interactions (user_id, item_id, timestamp, rating) and the item catalog.
+
+        ``workers`` > 1 simulates blocks of users in that many processes: same output, less wall time."""
+        import pyarrow as pa
+
+        a = self._generate_arrays(workers)
+        users = pa.array(self.user_ids, type=pa.string()).take(pa.array(a.pop("user")))
+        items = pa.array(self.item_ids, type=pa.string()).take(pa.array(a.pop("item")))
         interactions = pd.DataFrame(
             {
-                USER: user_names[a["user"]].tolist(),
-                ITEM: item_names[a["item"]].tolist(),
+                USER: pd.Series(users.to_pandas(), copy=False),
+                ITEM: pd.Series(items.to_pandas(), copy=False),
                 TS: a["timestamp"],
                 RATING: a["rating"],
             }
@@ -332,34 +581,21 @@ class Simulator:
         )
 
     def event_utility(self, interactions: pd.DataFrame) -> np.ndarray:
-        """True utility of each logged event given the user's earlier events (rows in event order)."""
-        users = interactions[USER].astype(str).to_numpy()
-        items = interactions[ITEM].astype(str).to_numpy()
-        uidx, iidx = self._uidx(users), self._iidx(items)
-        out = np.empty(len(users))
-        # Group rows per user keeping row order, then step all users together.
-        order = np.argsort(uidx, kind="stable")
+        """True utility of each logged event given the user's earlier events (rows in event order).
+        Memory O(events + users)."""
+        uidx = self._uidx(interactions[USER].astype(str).to_numpy())
+        iidx = self._iidx(interactions[ITEM].astype(str).to_numpy())
+        if len(uidx) == 0:
+            return np.empty(0)
+        order = np.argsort(uidx, kind="stable")  # per user, keeping row order
         su = uidx[order]
-        bounds = np.flatnonzero(np.diff(su)) + 1
-        starts = np.concatenate([[0], bounds]) if len(su) else np.zeros(0, dtype=np.int64)
-        pos = np.arange(len(su)) - np.repeat(starts, np.diff(np.concatenate([starts, [len(su)]])))
-        groups = su[starts]
-        lens = np.diff(np.concatenate([starts, [len(su)]]))
-        if len(groups) == 0:
-            return out
-        z = self.theta[groups].copy()
-        norms = self._theta_norm[groups]
-        padded = np.zeros((len(groups), int(lens.max())), dtype=np.int64)
-        gi = np.repeat(np.arange(len(groups)), lens)
-        padded[gi, pos] = iidx[order]
-        res = np.zeros(padded.shape)
-        for t in range(padded.shape[1]):
-            active = t < lens
-            res[:, t] = (
-                self._scale * np.einsum("ud,ud->u", z, self.phi[padded[:, t]]) + self.bias[padded[:, t]]
-            )
-            self._step_states(z, padded[:, t], norms, active)
-        out[order] = res[gi, pos]
+        first = np.flatnonzero(np.concatenate([[True], su[1:] != su[:-1]]))
+        lens = np.diff(np.concatenate([first, [len(su)]]))
+        rows = np.repeat(np.arange(len(first)), lens)
+        pos = np.arange(len(su)) - np.repeat(first, lens)
+        z = self.theta[su[first]].copy()
+        out = np.empty(len(uidx))
+        out[order] = self._walk(z, rows, pos, iidx[order], score=True)
         return out
 
     # ------------------------------------------------------------------ persistence
@@ -401,6 +637,14 @@ class Simulator:
         obj.seed = int(meta["seed"])
         obj._set_params(arrays["theta"], arrays["phi"], arrays["bias"], arrays["pop"])
         return obj
+
+
+_WORKER_SIM: Simulator | None = None
+
+
+def _chunk_worker(job: tuple[int, np.ndarray, np.random.SeedSequence]) -> dict[str, np.ndarray]:
+    assert _WORKER_SIM is not None
+    return _WORKER_SIM._chunk(job)
 
 
 def simulate(cfg: SimulatorConfig, seed: int) -> InteractionData:
