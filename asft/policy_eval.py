@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from asft.data.preprocess import NUM_SPECIAL, ProcessedData
-from asft.evaluation import mask_items, pad_right
+from asft.evaluation import mask_items, pad_right, rows_per_chunk
 from asft.losses import entropy_rows, kl_rows
 from asft.metrics import ranking_metrics, ranks_from_scores
 from asft.models.recommender import mask_special, next_item_logits
@@ -47,93 +47,163 @@ def context_logits(model: torch.nn.Module, inputs: list[np.ndarray], batch_size:
 
 @dataclass
 class PolicyScorer:
-    """Everything about a context set that does not depend on the policy, computed once."""
+    """Everything about a context set that does not depend on the policy.
+
+    The policy is scored in chunks of contexts (:attr:`chunk`) and only per-context values are kept,
+    so memory is bounded at any catalogue size. The per-context ``[N, V]`` tables the metrics read
+    (pi_ref's masked logits, the training ensemble's pessimistic reward, the judge's standardised mean,
+    the simulator's true utility) are computed once and cached when all of them fit ``memory_mb``;
+    otherwise they are recomputed chunk by chunk at every evaluation (bounded memory, more compute).
+    Either way the values are the same."""
 
     inputs: list[np.ndarray]
     histories: list[np.ndarray]
     targets: torch.Tensor
     high_rated: np.ndarray
-    ref_masked: torch.Tensor  # pi_ref logits, history + specials masked
+    ref_masked: torch.Tensor  # pi_ref logits, history + specials masked (empty: recomputed per chunk)
     popularity: np.ndarray  # training count per token
     ks: list[int]
-    reward: np.ndarray | None = None  # training ensemble, pessimistic [N, V]
-    judge: np.ndarray | None = None  # held-out judge, standardised mean [N, V]
-    utility: np.ndarray | None = None  # simulator true utility [N, V]
+    reward: np.ndarray | None = None  # training ensemble, pessimistic [N, V] (cached)
+    judge: np.ndarray | None = None  # held-out judge, standardised mean [N, V] (cached)
+    utility: np.ndarray | None = None  # simulator true utility [N, V] (cached)
     base_ndcg: float | None = None
     ndcg_tolerance: float = 0.03
     batch_size: int = 512
+    memory_mb: float | None = 1024
+    chunk: int = 0  # contexts per chunk (0: all)
+    sources: dict | None = None  # uncached tables: name -> function(rows slice) -> [n, V]
 
     @classmethod
     def build(cls, data: ProcessedData, split: str, ref_model, ks, reward_ens=None, judge_ens=None, simulator=None,
-              ndcg_tolerance: float = 0.03, batch_size: int = 512) -> PolicyScorer:
+              ndcg_tolerance: float = 0.03, batch_size: int = 512, memory_mb: float | None = 1024) -> PolicyScorer:
         table = data.table(split)
         inputs = [np.asarray(x, dtype=np.int64) for x in table["input"]]
         histories = [np.asarray(x, dtype=np.int64) for x in table["history"]]
         sc = cls(inputs=inputs, histories=histories, targets=torch.from_numpy(table["target"].to_numpy(np.int64)),
                  high_rated=(table["target_rating"].to_numpy() >= 4), ref_masked=torch.zeros(0),
                  popularity=data.item_popularity().astype(np.float64), ks=list(ks), ndcg_tolerance=ndcg_tolerance,
-                 batch_size=batch_size)
-        sc.ref_masked = sc.masked(context_logits(ref_model, inputs, batch_size))
+                 batch_size=batch_size, memory_mb=memory_mb)
+        n, v = len(inputs), data.vocab.size
+        sources = {"ref": lambda sl: sc.masked(context_logits(ref_model, inputs[sl], batch_size), sl)}
         if reward_ens is not None:
-            sc.reward = reward_ens.score_all(inputs, batch_size=batch_size).pessimistic
+            sources["reward"] = lambda sl: reward_ens.score_all(inputs[sl], batch_size=batch_size).pessimistic
         if judge_ens is not None:
-            sc.judge = judge_ens.score_all(inputs, standardize=True, batch_size=batch_size).mean
+            sources["judge"] = lambda sl: judge_ens.score_all(inputs[sl], standardize=True,
+                                                              batch_size=batch_size).mean
         if simulator is not None:
             from asft.data.preferences import context_utilities
 
             seqs = data.table("sequences")
+            users = table["user_idx"].to_numpy(np.int64)
             ends = np.array([len(h) for h in histories])
-            sc.utility, _ = context_utilities(simulator, data, seqs, table["user_idx"].to_numpy(np.int64), ends)
-        sc.base_ndcg = sc.evaluate_logits(context_logits(ref_model, inputs, batch_size))["ndcg@10"]
+            sources["utility"] = lambda sl: context_utilities(simulator, data, seqs, users[sl], ends[sl])[0]
+        # per chunk: the policy's logits and their masked copy, softmax, ranking copies, and the tables
+        per_context = 4 * v * (6 + 2 * len(sources) + 2 * len(reward_ens.members if reward_ens else [])
+                               + 2 * len(judge_ens.members if judge_ens else []))
+        sc.chunk = rows_per_chunk(per_context, memory_mb, max(1, n))
+        if rows_per_chunk(4 * v * len(sources), memory_mb, max(1, n)) >= n:  # all tables fit: cache them
+            whole = slice(0, n)
+            sc.ref_masked = sources.pop("ref")(whole)
+            for name in list(sources):
+                setattr(sc, name, sources.pop(name)(whole))
+        sc.sources = sources
+        sc.base_ndcg = sc.evaluate(ref_model)["ndcg@10"]
         return sc
 
-    def masked(self, logits: torch.Tensor) -> torch.Tensor:
-        """History and special tokens to -inf (the distribution the policy recommends from)."""
-        return mask_items(mask_special(logits.clone()), self.histories)
+    def masked(self, logits: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """History and special tokens to -inf (the distribution the policy recommends from); ``rows``: the
+        contexts of ``logits`` (default: all)."""
+        hist = self.histories if rows is None else self.histories[rows]
+        return mask_items(mask_special(logits.clone()), hist)
+
+    def _table(self, name: str, rows: slice):
+        cached = self.ref_masked if name == "ref" else getattr(self, name)
+        if name == "ref" and cached.numel():
+            return cached[rows]
+        if name != "ref" and cached is not None:
+            return cached[rows]
+        if self.sources and name in self.sources:
+            return self.sources[name](rows)
+        return None
+
+    def _chunks(self):
+        step = self.chunk or max(1, len(self.inputs))
+        return [slice(s, min(s + step, len(self.inputs))) for s in range(0, len(self.inputs), step)]
 
     def evaluate(self, model) -> dict[str, float]:
-        return self.evaluate_logits(context_logits(model, self.inputs, self.batch_size))
+        parts = [self._chunk_values(context_logits(model, self.inputs[sl], self.batch_size), sl)
+                 for sl in self._chunks()]
+        return self._aggregate(parts)
 
     def per_user(self, model) -> dict[str, np.ndarray]:
         """Per-context values for paired comparisons: NDCG@10, rank, and the top-10 reward under the
         judge and (simulator) the true utility; ``high_rated`` marks targets rated >= 4."""
         from asft.metrics import ndcg_per_user
 
-        logits = context_logits(model, self.inputs, self.batch_size)
-        ranked = mask_items(mask_special(logits.clone()), self.histories, keep=self.targets)
-        ranks = ranks_from_scores(ranked, self.targets).numpy()
-        out = {"rank": ranks, "ndcg@10": ndcg_per_user(ranks, 10), "high_rated": self.high_rated.copy()}
-        top = torch.topk(self.masked(logits), 10, dim=1).indices.numpy()
-        rows = np.arange(len(top))[:, None]
-        for name, table in (("judged", self.judge), ("true", self.utility)):
-            if table is not None:
-                out[f"{name}_top10"] = table[rows, top].mean(axis=1)
+        ranks, tables = [], {"judged": [], "true": []}
+        for sl in self._chunks():
+            logits = context_logits(model, self.inputs[sl], self.batch_size)
+            ranked = mask_items(mask_special(logits.clone()), self.histories[sl], keep=self.targets[sl])
+            ranks.append(ranks_from_scores(ranked, self.targets[sl]).numpy())
+            top = torch.topk(self.masked(logits, sl), 10, dim=1).indices.numpy()
+            rows = np.arange(len(top))[:, None]
+            for name, key in (("judged", "judge"), ("true", "utility")):
+                table = self._table(key, sl)
+                if table is not None:
+                    tables[name].append(table[rows, top].mean(axis=1))
+        r = np.concatenate(ranks)
+        out = {"rank": r, "ndcg@10": ndcg_per_user(r, 10), "high_rated": self.high_rated.copy()}
+        out.update({f"{name}_top10": np.concatenate(v) for name, v in tables.items() if v})
         return out
 
     def evaluate_logits(self, logits: torch.Tensor) -> dict[str, float]:
-        ranked = mask_items(mask_special(logits.clone()), self.histories, keep=self.targets)
-        ranks = ranks_from_scores(ranked, self.targets).numpy()
+        """The metrics of given next-item logits ``[N, V]`` of all contexts."""
+        return self._aggregate([self._chunk_values(logits[sl], sl) for sl in self._chunks()])
+
+    def _chunk_values(self, logits: torch.Tensor, sl: slice) -> dict[str, np.ndarray]:
+        """Per-context values of one chunk of contexts (``logits`` [n, V] of contexts ``sl``)."""
+        ranked = mask_items(mask_special(logits.clone()), self.histories[sl], keep=self.targets[sl])
+        out: dict[str, np.ndarray] = {"rank": ranks_from_scores(ranked, self.targets[sl]).numpy()}
+        del ranked
+        pol = self.masked(logits, sl)
+        ref = self._table("ref", sl)
+        if ref is not None and ref.numel():
+            out["kl_ref"] = kl_rows(pol, ref).numpy()
+        out["entropy"] = entropy_rows(pol).numpy()
+        top = torch.topk(pol, 10, dim=1).indices.numpy()
+        rows = np.arange(len(top))[:, None]
+        out["top"] = top
+        out["popularity"] = self.popularity[top].mean(axis=1)
+        p = torch.softmax(pol, dim=1).numpy()
+        for name, key in (("reward", "reward"), ("judged", "judge"), ("true", "utility")):
+            table = self._table(key, sl)
+            if table is None:
+                continue
+            out[f"{name}_top1"] = table[rows[:, 0], top[:, 0]]
+            out[f"{name}_top10"] = table[rows, top].mean(axis=1)
+            if name == "judged":
+                out["judged_expected"] = np.where(p > 0, p * np.nan_to_num(table, neginf=0.0), 0).sum(1)
+        out["n_items"] = np.array([pol.shape[1] - NUM_SPECIAL])
+        return out
+
+    def _aggregate(self, parts: list[dict[str, np.ndarray]]) -> dict[str, float]:
+        cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "n_items"}
+        ranks = cat.pop("rank")
         out = ranking_metrics(ranks, self.ks)
         if self.high_rated.any():
             out.update({f"high_rated/{k}": v for k, v in ranking_metrics(ranks[self.high_rated], self.ks).items()})
-        pol = self.masked(logits)
-        if self.ref_masked.numel():
-            out["kl_ref"] = float(kl_rows(pol, self.ref_masked).mean())
-        out["entropy"] = float(entropy_rows(pol).mean())
-        top = torch.topk(pol, 10, dim=1).indices.numpy()
-        rows = np.arange(len(top))[:, None]
-        n_items = pol.shape[1] - NUM_SPECIAL
-        out["coverage@10"] = float(len(np.unique(top)) / n_items)
-        out["popularity@10"] = float(self.popularity[top].mean())
-        p = torch.softmax(pol, dim=1).numpy()
-        for name, table in (("reward", self.reward), ("judged", self.judge), ("true", self.utility)):
-            if table is None:
-                continue
-            out[f"{name}_top1"] = float(table[rows[:, 0], top[:, 0]].mean())
-            out[f"{name}_top10"] = float(table[rows, top].mean())
-            if name == "judged":
-                out["judged_expected"] = float(np.where(p > 0, p * np.nan_to_num(table, neginf=0.0), 0).sum(1).mean())
-        if self.reward is not None and self.base_ndcg is not None:
+        if "kl_ref" in cat:
+            out["kl_ref"] = float(cat["kl_ref"].mean())
+        out["entropy"] = float(cat["entropy"].mean())
+        out["coverage@10"] = float(len(np.unique(cat["top"])) / int(parts[0]["n_items"][0]))
+        out["popularity@10"] = float(cat["popularity"].mean())
+        for name in ("reward", "judged", "true"):
+            if f"{name}_top1" in cat:
+                out[f"{name}_top1"] = float(cat[f"{name}_top1"].mean())
+                out[f"{name}_top10"] = float(cat[f"{name}_top10"].mean())
+        if "judged_expected" in cat:
+            out["judged_expected"] = float(cat["judged_expected"].mean())
+        if "reward_top10" in out and self.base_ndcg is not None:
             ok = out["ndcg@10"] >= (1.0 - self.ndcg_tolerance) * self.base_ndcg
             out["selection"] = out["reward_top10"] - (0.0 if ok else SELECTION_PENALTY)
         return out

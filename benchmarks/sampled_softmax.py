@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--negatives", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--sampled", nargs="*", default=[], help="extra overrides of the sampled runs only")
+    ap.add_argument("--tag", default="", help="suffix of the sampled runs' names (a variant given by --sampled)")
     ap.add_argument("--only", choices=["full", "sampled"], default=None,
                     help="run only this objective for every seed (sampled: at the first --negatives) and stop;"
                     " lets several processes share the plan (the full command then reuses their runs)")
@@ -119,15 +120,15 @@ def main() -> None:
             if a.only == "full":
                 run_one(f"full-s{s}", processed, cfg_for(s, None), out)
             else:
-                run_one(f"sampled-k{a.negatives[0]}-s{s}", processed, cfg_for(s, a.negatives[0]), out)
+                run_one(f"sampled{a.tag}-k{a.negatives[0]}-s{s}", processed, cfg_for(s, a.negatives[0]), out)
         return
     s0 = a.seeds[0]
     runs = {"full": [run_one(f"full-s{s0}", processed, cfg_for(s0, None), out)]}
-    tune = {k: run_one(f"sampled-k{k}-s{s0}", processed, cfg_for(s0, k), out) for k in a.negatives}
+    tune = {k: run_one(f"sampled{a.tag}-k{k}-s{s0}", processed, cfg_for(s0, k), out) for k in a.negatives}
     best_k = max(a.negatives, key=lambda k: tune[k]["valid"]["ndcg@10"])
     runs["sampled"] = [tune[best_k]]
     for s in a.seeds[1:]:
-        runs["sampled"].append(run_one(f"sampled-k{best_k}-s{s}", processed, cfg_for(s, best_k), out))
+        runs["sampled"].append(run_one(f"sampled{a.tag}-k{best_k}-s{s}", processed, cfg_for(s, best_k), out))
     for s in a.seeds[1:]:
         runs["full"].append(run_one(f"full-s{s}", processed, cfg_for(s, None), out))
 

@@ -22,7 +22,8 @@ def evaluate_policies(model_dirs: dict[str, str | Path], ref_dir: str | Path, pr
     ens = RewardEnsemble.load(reward_dir) if reward_dir else None
     judge = RewardEnsemble.load(judge_dir) if judge_dir else None
     scorers = {sp: PolicyScorer.build(data, sp, ref, cfg.eval.ks, reward_ens=ens, judge_ens=judge, simulator=simulator,
-                                      ndcg_tolerance=cfg.posttrain.ndcg_tolerance, batch_size=cfg.eval.batch_size)
+                                      ndcg_tolerance=cfg.posttrain.ndcg_tolerance, batch_size=cfg.eval.batch_size,
+                                      memory_mb=cfg.eval.memory_mb)
                for sp in splits}
     out = {}
     for name, d in model_dirs.items():

@@ -209,7 +209,8 @@ def run_method(method: str, cfg: Config, inputs: PostTrainInputs, out_dir: str |
     frame = read_candidates(inputs.cand_dir) if inputs.cand_dir else None
     t0 = time.perf_counter()
     scorer = PolicyScorer.build(data, "valid", ref, cfg.eval.ks, reward_ens=ens,
-                                ndcg_tolerance=cfg.posttrain.ndcg_tolerance, batch_size=cfg.eval.batch_size)
+                                ndcg_tolerance=cfg.posttrain.ndcg_tolerance, batch_size=cfg.eval.batch_size,
+                                memory_mb=cfg.eval.memory_mb)
     setup_s = time.perf_counter() - t0
     meta = {"method": method, "ref_model": str(inputs.ref_dir), "max_len": ref_meta.get("max_len")}
 
