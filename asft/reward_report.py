@@ -25,7 +25,7 @@ from asft.config import Config
 from asft.data.preferences import context_utilities, read_pairs
 from asft.data.preprocess import NUM_SPECIAL, ProcessedData
 from asft.metrics import calibration_bins, spearman_rows
-from asft.models.reward import RewardEnsemble, score_contexts
+from asft.models.reward import RewardEnsemble, score_context_chunks, score_contexts
 from asft.training.reward import group_pairs, pair_metrics
 from asft.utils import write_json
 
@@ -91,9 +91,8 @@ def reward_report(
     ctx_ids = np.sort(held["context_id"].unique())
     ctx_index = np.searchsorted(ctx_ids, held["context_id"].to_numpy())
     chosen, rejected = held["chosen"].to_numpy(np.int64), held["rejected"].to_numpy(np.int64)
-    per = score_contexts(ens.members, contexts, device=ens.device)  # [K, N, I]
-    c, r = chosen - NUM_SPECIAL, rejected - NUM_SPECIAL
-    d_members = per[:, ctx_index, c] - per[:, ctx_index, r]
+    # each context scored once, in memory-bounded chunks; only the pairs' entries are kept
+    d_members = ens.score_pairs(contexts, ctx_index, chosen, rejected)["members"]  # [K, P]
     d_mean = d_members.mean(axis=0)
     spread = d_members.std(axis=0)
 
@@ -151,8 +150,11 @@ def _rating_report(ens: RewardEnsemble, data: ProcessedData, groups, held: pd.Da
     y = np.concatenate([g.ratings for g in groups])
     if len(y) == 0:
         return {"rated_items": 0}
-    pred = score_contexts(ens.members, [g.context for g in groups], device=ens.device, head="rating").mean(axis=0)
-    p = pred[gi, items - NUM_SPECIAL]
+    p = np.empty(len(items), dtype=np.float32)
+    for start, sc in score_context_chunks(ens.members, [g.context for g in groups], device=ens.device,
+                                          head="rating"):  # [K, n, I] chunks, bounded memory
+        sel = np.flatnonzero((gi >= start) & (gi < start + sc.shape[1]))
+        p[sel] = sc.mean(axis=0)[gi[sel] - start, items[sel] - NUM_SPECIAL]
     um = _context_user_mean(data, firsts["user_idx"].to_numpy(), firsts["context_end"].to_numpy())[gi]
     um = np.where(np.isfinite(um), um, naive["global_mean"][0])
 
