@@ -368,6 +368,24 @@ def ensure_gate_limit(name: str) -> None:
             client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=1, active=True))
 
 
+class GateTimeout(RuntimeError):
+    """The promotion gate stayed held past its time limit (not retried: another promotion holds it)."""
+
+
+@contextlib.contextmanager
+def _acquired(what: str, cm, timeout_s: float | None):
+    """Enter ``cm`` (a lock); a time-out while *acquiring* it becomes :class:`GateTimeout` (errors inside the
+    critical section pass through unchanged)."""
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(cm)
+    except TimeoutError as e:  # Prefect's AcquireConcurrencySlotTimeoutError, filelock.Timeout
+        raise GateTimeout(f"the promotion gate ({what}) stayed held by another promotion for more than "
+                          f"{timeout_s:g} s (registry.gate_timeout_s)") from e
+    with held:
+        yield
+
+
 @contextlib.contextmanager
 def promotion_gate(tracking_uri: str, lineage: str, timeout_s: float | None = None, lease_s: float = 120):
     """One promotion at a time for registered model ``lineage``; yields how it is held.
@@ -390,11 +408,12 @@ def promotion_gate(tracking_uri: str, lineage: str, timeout_s: float | None = No
 
             name = GATE_PREFIX + lineage
             ensure_gate_limit(name)
-            stack.enter_context(concurrency(name, timeout_seconds=timeout_s, lease_duration=lease_s, strict=True,
-                                            raise_on_lease_renewal_failure=True))
+            stack.enter_context(_acquired(name, concurrency(name, timeout_seconds=timeout_s, lease_duration=lease_s,
+                                                            strict=True, raise_on_lease_renewal_failure=True),
+                                          timeout_s))
             held.append(f"prefect global concurrency limit {name}")
         if tracking_uri.startswith("sqlite:///"):
-            stack.enter_context(store_lock(tracking_uri, f"registry.{lineage}"))
+            stack.enter_context(_acquired("file lock", store_lock(tracking_uri, f"registry.{lineage}", timeout_s), timeout_s))
             held.append("file lock next to the store")
         elif not held:
             from filelock import FileLock
@@ -403,8 +422,9 @@ def promotion_gate(tracking_uri: str, lineage: str, timeout_s: float | None = No
             home = Path(os.environ.get("PREFECT_HOME") or get_current_settings().home) / "locks"
             home.mkdir(parents=True, exist_ok=True)
             key = hashlib.sha256(f"{tracking_uri}|{lineage}".encode()).hexdigest()[:16]
-            stack.enter_context(FileLock(str(home / f"promotion-gate-{key}.lock"),
-                                         timeout=-1 if timeout_s is None else timeout_s))
+            stack.enter_context(_acquired("file lock", FileLock(str(home / f"promotion-gate-{key}.lock"),
+                                                                timeout=-1 if timeout_s is None else timeout_s),
+                                          timeout_s))
             held.append("file lock in PREFECT_HOME (this machine only)")
         yield " + ".join(held)
 

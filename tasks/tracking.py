@@ -74,7 +74,7 @@ def default_artifact_root(cfg: Config, uri: str) -> str | None:
     return None
 
 
-def store_lock(uri: str, what: str = "store"):
+def store_lock(uri: str, what: str = "store", timeout: float | None = 600):
     """A cross-process lock for a local SQLite store (``<db>.<what>.lock``); a no-op for servers, which
     serialise writes themselves.
 
@@ -88,7 +88,7 @@ def store_lock(uri: str, what: str = "store"):
 
     db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
     db.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(f"{db}.{what}.lock", timeout=600)
+    return FileLock(f"{db}.{what}.lock", timeout=-1 if timeout is None else timeout)
 
 
 def setup_experiment(cfg: Config) -> tuple[str, str]:

@@ -212,3 +212,71 @@ def test_products_scope_the_registered_names_and_catalog_changes_are_not_compare
     assert "1682 items" in kept.reason and "1700 items" in kept.reason and "NDCG" not in kept.reason
     took = catalog_change_decision(new, 4, "shop-eu", ("a" * 64, 1682), ("b" * 64, 1700), "champion")
     assert (took.promote, took.alias) == (True, "champion") and "newest catalog" in took.reason
+
+
+# -- the gate ---------------------------------------------------------------------------------------------------
+def _hold(gate_cm, entered, release):
+    with gate_cm:
+        entered.set()
+        release.wait(60)
+
+
+def test_gate_file_lock_times_out_clearly_and_passes_inner_errors(tmp_path, monkeypatch):
+    """A local store without a Prefect server: the file lock next to the store; a second promotion waits,
+    and past its limit fails with GateTimeout (not retried as transient); an error inside passes through."""
+    import threading
+
+    from tasks import registry
+    from tasks.stages import is_transient
+
+    monkeypatch.setattr(registry, "prefect_server_url", lambda: None)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    entered, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold, args=(registry.promotion_gate(uri, "rec-a", 30), entered, release))
+    holder.start()
+    try:
+        assert entered.wait(30)
+        with pytest.raises(registry.GateTimeout, match="held by another promotion"), \
+                registry.promotion_gate(uri, "rec-a", 0.3):
+            pass
+        with registry.promotion_gate(uri, "rec-b", 0.3) as how:  # another product: its own gate
+            assert how == "file lock next to the store"
+    finally:
+        release.set()
+        holder.join()
+    assert not is_transient(registry.GateTimeout("x"))
+    with pytest.raises(TimeoutError), registry.promotion_gate(uri, "rec-a", 5):
+        raise TimeoutError("inside the critical section")  # not mistaken for a gate time-out
+
+
+@pytest.mark.slow
+def test_gate_is_a_one_slot_prefect_global_concurrency_limit(prefect_server, tmp_path):
+    """With a Prefect API: the gate is the global concurrency limit asft-promotion-gate-<name>, created with
+    one slot (and set back to one if widened); a second holder waits and times out; after release it enters."""
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    from tasks import registry
+
+    uri = "http://127.0.0.1:9/not-a-local-store"  # no file lock: only the Prefect limit serialises
+    name = registry.GATE_PREFIX + "rec-gcl"
+    registry.ensure_gate_limit(name)
+    with get_client(sync_client=True) as pc:
+        pc.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=3))
+    entered, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold, args=(registry.promotion_gate(uri, "rec-gcl", 30), entered, release))
+    holder.start()
+    try:
+        assert entered.wait(60)
+        with get_client(sync_client=True) as pc:
+            limit = pc.read_global_concurrency_limit_by_name(name)
+        assert (limit.limit, limit.active_slots) == (1, 1)  # widened to 3 above, set back to one slot
+        with pytest.raises(registry.GateTimeout, match=name), registry.promotion_gate(uri, "rec-gcl", 1.0):
+            pass
+    finally:
+        release.set()
+        holder.join()
+    with registry.promotion_gate(uri, "rec-gcl", 30) as how:
+        assert how == f"prefect global concurrency limit {name}"
