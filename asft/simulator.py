@@ -44,7 +44,7 @@ import pandas as pd
 from asft.config import SimulatorConfig
 from asft.data.schema import GENRES, ITEM, RATING, TITLE, TS, USER, InteractionData
 
-__all__ = ["SIMULATOR_FORMAT", "Simulator", "simulate"]
+__all__ = ["SIMULATOR_FORMAT", "Simulator", "UtilityTable", "simulate"]
 
 SIMULATOR_FORMAT = "simulator"
 _NPZ_NAME = "simulator.npz"
@@ -352,6 +352,14 @@ class Simulator:
         z = self._states(user_ids, histories)
         return self._utility_from_states(z, None if item_ids is None else self._iidx(list(item_ids)))
 
+    def utility_table(self, user_ids: Sequence[str], histories: Sequence[Sequence[str]],
+                      columns: np.ndarray | None = None) -> UtilityTable:
+        """The true utilities of ``utility()`` without the ``[n_contexts, n_items]`` matrix: a lazy table
+        over the contexts' taste states (``[n_contexts, dim]``) that computes the entries it is indexed
+        with. ``columns`` maps each column to a simulator item index (-1: not an item, reads -inf)."""
+        cols = np.arange(self.n_items) if columns is None else np.asarray(columns, dtype=np.int64)
+        return UtilityTable(self, self._states(user_ids, histories), cols)
+
     def expected_reward(
         self,
         user_ids: Sequence[str],
@@ -637,6 +645,47 @@ class Simulator:
         obj.seed = int(meta["seed"])
         obj._set_params(arrays["theta"], arrays["phi"], arrays["bias"], arrays["pop"])
         return obj
+
+
+class UtilityTable:
+    """True utility ``u(z_c, item)`` of contexts x columns, computed when indexed (memory bounded by the
+    request, not by contexts x items). Indexing as a 2-d array: ``t[c]`` (one row), ``t[rows, cols]``
+    with integer arrays (broadcast, pairwise), ``t[a:b]`` / ``t[a:b, cols]`` (a block)."""
+
+    def __init__(self, sim: Simulator, states: np.ndarray, columns: np.ndarray):
+        self.sim, self.states, self.columns = sim, states, columns
+        self.shape = (len(states), len(columns))
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _pairs(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        rows, cols = np.broadcast_arrays(np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64))
+        item = self.columns[cols]
+        safe = np.where(item >= 0, item, 0)
+        s = self.sim
+        vals = s._scale * np.einsum("...d,...d->...", self.states[rows], s.phi[safe]) + s.bias[safe]
+        return np.where(item >= 0, vals, -np.inf)
+
+    def __getitem__(self, key):
+        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+        if isinstance(rows, (slice, int, np.integer)) or isinstance(cols, slice):
+            r = np.arange(self.shape[0])[rows]
+            c = np.arange(self.shape[1])[cols]
+            r2, c2 = np.atleast_1d(r), np.atleast_1d(c)
+            out = self._pairs(r2[:, None], c2[None, :]) if np.ndim(r) or np.ndim(c) else self._pairs(r2, c2)
+            if np.ndim(r) == 0:
+                out = out[0]
+            if np.ndim(c) == 0 and out.ndim:
+                out = out[..., 0]
+            return out
+        return self._pairs(rows, cols)
+
+    def __array__(self, dtype=None, copy=None):
+        """The dense matrix (only for small tables)."""
+        out = self[:, :]
+        return out if dtype is None else out.astype(dtype)
 
 
 _WORKER_SIM: Simulator | None = None

@@ -362,17 +362,18 @@ def _popularity_matched(pos: int, bins: np.ndarray, members: list[np.ndarray], c
 
 
 def context_utilities(simulator, data: ProcessedData, seqs: pd.DataFrame, users: np.ndarray, ends: np.ndarray):
-    """True utility of every vocabulary item after each context: [n_contexts, vocab_size] (-inf off-catalog)."""
+    """True utility of every vocabulary item after each context: [n_contexts, vocab_size] (-inf off-catalog),
+    as a lazy :class:`asft.simulator.UtilityTable` (entries computed when indexed: memory bounded by the
+    request, never contexts x items)."""
     vocab = data.vocab
     user_ids = seqs["user_id"].astype(str).tolist()
     hist = [vocab.decode(np.asarray(seqs["items"].iloc[u])[:t]) for u, t in zip(users, ends)]
-    u_sim = simulator.utility([user_ids[u] for u in users], hist)  # [n_ctx, n_sim_items]
     tok_of_sim = np.full(simulator.n_items, -1, dtype=np.int64)
     in_vocab = [k for k, raw in enumerate(simulator.item_ids) if raw in vocab._index]
     tok_of_sim[in_vocab] = vocab.encode([simulator.item_ids[k] for k in in_vocab])
-    out = np.full((len(users), vocab.size), -np.inf)
-    out[:, tok_of_sim[in_vocab]] = u_sim[:, in_vocab]
-    return out, tok_of_sim
+    sim_of_tok = np.full(vocab.size, -1, dtype=np.int64)
+    sim_of_tok[tok_of_sim[in_vocab]] = in_vocab
+    return simulator.utility_table([user_ids[u] for u in users], hist, sim_of_tok), tok_of_sim
 
 
 def _judge_context(buf: _PairBuffer, judges: SimulatedJudges, pc: PreferenceConfig, sources: list[str], u: int,
