@@ -622,6 +622,32 @@ class OrchestrationConfig(_Section):
     train_timeout_s: float = Field(6 * 3600, gt=0, description="Time limit of a training stage (also kills a hung"
                                    " torchrun launch).")
     eval_timeout_s: float = Field(3600, gt=0, description="Time limit of an evaluation stage.")
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads", description="Where independent stages run: 'threads' = child processes of the flow's process"
+        " (Prefect's thread-pool task runner, `max_parallel` at a time); 'dask' = tasks on a Dask cluster"
+        " (prefect-dask's DaskTaskRunner), each stage a child process of the worker that picks it up; the"
+        " tuning trials too.")
+    dask_address: str | None = Field(
+        None, description="Scheduler of an existing Dask cluster (e.g. tcp://10.0.0.5:8786) for"
+        " `task_runner: dask`; None = a LocalCluster on this machine for the duration of the run. Workers need"
+        " this code, the same data/run paths (a shared filesystem) and the MLflow/Prefect servers.")
+    dask_workers: int | None = Field(
+        None, ge=1, description="Worker processes of the LocalCluster (`task_runner: dask` without"
+        " `dask_address`); None = `max_parallel`.")
+    dask_threads_per_worker: int = Field(
+        1, ge=1, description="Stages each LocalCluster worker runs at once. Every stage's child process gets the"
+        " host's cores divided by the stage slots of all workers on that host.")
+
+    @field_validator("dask_address")
+    @classmethod
+    def _dask_address(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        v = v.strip()
+        host = v.split("://", 1)[-1]
+        if "://" in v and not v.startswith(("tcp://", "tls://", "ucx://", "ws://", "wss://")) or not host:
+            raise ValueError(f"dask_address {v!r}: expected a scheduler address such as tcp://HOST:8786")
+        return v
 
     def timeout(self, kind: str) -> float:
         return {"data": self.data_timeout_s, "train": self.train_timeout_s, "eval": self.eval_timeout_s}[kind]

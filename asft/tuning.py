@@ -82,8 +82,9 @@ def make_pruner(kind: str, warmup: int):
     return optuna.pruners.NopPruner()
 
 
-def open_study(cfg: Config, out_dir: Path):
-    """Create or resume the study (SQLite file in ``out_dir`` unless ``tune.storage`` names a database)."""
+def open_study(cfg: Config, out_dir: Path, worker: int = 0):
+    """Create or resume the study (SQLite file in ``out_dir`` unless ``tune.storage`` names a database).
+    ``worker``: the index of this worker among those started together on one study (a distinct sampler seed)."""
     import warnings
 
     import optuna
@@ -100,7 +101,7 @@ def open_study(cfg: Config, out_dir: Path):
                                 pruner=make_pruner(tc.pruner, tc.pruner_warmup_epochs))
     # Each worker (and each resumption) seeds its sampler with the number of trials it finds, so workers
     # that join a running study draw different values, while one uninterrupted worker is reproducible.
-    seed = tc.sampler_seed + len(study.get_trials(deepcopy=False))
+    seed = tc.sampler_seed + len(study.get_trials(deepcopy=False)) + 100_003 * worker
     study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=tc.startup_trials)
     return study
 
@@ -112,7 +113,7 @@ def _finished(study) -> int:
 
 
 def tune_base(raw_dir: str | Path, cfg: Config, out_dir: str | Path, n_trials: int | None = None,
-              trial_logger: TrialLogger | None = None, log: Callable[[str], None] = print) -> dict:
+              trial_logger: TrialLogger | None = None, log: Callable[[str], None] = print, worker: int = 0) -> dict:
     """Run (or resume) the study until ``n_trials`` (default ``tune.n_trials``) trials have finished;
     write ``best.yaml`` and ``trials.json`` in ``out_dir``. Returns the summary."""
     import optuna
@@ -124,7 +125,7 @@ def tune_base(raw_dir: str | Path, cfg: Config, out_dir: str | Path, n_trials: i
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = int(n_trials or cfg.tune.n_trials)
-    study = open_study(cfg, out)
+    study = open_study(cfg, out, worker)
     space = cfg.tune.space
     monitor = f"valid/{cfg.train.monitor}"
     t_start = time.perf_counter()

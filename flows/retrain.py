@@ -43,6 +43,7 @@ from asft import datastore, pipeline, stages
 from asft.config import Config, ConfigOverrides, dump_config, load_config, overrides_from_model
 from asft.utils import dvc_md5, write_json
 from tasks import lineage
+from tasks.runners import DaskFanOut, workers_reach_this_api
 from tasks.samples import recommendation_sample
 from tasks.stages import CONSOLE, TASKS, RunContext, log_policy_reports, promote_task
 from tasks.storage import push_datasets, result_storage
@@ -222,8 +223,16 @@ class _Stages:
         self.timings: dict[str, float] = {}
         self.core: dict[str, float] = {}
         self.cache: dict[str, dict] = {}
+        self.cpu: dict[str, float] = {}  # CPU seconds per stage (its child process, or this process)
+        self.where: dict[str, dict] = {}  # where each stage ran: host, pid, Dask worker, peak memory
         self.current = "setup"
         self.done = 0
+        self.dask = DaskFanOut(cfg.orchestration) if cfg.orchestration.task_runner == "dask" else None
+
+    def close(self) -> None:
+        """Stop the run's LocalCluster, if it started one."""
+        if self.dask is not None:
+            self.dask.close()
 
     def _task(self, spec, refresh: bool = False, thread: bool = False):
         # In the flow's thread Prefect enforces the time limit itself; a stage submitted to a worker thread
@@ -238,7 +247,8 @@ class _Stages:
         first = self.done + 1
         self.done += len(labels)
         span = f"{first}" if len(labels) == 1 else f"{first}-{self.done}"
-        extra = " (concurrently, one process each)" if len(labels) > 1 else ""
+        extra = ((" (on the Dask cluster, one process each)" if self.dask else " (concurrently, one process each)")
+                 if len(labels) > 1 else "")
         line = f"[{span}/{self.total}] {', '.join(labels)}{extra}"
         CONSOLE.print(line, style="bold cyan", highlight=False)
         get_run_logger().info(line)
@@ -249,11 +259,14 @@ class _Stages:
 
     def group(self, calls: list[tuple]) -> list[dict]:
         """Stages that do not depend on each other: with ``orchestration.max_parallel`` > 1 their training
-        stages are submitted together, each in its own process; the others run in the flow's thread.
+        stages are submitted together, each in its own process; the others run in the flow's thread. With
+        ``orchestration.task_runner: dask`` all of them go to the Dask cluster (:func:`fan_out`).
         Results in call order."""
         labels = [c[5] or "-".join([c[0], *map(str, c[3].values())]) for c in calls]  # e.g. posttrain-asft
         t = time.perf_counter()
         specs = [pipeline.get_stage(c[0]) for c in calls]
+        if self.dask is not None and len(calls) > 1:
+            return self._fan_out(calls, labels, specs, t)
         concurrent = [i for i, spec in enumerate(specs) if spec.training and self.cfg.orchestration.max_parallel > 1
                       and len(calls) > 1]
         if len(concurrent) > 1:
@@ -281,6 +294,25 @@ class _Stages:
             results[i] = self._finish(labels[i], specs[i], args, fut.state, t)
         return [results[i] for i in range(len(calls))]
 
+    def _fan_out(self, calls: list[tuple], labels: list[str], specs: list, t: float) -> list[dict]:
+        """The group as a ``fan-out`` subflow on the Dask task runner: every stage a task on the cluster."""
+        self._announce(labels)
+        self.current = ", ".join(labels)
+        args = [{"cfg": cfg or self.cfg, "paths": paths, "out_dir": out, "options": options,
+                 "ctx": self.ctx.model_copy(update={"isolated": True})} for _, paths, out, options, cfg, _ in calls]
+        runner = self.dask.runner()
+        get_run_logger().info("fan-out of %s to the Dask scheduler at %s", self.current, self.dask.address)
+        try:
+            with workers_reach_this_api():
+                outcomes = fan_out.with_options(task_runner=runner, flow_run_name=f"fan-out: {self.current}"[:200])(
+                    [{"stage": spec.name, "label": label, "refresh": not self.use_cache, "args": a}
+                     for spec, label, a in zip(specs, labels, args, strict=True)])
+        except BaseException as e:
+            self.current = getattr(e, "asft_stage", self.current)
+            raise
+        return [self._finish(label, spec, a, _Outcome(*o), t)
+                for label, spec, a, o in zip(labels, specs, args, outcomes, strict=True)]
+
     def _finish(self, label: str, spec, args: dict, state, t: float) -> dict:
         res = state.result()
         if state.name == "Cached":
@@ -293,13 +325,48 @@ class _Stages:
                 src = res.get("stage_run_id")
                 res["run_id"] = record_cached_stage(self.ctx.tracking_uri, self.ctx.parent_run_id, label, src)
                 self.cache[label] = {"hit": True, "source_run_id": src, "out_dir": out}
-                res["core_seconds"] = 0.0
+                res["core_seconds"] = res["cpu_seconds"] = 0.0
+                res["executor"] = None
                 get_run_logger().info("%s: cached (run %s)", label, src)
         else:
             self.cache[label] = {"hit": False}
         self.timings[label] = time.perf_counter() - t
         self.core[label] = res.pop("core_seconds", 0.0)
+        self.cpu[label] = res.pop("cpu_seconds", 0.0)
+        self.where[label] = res.pop("executor", None)
+        line = pipeline.summary_line(spec, res)
+        if line and (self.where[label] or {}).get("dask_worker"):  # the worker's console is not this one
+            CONSOLE.print(f"      {label}: {line} ({self.core[label]:.0f} s on {self.where[label]['dask_worker']})",
+                          highlight=False)
         return res
+
+
+class _Outcome:
+    """A fan-out task's final state, as the flow reads it: its name (``Cached``...) and result."""
+
+    def __init__(self, name: str, value):
+        self.name, self._value = name, value
+
+    def result(self):
+        return self._value
+
+
+@flow(name="fan-out", validate_parameters=False, log_prints=True)
+def fan_out(stages: list[dict]) -> list[tuple[str, dict]]:
+    """Independent stages as tasks on this flow's task runner (retrain chooses a DaskTaskRunner from the
+    configuration at run time): submitted together, awaited together; ``(state name, result)`` in order.
+    A failed stage fails the subflow with its own error, tagged ``asft_stage``."""
+    futures = [TASKS[s["stage"]].with_options(refresh_cache=s["refresh"]).submit(**s["args"]) for s in stages]
+    for f in futures:
+        f.wait()
+    out = []
+    for s, f in zip(stages, futures, strict=True):
+        try:
+            out.append((f.state.name, f.state.result()))
+        except BaseException as e:
+            e.asft_stage = s["label"]
+            raise
+    return out
 
 
 def _git(*args: str) -> str:
@@ -510,7 +577,9 @@ def retrain(
         parent.set_tags({"failed_stage": run.current, "failed_stage_error": failure["error"]})
         parent.log_artifact(out / "failure.json")
         parent.end("FAILED")
+        run.close()
         raise
+    run.close()
 
     run.timings["flow_total"] = time.perf_counter() - t_start
     strip = ("out_", "stage_run", "run_id")
@@ -536,9 +605,10 @@ def retrain(
         "datasets": datasets,
         "dvc_remote": remote,
         "lineage": {"code_version": lin["code_version"], "base_key": base_key, "base_run_id": base_run_id,
-                    "cache": run.cache, "model_sha256": {n: lineage.digest(h) for n, h in model_hashes.items()}},
+                    "cache": run.cache, "executors": run.where, "model_sha256": {n: lineage.digest(h) for n, h in model_hashes.items()}},
         "timings_s": run.timings,
         "core_seconds": run.core,
+        "cpu_seconds": run.cpu,
         "output_dir": str(out),
         "mlflow": {"tracking_uri": uri, "parent_run_id": pid, "experiment": cfg.tracking.experiment},
     }

@@ -4,6 +4,11 @@ One MLflow parent run per invocation (``kind=tune``) with a nested run per trial
 as params, validation metrics per epoch, the trial's state); the best values are logged and written
 to ``OUTPUT/best.yaml`` (usable as ``retrain --config``), and a Prefect table artifact lists the
 trials. Run the same command again (or on several workers against one ``tune.storage``) to resume.
+
+With ``orchestration.task_runner: dask`` the trials fan out to a Dask cluster (``orchestration.dask_address``,
+or a LocalCluster for the run): one study worker per worker slot of the cluster, as tasks of a ``tune-trials``
+subflow on prefect-dask's DaskTaskRunner, all on the same study (its storage must be reachable from the
+workers: the SQLite file on a shared filesystem, or ``tune.storage``), each with its own sampler seed.
 """
 
 from __future__ import annotations
@@ -28,15 +33,25 @@ def _ingest(cfg, raw_dir: str, docs_dir: str) -> dict:
 
 
 @task(name="tune-base", task_run_name="tune-base")
-def _tune(cfg, raw_dir: str, output: str, n_trials: int | None, parent_run_id: str | None, uri: str | None) -> dict:
+def _tune(cfg, raw_dir: str, output: str, n_trials: int | None, parent_run_id: str | None, uri: str | None,
+          worker: int = 0) -> dict:
+    from tasks.runners import dask_stage_threads
+
+    threads = dask_stage_threads()  # on a Dask worker: its share of the host's cores (workers start with 1)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     logger = get_run_logger()
     trial_logger = None
     if parent_run_id:
+        from tasks.runners import executor_info
         from tasks.tracking import stage_run
 
         @contextlib.contextmanager
         def trial_logger(number: int, values: dict):
-            with stage_run(uri, parent_run_id, f"trial-{number:04d}", tags={"trial": str(number)}) as run:
+            where = {f"executor.{k}": v for k, v in executor_info().items() if v is not None}
+            with stage_run(uri, parent_run_id, f"trial-{number:04d}", tags={"trial": str(number), **where}) as run:
                 run.log_params(values)
                 yield run.on_log
 
@@ -44,7 +59,39 @@ def _tune(cfg, raw_dir: str, output: str, n_trials: int | None, parent_run_id: s
         print(msg, file=sys.stderr, flush=True)
         logger.info(msg)
 
-    return tune_base(raw_dir, cfg, output, n_trials=n_trials, trial_logger=trial_logger, log=log)
+    return tune_base(raw_dir, cfg, output, n_trials=n_trials, trial_logger=trial_logger, log=log, worker=worker)
+
+
+@flow(name="tune-trials", validate_parameters=False)
+def _trials(cfg, raw_dir: str, output: str, n_trials: int | None, parent_run_id: str | None, uri: str | None,
+            workers: int, timeout_s: float) -> list[dict]:
+    """``workers`` study workers on this flow's task runner (a DaskTaskRunner), sharing one study."""
+    futures = [_tune.with_options(timeout_seconds=timeout_s, task_run_name=f"tune-base-{w}").submit(
+        cfg, raw_dir, output, n_trials, parent_run_id, uri, worker=w) for w in range(workers)]
+    return [f.result() for f in futures]
+
+
+def _tune_on_dask(cfg, raw_dir: str, output: str, n_trials: int | None, parent_run_id: str | None,
+                  uri: str | None, timeout_s: float) -> dict:
+    """The study on the Dask cluster, one study worker per worker slot; the summary of the whole study."""
+    import time
+
+    from asft.tuning import open_study, write_results
+    from tasks.runners import DaskFanOut, cluster_slots, workers_reach_this_api
+
+    t = time.perf_counter()
+    open_study(cfg, Path(output))  # the storage and the study exist before the workers open them together
+    fan = DaskFanOut(cfg.orchestration)
+    try:
+        runner = fan.runner()
+        workers = cluster_slots(fan.address)
+        get_run_logger().info("tune: %d study workers on the Dask scheduler at %s", workers, fan.address)
+        with workers_reach_this_api():
+            _trials.with_options(task_runner=runner)(cfg, raw_dir, output, n_trials, parent_run_id, uri, workers,
+                                                     timeout_s)
+    finally:
+        fan.close()
+    return write_results(open_study(cfg, Path(output)), cfg, Path(output), time.perf_counter() - t)
 
 
 @flow(name="tune", log_prints=False, validate_parameters=True)
@@ -68,8 +115,11 @@ def tune(data: str | None = None, output: str = "runs/tune", config: str | None 
         run.log_params({f"tune.{k}": v for k, v in cfg.tune.model_dump(mode="json", exclude={"space"}).items()})
     try:
         study_limit = cfg.orchestration.train_timeout_s * (n_trials or cfg.tune.n_trials)
-        result = _tune.with_options(timeout_seconds=study_limit)(cfg, ingest["raw_dir"], str(out), n_trials, parent,
-                                                                 uri)
+        if cfg.orchestration.task_runner == "dask":
+            result = _tune_on_dask(cfg, ingest["raw_dir"], str(out), n_trials, parent, uri, study_limit)
+        else:
+            result = _tune.with_options(timeout_seconds=study_limit)(cfg, ingest["raw_dir"], str(out), n_trials,
+                                                                     parent, uri)
     except BaseException:
         if parent:
             run.end("FAILED")

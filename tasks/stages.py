@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,7 @@ from asft.pipeline import StageSpec
 from asft.plots import metric_bars, training_curves
 from asft.utils import _json_default, dvc_md5
 from tasks import lineage
+from tasks.runners import executor_info
 from tasks.tracking import TrackedRun, stage_run
 
 CONSOLE = Console(stderr=True, width=160)  # what a person sees: stage lines and summaries
@@ -151,9 +153,11 @@ def child_threads(max_parallel: int) -> int:
 
 
 def run_cli(spec: StageSpec, cfg: Config, paths: dict, out_dir: str | None, options: dict, work: Path | None,
-            resume: bool, log_path: Path, nproc: int = 1) -> dict:
+            resume: bool, log_path: Path, nproc: int = 1, usage: dict | None = None) -> dict:
     """The stage's CLI command (generated from its spec) in a child process, ``torchrun`` when ``nproc`` > 1;
-    killed at the stage's time limit. Output goes to ``log_path``; returns the summary it writes."""
+    killed at the stage's time limit. Output goes to ``log_path``; returns the summary it writes. ``usage``
+    (if given) receives the child's CPU seconds (user + system, its own waited-for children included) and
+    peak resident memory, from ``wait4``."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg_file, result = Path(tmp) / "params.yaml", Path(tmp) / "result.json"
         dump_config(cfg, cfg_file)
@@ -167,16 +171,24 @@ def run_cli(spec: StageSpec, cfg: Config, paths: dict, out_dir: str | None, opti
             cmd.append("--no-resume")
         log_path.parent.mkdir(parents=True, exist_ok=True)
         timeout = cfg.orchestration.timeout(spec.kind)
+        threads = None if nproc > 1 else stage_threads(cfg)
         get_run_logger().info("running %s in %s (log: %s)", spec.name,
-                              f"{nproc} torchrun processes" if nproc > 1 else "a child process", log_path)
+                              f"{nproc} torchrun processes" if nproc > 1 else f"a child process, {threads} threads",
+                              log_path)
         with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=lineage.REPO,
+                                    env=_child_env(threads))
             try:
-                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, check=False,
-                                      timeout=timeout, cwd=lineage.REPO,
-                                      env=_child_env(None if nproc > 1 else child_threads(cfg.orchestration.max_parallel)))
-            except subprocess.TimeoutExpired:
+                status, ru = _wait(proc, timeout)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+            if status is None:
                 raise TimeoutError(f"{spec.name} exceeded its time limit of {timeout:.0f} s "
-                                   f"(orchestration.{spec.kind}_timeout_s); log: {log_path}") from None
+                                   f"(orchestration.{spec.kind}_timeout_s); log: {log_path}")
+        if usage is not None:
+            usage.update(cpu_seconds=ru.ru_utime + ru.ru_stime, max_rss_mb=ru.ru_maxrss / 1024)
         if proc.returncode != 0:
             tail = log_path.read_text()[-4000:]
             raise RuntimeError(f"{spec.name} failed in its child process (exit code {proc.returncode}); "
@@ -184,15 +196,47 @@ def run_cli(spec: StageSpec, cfg: Config, paths: dict, out_dir: str | None, opti
         return json.loads(result.read_text())
 
 
+def _wait(proc: subprocess.Popen, timeout: float) -> tuple[int | None, Any]:
+    """Reap ``proc`` with ``wait4`` (its own resource usage, which ``Popen.wait`` discards); at ``timeout``
+    seconds kill it and return ``(None, usage)``. Sets ``proc.returncode``."""
+    deadline, pause = time.monotonic() + timeout, 0.01
+    while True:
+        pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return status, ru
+        if time.monotonic() > deadline:
+            proc.kill()
+            _, status, ru = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return None, ru
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
+def stage_threads(cfg: Config) -> int:
+    """Math-library threads of a stage's child process: on a Dask worker the host's cores divided among the
+    stage slots of the workers on that host (:func:`tasks.runners.dask_stage_threads`), else the cores
+    divided among ``orchestration.max_parallel`` concurrent stages."""
+    from tasks.runners import dask_stage_threads
+
+    return dask_stage_threads() or child_threads(cfg.orchestration.max_parallel)
+
+
 def _execute(spec: StageSpec, cfg: Config, paths: dict, out_dir: str | None, options: dict, ctx: RunContext,
-             run: TrackedRun, work: Path | None) -> dict:
+             run: TrackedRun, work: Path | None, usage: dict | None = None) -> dict:
     n = processes(cfg) if spec.distributed else 1
     if n > 1 or ctx.isolated:
+        from tasks.runners import dask_worker
+
         label = "-".join([spec.name, *[str(options[o]) for o in spec.options]])
         art = _progress_artifact(spec, options) if spec.training else None
-        with _slot(ctx.parent_run_id, cfg.orchestration.max_parallel):
+        # On Dask the cluster's worker slots bound the concurrency; here, ``max_parallel`` children at once.
+        slot = (contextlib.nullcontext() if dask_worker() is not None
+                else _slot(ctx.parent_run_id, cfg.orchestration.max_parallel))
+        with slot:
             summary = run_cli(spec, cfg, paths, out_dir, options, work, ctx.resume,
-                              Path(ctx.run_dir) / "logs" / f"{label}.log", n)
+                              Path(ctx.run_dir) / "logs" / f"{label}.log", n, usage)
         _log_history(run, out_dir)
         if art is not None:
             from prefect.artifacts import update_progress_artifact
@@ -319,10 +363,16 @@ def stage_task(spec: StageSpec):
             run.log_params({**pipeline.flat_params(spec, cfg.to_dict()), **named})
             if isinstance(guard, _ValidationGuard):
                 guard.run = run
-            t0 = time.perf_counter()
+            t0, ru0, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF), {}
             with guard:
-                summary = _execute(spec, cfg, paths, out_dir, options, ctx, run, work)
+                summary = _execute(spec, cfg, paths, out_dir, options, ctx, run, work, usage)
             secs = time.perf_counter() - t0
+            if "cpu_seconds" not in usage:  # ran in this process: its CPU time over the stage
+                ru = resource.getrusage(resource.RUSAGE_SELF)
+                usage["cpu_seconds"] = ru.ru_utime + ru.ru_stime - ru0.ru_utime - ru0.ru_stime
+            executor = {**executor_info(), **usage}
+            run.set_tags({f"executor.{k}": v for k, v in executor.items() if k != "cpu_seconds" and v is not None})
+            run.log_metrics({"stage_cpu_seconds": usage["cpu_seconds"]})
             if spec.output_file and out_dir:
                 from asft.utils import write_json
 
@@ -339,13 +389,21 @@ def stage_task(spec: StageSpec):
                 md5 = dvc_md5(out_dir) if out_dir and Path(out_dir).exists() else None
         line = pipeline.summary_line(spec, summary)
         if line:
-            CONSOLE.print(f"      {label}: {line} ({secs:.0f} s)", highlight=False)
+            if executor["dask_worker"] is None:  # a Dask worker's console is not the person's: the flow prints it
+                CONSOLE.print(f"      {label}: {line} ({secs:.0f} s)", highlight=False)
             get_run_logger().info("%s: %s", label, line)
         return _jsonable({**summary, "out_dir": out_dir, "out_md5": md5, "stage_run_id": run.run_id,
-                          "run_id": run.run_id, "core_seconds": secs})
+                          "run_id": run.run_id, "core_seconds": secs, "cpu_seconds": usage["cpu_seconds"],
+                          "executor": executor})
 
     body.__name__ = body.__qualname__ = spec.name.replace("-", "_") + "_task"
     body.__doc__ = spec.help
+    # A module attribute under its qualified name: pickled by reference (Dask workers import this module)
+    # rather than by value with the module's console and locks.
+    body.stage_name = spec.name
+    if not hasattr(globals().get(body.__name__, body), "stage_name"):
+        raise ValueError(f"stage task name {body.__name__} is taken in {__name__}")
+    globals()[body.__name__] = body
     return task(name=spec.name, task_run_name=spec.name + ("-{options[method]}" if "method" in spec.options else ""),
                 cache_policy=lineage.StageCache(spec) if spec.cache else NO_CACHE, persist_result=spec.cache,
                 result_serializer="json", **RELIABILITY)(body)
