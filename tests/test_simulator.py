@@ -331,3 +331,18 @@ def test_rating_reference_is_the_catalog_wide_moments(sim):
     base = sim._scale * (sim.theta @ sim.phi.T) + sim.bias[None, :]
     assert sim.utility_mean == pytest.approx(base.mean(), abs=1e-12)
     assert sim.utility_std == pytest.approx(base.std(), rel=1e-10)
+
+
+def test_utility_table_is_lazy_and_equals_utility(sim):
+    users, hists = ["u0", "u1", "u2"], [["i1"], [], ["i3", "i4"]]
+    cols = np.array([-1, -1, 5, 7, 0, 79])  # two non-item columns (special tokens) read -inf
+    dense = sim.utility(users, hists)[:, np.where(cols >= 0, cols, 0)]
+    dense[:, cols < 0] = -np.inf
+    t = sim.utility_table(users, hists, cols)
+    assert t.shape == (3, 6) and t.states.shape == (3, sim.dim)  # holds states, not a contexts x items matrix
+    np.testing.assert_allclose(np.asarray(t), dense)
+    np.testing.assert_allclose(t[1], dense[1])
+    np.testing.assert_allclose(t[:2, 2:], dense[:2, 2:])
+    top = np.array([[2, 3], [4, 5], [0, 2]])
+    np.testing.assert_allclose(t[np.arange(3)[:, None], top], np.take_along_axis(dense, top, axis=1))
+    assert t[2, 3] == pytest.approx(dense[2, 3])
