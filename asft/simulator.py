@@ -27,6 +27,26 @@ byte-identical output):
 The interaction rows are in true event order: sorted by timestamp, ties across users by user
 index, and ties within a user in the order the events happened. Downstream code must break
 timestamp ties by row order (stable sort).
+
+How it is computed (none of this changes the model above):
+
+* Users are simulated in blocks of ``USER_CHUNK``, all users of a block stepping together (numpy,
+  no per-user loop); each block has its own child random stream of the seed, so the log does not
+  depend on how many processes generate it (``generate(workers=...)``).
+* The logging softmax is sampled exactly without scoring the whole catalog at every step
+  (``Simulator._sample_next``): the ``HEAD_ITEMS`` items of largest static weight
+  ``b_i / T + exposure_bias * log(pop_i)`` are scored exactly; the others are grouped into cells
+  (k-means centres of ``phi``, split by distance to the centre) whose weight is bounded by
+  Cauchy-Schwarz, ``z . phi_i <= z . mu_k + |z| R_k``; an item drawn from a cell is accepted with
+  probability (true weight) / (bound) and consumed items are rejected, so accepted draws follow the
+  softmax over the unconsumed items exactly (rejection sampling). Catalogs no larger than
+  ``HEAD_ITEMS`` (the default 400 items) are sampled by inverse CDF over the exact softmax.
+* The oracle never builds a users x items matrix: the rating reference (mean/std of
+  ``u(theta_u, i)`` over all pairs) is computed in closed form, taste states and event utilities
+  replay histories position by position, :meth:`Simulator.expected_reward` scores only the
+  recommended items, and :meth:`Simulator.utility_table` gives lazily computed utilities.
+  :meth:`Simulator.utility` and :meth:`Simulator.logging_probs` return dense
+  ``[n_contexts, n_items]`` arrays: for small sets of contexts.
 """
 
 from __future__ import annotations
