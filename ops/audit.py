@@ -295,7 +295,10 @@ def audit(run_id: str, tracking_uri: str, output: Path, do_rerun: bool = True,
         report["rerun"] = cmp
         report["reproduced"] = (not cmp["mismatched"] and cmp["datasets_equal"] and cmp["model_hashes_equal"]
                                 and cmp["models_vs_mlflow"]["equal"])
-    report["lineage_ok"] = all(c.get("ok", True) for k, c in checks.items() if k != "environment")
+    # Code that differs from the recorded version is a lineage problem only when the recorded commit cannot be
+    # checked out (otherwise the re-run runs in a worktree at that commit, and the comparison decides).
+    report["lineage_ok"] = all(c.get("ok", True) for k, c in checks.items()
+                               if k != "environment" and not (k == "code" and checks["git"]["ok"]))
     path = output / "audit.json"
     path.write_text(json.dumps(report, indent=2, default=str))
     audit_run = report.get("rerun", {}).get("audit_run_id")
