@@ -100,12 +100,13 @@ def main() -> int:
     subprocess.run(["git", "clone", "-q", args.repo, str(worker)], check=True)
     result["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=worker, capture_output=True, text=True,
                                       check=True).stdout.strip()
-    env = {**base_env, "PREFECT_HOME": str(worker / ".prefect"), "ASFT_DATA_ROOTS": str(worker),
+    disk = work / "worker-disk"  # the worker's data disk (outside the clone: no untracked files in it)
+    env = {**base_env, "PREFECT_HOME": str(worker / ".prefect"), "ASFT_DATA_ROOTS": str(disk),
            "PYTHONPATH": str(worker)}
     out = worker / "runs" / "lineage-run"
     data = args.data
     if data != "simulator":  # the log lives on the worker's disk only
-        data = str(worker / "worker-data" / Path(args.data).name)
+        data = str(disk / Path(args.data).name)
         shutil.copytree(Path(args.data).resolve(), data)
     result["data"] = args.data
     result["retrain"] = _run([py, "-m", "asft.cli", "retrain", "--data", data, "--output", str(out),
@@ -123,10 +124,13 @@ def main() -> int:
     result["s3_objects"] = {p: sum(k.startswith(p + "/") for k in keys)
                             for p in ("dvc", "results", "checkpoints", "mlflow")}
     shutil.rmtree(worker)  # the pod is gone, with its disk (DVC cache, runs, stage results, checkpoints)
+    shutil.rmtree(disk, ignore_errors=True)  # and its data
 
     # -- a fresh machine: a new clone, an empty DVC cache, no runs --------------------------------------------
     fresh = work / "auditor"
     subprocess.run(["git", "clone", "-q", args.repo, str(fresh)], check=True)
+    result["auditor_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=fresh, capture_output=True,
+                                              text=True, check=True).stdout.strip()
     cache = fresh / ".dvc" / "cache"
     result["auditor_dvc_cache_objects_before"] = sum(1 for p in cache.rglob("*") if p.is_file()) if cache.exists() else 0
     env = {**base_env, "PREFECT_HOME": str(fresh / ".prefect"), "ASFT_DATA_ROOTS": str(fresh),
@@ -139,7 +143,7 @@ def main() -> int:
     rerun = report.get("rerun", {})
     result["audit"].update({
         "lineage_ok": report["lineage_ok"], "reproduced": report.get("reproduced"),
-        "rerun_input": report.get("rerun_input"),
+        "rerun_input": report.get("rerun_input"), "code": checks["code"], "git": checks["git"],
         "checks_ok": {k: c.get("ok") for k, c in checks.items()},
         "datasets_from": {k: checks["datasets"][k].get("from") for k in ("raw", "processed", "preferences")},
         "dvc_remote_used": checks["datasets"]["remote"],
