@@ -234,8 +234,9 @@ class BaseTrainConfig(TrainConfig):
     negatives: int = Field(256, ge=1, description="Sampled softmax: negatives drawn per micro-batch from"
                            " `negative_sampler` (shared by its rows; with in_batch_negatives up to as many again).")
     negative_sampler: Literal["uniform", "popularity"] = Field(
-        "uniform", description="Sampled softmax: draw negatives uniformly over items, or by their frequency as"
-        " training targets (add-one smoothed).")
+        "popularity", description="Sampled softmax: draw negatives by their frequency as training targets"
+        " (add-one smoothed), or uniformly over items. With the logQ correction popularity negatives give the"
+        " gradient closer to the full softmax's (benchmarks/issue15/sampled-softmax.md).")
     in_batch_negatives: bool = Field(
         False, description="Sampled softmax: also use the micro-batch's other targets (up to `negatives` of them,"
         " drawn at random) as negatives (Yi et al. 2019; mixed negative sampling).")
