@@ -87,6 +87,49 @@ def run_one(name: str, processed: Path, cfg, out: Path) -> dict:
     return rec
 
 
+def partial_report(out: Path, cfg) -> None:
+    """Validation curves of every run (finished or not) and test metrics of each run's best model so far;
+    paired bootstrap (sampled - full) over test users for each seed that has both."""
+    data = ProcessedData.open(out / "processed")
+    runs = {}
+    for work in sorted((out / "work").iterdir()):
+        done = out / "runs" / f"{work.name}.json"
+        state_path = work / "checkpoint" / "trainer_state.json"
+        if not state_path.is_file():
+            continue
+        state = json.loads(state_path.read_text())
+        curve = [round(h["valid/ndcg@10"], 4) for h in state["history"] if "valid/ndcg@10" in h]
+        if done.is_file():
+            rec = json.loads(done.read_text())
+            ranks, test = np.asarray(rec["test_ranks"]), rec["test"]
+        else:
+            best = work / "checkpoint" / "best"
+            if not best.is_dir():
+                continue
+            model, _, _ = load_recommender(best)
+            ev = evaluate_table(model, data.table("test"), cfg.eval.ks, True, cfg.eval.batch_size)
+            ranks, test = ev.ranks, ev.metrics
+        runs[work.name] = {"finished": done.is_file(), "epochs": state["epoch"], "best_epoch": state["best_epoch"],
+                           "valid_ndcg@10_best": state["best"], "valid_ndcg@10_curve": curve,
+                           "train_seconds": state["train_s"], "test": {k: test[k] for k in ("ndcg@10", "hr@10")},
+                           "ranks": ranks}
+    cis = {}
+    for name, r in runs.items():
+        if not name.startswith("sampled"):
+            continue
+        full = runs.get(f"full-{name.rsplit('-', 1)[1]}")
+        if full is None:
+            continue
+        cis[f"{name} - full"] = {
+            m: paired_bootstrap(f(r["ranks"]), f(full["ranks"]), n_boot=2000, seed=0)
+            for m, f in (("ndcg@10", lambda x: ndcg_per_user(x, 10)), ("hr@10", lambda x: (x < 10).astype(float)))}
+    report = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
+              "runs": {k: {kk: vv for kk, vv in v.items() if kk != "ranks"} for k, v in runs.items()},
+              "paired_bootstrap": cis}
+    write_json(out / "partial_report.json", report)
+    print(json.dumps(report, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
@@ -99,9 +142,15 @@ def main() -> None:
     ap.add_argument("--only", choices=["full", "sampled"], default=None,
                     help="run only this objective for every seed (sampled: at the first --negatives) and stop;"
                     " lets several processes share the plan (the full command then reuses their runs)")
+    ap.add_argument("--partial", action="store_true",
+                    help="report what exists now: finished runs, and the best-so-far model of unfinished ones"
+                    " (their validation curve per epoch, and test ranks of their best checkpoint)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of both objectives")
     a = ap.parse_args()
     out = Path(a.out)
+    if a.partial:
+        partial_report(out, load_config(a.config, [*a.overrides, f"data.source={a.data}"]))
+        return
     (out / "runs").mkdir(parents=True, exist_ok=True)
     base = [*a.overrides, f"data.source={a.data}"]
     cfg0 = load_config(a.config, base)
