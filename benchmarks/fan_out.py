@@ -1,11 +1,12 @@
 """Fan-out of the default main job's post-training stages: sequential vs the thread-pool runner vs a Dask cluster.
 
-    .venv/bin/python benchmarks/fan_out.py [--work /work/scale/fanout/bench] [--out benchmarks/issue15/fan_out.json]
+    git clone -q . /work/scale/fanout/repo
+    .venv/bin/python benchmarks/fan_out.py --repo /work/scale/fanout/repo --variants threads dask sequential
 
-One warm-up ``retrain --data simulator`` (the default config: four methods, the README command) fills the stage
-cache; then, for each variant, the post-training stages' cache records and resumable work directories are
-deleted and ``retrain`` runs again, so ingest ... advantages come from the cache and only the post-training
-group (and evaluate-policies) is recomputed:
+``retrain --data simulator`` (the default config: four methods, the README command; only base and reward epochs
+cut, see SHORT_UPSTREAM) once per variant. Before each variant the post-training stages' cache records and
+resumable work directories are deleted, so after the first run ingest ... advantages come from the stage cache
+and only the post-training group (and evaluate-policies) is recomputed:
 
 - ``sequential``: ``orchestration.max_parallel=1`` (each stage in the flow's process, one after another);
 - ``threads``: the default (``max_parallel=2``: child processes two at a time, cores/2 threads each);
@@ -35,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # Upstream stages only feed the post-training stages (whose settings stay the defaults): fewer base and reward
 # epochs keep the warm-up affordable on a busy 2-core machine (--full: the default config throughout).
-SHORT_UPSTREAM = ["train.epochs=3", "reward.train.epochs=2"]
+SHORT_UPSTREAM = ["train.epochs=2", "reward.train.epochs=1"]
 VARIANTS = {
     "sequential": ["orchestration.max_parallel=1"],
     "threads": [],
@@ -54,17 +55,18 @@ def _env(work: Path) -> dict[str, str]:
     return env
 
 
-def retrain(work: Path, name: str, overrides: list[str], upstream: list[str]) -> dict:
+def retrain(work: Path, name: str, overrides: list[str], upstream: list[str], repo: Path = REPO) -> dict:
     """One ``retrain`` command; its wall time, CPU time (it and every descendant) and peak RSS."""
     out = work / "runs" / name
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "asft.cli", "retrain", "--data", "simulator", "--output", str(out), "--config",
-           str(REPO / "params.yaml"), "--no-register", f"tracking.mlflow_uri=sqlite:///{work / 'mlflow.db'}",
+           str(repo / "params.yaml"), "--no-register", f"tracking.mlflow_uri=sqlite:///{work / 'mlflow.db'}",
            *upstream, *overrides]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     with open(work / f"{name}.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=work, env=_env(work), stdout=log, stderr=subprocess.STDOUT, check=False)
+        proc = subprocess.run(cmd, cwd=repo, env={**_env(work), "PYTHONPATH": str(repo)}, stdout=log,
+                              stderr=subprocess.STDOUT, check=False)
     wall = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
@@ -107,19 +109,26 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "issue15" / "fan_out.json"))
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--full", action="store_true", help="default base/reward epochs for the warm-up too")
+    ap.add_argument("--repo", default=str(REPO), help="the checkout to run (a frozen clone: the stage cache keys"
+                    " include the code version, which a working tree being edited keeps changing)")
+    ap.add_argument("--warmup", action="store_true", help="a first retrain that only fills the stage cache"
+                    " (else the first variant computes the upstream stages and the others reuse them)")
     args = ap.parse_args()
     upstream = [] if args.full else SHORT_UPSTREAM
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    warm = retrain(work, "warmup", [], upstream)
+    repo = Path(args.repo).resolve()
+    warm = retrain(work, "warmup", [], upstream, repo) if args.warmup else None
     res = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
            "machine": f"{platform.platform()}, {os.cpu_count()} cpus", "command": " ".join(sys.argv),
            "upstream_overrides": upstream,
-           "warmup": {"wall_s": round(warm["wall_s"], 1), "cpu_s": round(warm["cpu_s"], 1),
-                      "core_seconds": warm["metrics"]["core_seconds"]}, "variants": []}
+           "repo_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                         check=False).stdout.strip(),
+           "warmup": warm and {"wall_s": round(warm["wall_s"], 1), "cpu_s": round(warm["cpu_s"], 1)},
+           "variants": []}
     for name in args.variants:
         forget_posttrain(work)
-        res["variants"].append(summary(name, retrain(work, name, VARIANTS[name], upstream)))
+        res["variants"].append(summary(name, retrain(work, name, VARIANTS[name], upstream, repo)))
         print(json.dumps(res["variants"][-1], indent=1), flush=True)
     base = {v["variant"]: v for v in res["variants"]}
     if "sequential" in base:
