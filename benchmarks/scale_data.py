@@ -94,13 +94,15 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def run_stage(cmd: list[str], log: Path) -> dict:
+def run_stage(cmd: list[str], log: Path, cwd: Path = ROOT) -> dict:
     """Run one stage in a child process; wall, CPU (user+sys) and peak RSS."""
     env = {**os.environ, **ENV, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    # the generated data directory is a data root (containment also covers paths from config files)
+    env["ASFT_DATA_ROOTS"] = os.pathsep.join(p for p in (os.environ.get("ASFT_DATA_ROOTS"), str(log.parents[2])) if p)
     peak = [0]
     t0 = time.perf_counter()
     with open(log, "w") as fh:
-        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
         stop = threading.Event()
 
         def poll() -> None:
@@ -126,7 +128,7 @@ def run_stage(cmd: list[str], log: Path) -> dict:
     return out
 
 
-def run_size(events: int, source: str, stages: list[str], work: Path, extra: list[str]) -> dict:
+def run_size(events: int, source: str, stages: list[str], work: Path, extra: list[str], code: Path = ROOT) -> dict:
     asft = [sys.executable, "-m", "asft.cli"]
     run = work / "runs" / f"{source}-{events}"
     run.mkdir(parents=True, exist_ok=True)
@@ -145,7 +147,7 @@ def run_size(events: int, source: str, stages: list[str], work: Path, extra: lis
         cmd = cmds[st]
         if st != "ingest" and source == "simulator":
             cmd = [*cmd, *[o for o in data[2:]]]  # same simulator settings (preferences reads them)
-        r = run_stage(cmd, run / f"{st}.log")
+        r = run_stage(cmd, run / f"{st}.log", code)
         r["command"] = " ".join(Path(c).name if c == sys.executable else c for c in cmd)
         res["stages"][st] = r
         print(json.dumps({"events": events, "stage": st, **{k: v for k, v in r.items() if k != "log_tail"}}),
@@ -190,6 +192,8 @@ def main() -> None:
     ap.add_argument("--work", default="/work/scale")
     ap.add_argument("--out", default=None)
     ap.add_argument("--keep", action="store_true", help="keep the stage outputs (default: removed after each size)")
+    ap.add_argument("--code", default=str(ROOT),
+                    help="checkout whose asft the stages run (e.g. an export of an older commit, for a baseline)")
     ap.add_argument("overrides", nargs="*", help="config overrides passed to every stage (key=value)")
     a = ap.parse_args()
     work = Path(a.work)
@@ -198,18 +202,18 @@ def main() -> None:
     results = []
     for s in a.sizes.split(","):
         events = round(float(s) * 1_000_000)
-        results.append(run_size(events, a.source, stages, work, a.overrides))
+        results.append(run_size(events, a.source, stages, work, a.overrides, Path(a.code)))
         if not a.keep:
             import shutil
 
             shutil.rmtree(work / "runs" / f"{a.source}-{events}", ignore_errors=True)
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True).stdout
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=a.code, capture_output=True, text=True).stdout
     out = {
         "benchmark": "scale_data",
         "source": a.source,
         "stages": stages,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "git": git.strip(),
+        "git": git.strip() or a.code,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "results": results,
         "loglog_slope": slopes(results, stages),
