@@ -538,12 +538,12 @@ class Simulator:
         ts = starts[:, None] + np.cumsum(gaps, axis=1)
         mask = np.arange(steps)[None, :] < lengths[:, None]
         return {
-            "user": np.broadcast_to(users[:, None], (n, steps))[mask],
-            "item": items[mask],
+            "user": np.broadcast_to(users[:, None], (n, steps))[mask].astype(np.int32),  # (memory at 25M events)
+            "item": items[mask].astype(np.int32),
             "timestamp": ts[mask],
             "rating": ratings[mask],
             "utility": util[mask],
-            "step": np.broadcast_to(np.arange(steps)[None, :], (n, steps))[mask],
+            "step": np.broadcast_to(np.arange(steps, dtype=np.int32)[None, :], (n, steps))[mask],
         }
 
     def _generate_arrays(self, workers: int = 1) -> dict[str, np.ndarray]:
