@@ -4,7 +4,8 @@
 #   bash benchmarks/data_layer_hashes.sh /work/scale/h-old /work/scale/orig   # an export of an older commit
 #   bash benchmarks/data_layer_hashes.sh /work/scale/h-new
 #   diff /work/scale/h-old/md5.txt /work/scale/h-new/md5.txt
-# (--data simulator is included: it differs whenever the simulator itself changed.)
+# (--data simulator is included: it differs whenever the simulator itself changed. Dataset paths are given
+# relative to CODE, as `retrain --data ../shared/data/...` would, since source.json and stats.json record them.)
 set -u
 OUT=$(realpath -m "$1"); ROOT=$(cd "$(dirname "$0")/.." && pwd); CODE=$(realpath "${2:-$ROOT}")
 PY="$ROOT/.venv/bin/python"
@@ -17,8 +18,9 @@ rm -rf "$OUT"; mkdir -p "$OUT"
 for ds in ml-100k amazon-beauty simulator; do
   case $ds in
     simulator) D=simulator; C=();;
-    amazon-beauty) D=$ROOT/../shared/data/amazon-beauty; C=(--config "$ROOT/configs/amazon-beauty.yaml");;
-    *) D=$ROOT/../shared/data/ml-100k; C=();;
+    amazon-beauty) D=$(realpath -m --relative-to="$CODE" "$ROOT/../shared/data/amazon-beauty")
+                   C=(--config "$ROOT/configs/amazon-beauty.yaml");;
+    *) D=$(realpath -m --relative-to="$CODE" "$ROOT/../shared/data/ml-100k"); C=();;
   esac
   asft ingest --data "$D" "${C[@]}" --output "$OUT/$ds/raw"
   asft preprocess --raw "$OUT/$ds/raw" "${C[@]}" --output "$OUT/$ds/processed"
