@@ -29,9 +29,9 @@ LOOPBACK = "127.0.0.1"
 
 def local_cluster_kwargs(oc: OrchestrationConfig) -> dict[str, Any]:
     """``distributed.LocalCluster`` arguments of a run without ``dask_address``: worker processes on
-    loopback, no dashboard (nothing to serve on a batch run; it also needs bokeh)."""
+    loopback; its HTTP server (dashboard, metrics) on a free port, never a taken default."""
     return {"n_workers": oc.dask_workers or oc.max_parallel, "threads_per_worker": oc.dask_threads_per_worker,
-            "processes": True, "host": LOOPBACK, "dashboard_address": None}
+            "processes": True, "host": LOOPBACK, "dashboard_address": ":0"}
 
 
 def dask_task_runner(oc: OrchestrationConfig, address: str | None = None):

@@ -179,7 +179,7 @@ def run_cli(spec: StageSpec, cfg: Config, paths: dict, out_dir: str | None, opti
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=lineage.REPO,
                                     env=_child_env(threads))
             try:
-                status, ru = _wait(proc, timeout)
+                status, ru, hwm = _wait(proc, timeout)
             except BaseException:
                 proc.kill()
                 proc.wait()
@@ -188,7 +188,8 @@ def run_cli(spec: StageSpec, cfg: Config, paths: dict, out_dir: str | None, opti
                 raise TimeoutError(f"{spec.name} exceeded its time limit of {timeout:.0f} s "
                                    f"(orchestration.{spec.kind}_timeout_s); log: {log_path}")
         if usage is not None:
-            usage.update(cpu_seconds=ru.ru_utime + ru.ru_stime, max_rss_mb=ru.ru_maxrss / 1024)
+            usage.update(cpu_seconds=ru.ru_utime + ru.ru_stime, child_pid=proc.pid,
+                         max_rss_mb=round(hwm / 1024, 1) if hwm else None)
         if proc.returncode != 0:
             tail = log_path.read_text()[-4000:]
             raise RuntimeError(f"{spec.name} failed in its child process (exit code {proc.returncode}); "
@@ -196,22 +197,34 @@ def run_cli(spec: StageSpec, cfg: Config, paths: dict, out_dir: str | None, opti
         return json.loads(result.read_text())
 
 
-def _wait(proc: subprocess.Popen, timeout: float) -> tuple[int | None, Any]:
-    """Reap ``proc`` with ``wait4`` (its own resource usage, which ``Popen.wait`` discards); at ``timeout``
-    seconds kill it and return ``(None, usage)``. Sets ``proc.returncode``."""
-    deadline, pause = time.monotonic() + timeout, 0.01
+def _wait(proc: subprocess.Popen, timeout: float) -> tuple[int | None, Any, int]:
+    """Reap ``proc`` with ``wait4`` (its own CPU time, which ``Popen.wait`` discards); at ``timeout`` seconds
+    kill it (status None). Returns ``(status, rusage, peak RSS in kB)`` and sets ``proc.returncode``. The
+    peak is the last ``VmHWM`` read while it ran: ``ru_maxrss`` would report at least the RSS this process
+    had when it forked the child."""
+    deadline, pause, hwm = time.monotonic() + timeout, 0.01, 0
     while True:
         pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
-            return status, ru
+            return status, ru, hwm
+        hwm = max(hwm, _vm_hwm(proc.pid))
         if time.monotonic() > deadline:
             proc.kill()
             _, status, ru = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
-            return None, ru
+            return None, ru, hwm
         time.sleep(pause)
         pause = min(pause * 2, 0.2)
+
+
+def _vm_hwm(pid: int) -> int:
+    """Peak resident memory (kB) of a running process (Linux ``/proc``); 0 when unavailable."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def stage_threads(cfg: Config) -> int:

@@ -23,7 +23,7 @@ def test_dask_runner_from_config():
     assert isinstance(runner, DaskTaskRunner) and runner.address is None
     assert runner.cluster_class == "distributed.LocalCluster"
     assert runner.cluster_kwargs == local_cluster_kwargs(oc) == {
-        "n_workers": 3, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1", "dashboard_address": None}
+        "n_workers": 3, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1", "dashboard_address": ":0"}
     oc = load_config(None, ["orchestration.task_runner=dask", "orchestration.dask_workers=4",
                             "orchestration.dask_threads_per_worker=2"]).orchestration
     assert local_cluster_kwargs(oc)["n_workers"] == 4 and local_cluster_kwargs(oc)["threads_per_worker"] == 2
@@ -65,10 +65,10 @@ def test_child_stage_wait_measures_cpu_and_kills_at_the_limit():
 
     spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
     busy = subprocess.Popen([sys.executable, "-c", spin])
-    status, ru = _wait(busy, 60)
-    assert status is not None and busy.returncode == 0 and ru.ru_utime + ru.ru_stime >= 0.25 and ru.ru_maxrss > 0
+    status, ru, peak_kb = _wait(busy, 60)
+    assert status is not None and busy.returncode == 0 and ru.ru_utime + ru.ru_stime >= 0.25 and peak_kb > 1000
     hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    status, _ = _wait(hung, 0.5)
+    status, _, _ = _wait(hung, 0.5)
     assert status is None and hung.returncode == -9
 
 
@@ -86,7 +86,7 @@ def test_retrain_runs_independent_stages_on_dask(prefect_server, isolated_runs, 
     common = [*tiny_overrides, f"tracking.mlflow_uri={uri}", "posttrain.methods=[asft,sft]", "reward.members=1"]
     fanned = ["evaluate", "train-reward", "train-judge", "posttrain-asft", "posttrain-sft"]  # the groups
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
         worker_pids = client.run(os.getpid)  # {worker address: pid}
         on_dask = [*common, "orchestration.task_runner=dask", f"orchestration.dask_address={cluster.scheduler_address}"]
         dask = retrain(data="simulator", output=str(tmp_path / "dask"), config=None, overrides=on_dask,
