@@ -64,7 +64,15 @@ class DaskFanOut:
         return dask_task_runner(self.oc, self.address)
 
     def close(self) -> None:
-        self._stack.close()
+        # Every task has finished: a worker slow to exit (a busy machine) is killed after the nanny's grace
+        # period, which it reports as a warning on the person's console; nothing is lost, so it stays quiet.
+        nanny = logging.getLogger("distributed.nanny")
+        level = nanny.level
+        nanny.setLevel(logging.ERROR)
+        try:
+            self._stack.close()
+        finally:
+            nanny.setLevel(level)
 
 
 @contextlib.contextmanager
