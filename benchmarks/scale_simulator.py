@@ -41,10 +41,16 @@ def _usage() -> dict:
             "peak_rss_mb": max(self_.ru_maxrss, kids.ru_maxrss) / 1024}
 
 
-def child(sim_cfg: dict, seed: int, workers: int, write: str | None) -> dict:
+def child(sim_cfg: dict, seed: int, workers: int, write: str | None, sampler: list[int] | None = None) -> dict:
     sys.path.insert(0, str(ROOT))
+    import asft.simulator as simulator_module
     from asft.config import Config
     from asft.simulator import Simulator
+
+    if sampler:  # speed only: the sampled distribution does not depend on these sizes
+        names = ("HEAD_ITEMS", "TAIL_CENTRES", "RESIDUAL_BINS", "ROUND_DRAWS")
+        for name, value in zip(names, sampler, strict=True):
+            setattr(simulator_module, name, value)
 
     cfg = Config.model_validate({"seed": seed, "simulator": sim_cfg})
     t0 = time.perf_counter()
@@ -55,6 +61,8 @@ def child(sim_cfg: dict, seed: int, workers: int, write: str | None) -> dict:
     data = sim.generate(workers=workers)
     t3 = time.perf_counter()
     out = {"config": sim_cfg, "seed": seed, "workers": workers, "events": len(data.interactions),
+           "sampler": [simulator_module.HEAD_ITEMS, simulator_module.TAIL_CENTRES, simulator_module.RESIDUAL_BINS,
+                       simulator_module.ROUND_DRAWS],
            "users": sim.n_users, "items": sim.n_items, "init_s": t1 - t0, "sampler_tables_s": t2 - t1,
            "generate_s": t3 - t2, "wall_s": t3 - t0, **_usage()}
     out["events_per_s"] = out["events"] / out["wall_s"]
@@ -85,17 +93,20 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/issue15/simulator.json"))
     ap.add_argument("--write", default=None, metavar="SIZE=DIR", help="write that size's raw dir, e.g. 25M=/work/scale/sim25m")
+    ap.add_argument("--sampler", default=None, metavar="H,C,B,M",
+                    help="sampler sizes to try (head items, centres, residual bins, draws per round)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         spec = json.loads(args.child)
-        print(json.dumps(child(spec["cfg"], spec["seed"], spec["workers"], spec.get("write"))))
+        print(json.dumps(child(spec["cfg"], spec["seed"], spec["workers"], spec.get("write"), spec.get("sampler"))))
         return
     write_size, write_dir = (args.write.split("=", 1) if args.write else (None, None))
     results = []
     for name in [s.strip() for s in args.sizes.split(",") if s.strip()]:
         spec = {"cfg": size_config(SIZES[name]), "seed": args.seed, "workers": args.workers,
-                "write": write_dir if name == write_size else None}
+                "write": write_dir if name == write_size else None,
+                "sampler": [int(x) for x in args.sampler.split(",")] if args.sampler else None}
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], check=False,
