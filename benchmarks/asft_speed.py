@@ -18,21 +18,34 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from asft.env import configure_environment  # noqa: E402
+from asft.env import configure_environment
 
 configure_environment()
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from asft.config import load_config  # noqa: E402
-from asft.data.preprocess import ProcessedData  # noqa: E402
-from asft.models.reward import RewardEnsemble  # noqa: E402
-from asft.posttrain import collate_examples, count_weight, load_policy, method_weights, weighted_examples, weighted_loss  # noqa: E402
-from asft.sampling import (TrainContexts, batch_generator, sample_candidates, sample_slates,  # noqa: E402
-                           score_candidates, slate_logprobs)
-from asft.training.sft import collate_windows, count_targets, sft_batch_loss  # noqa: E402
-from asft.training.trainer import Trainer  # noqa: E402
+from asft.config import load_config
+from asft.data.preprocess import ProcessedData
+from asft.models.reward import RewardEnsemble
+from asft.posttrain import (
+    collate_examples,
+    count_weight,
+    load_policy,
+    method_weights,
+    weighted_examples,
+    weighted_loss,
+)
+from asft.sampling import (
+    TrainContexts,
+    batch_generator,
+    sample_candidates,
+    sample_slates,
+    score_candidates,
+    slate_logprobs,
+)
+from asft.training.sft import collate_windows, count_targets, sft_batch_loss
+from asft.training.trainer import Trainer
 
 
 def epoch_seconds(trainer: Trainer, dataset, epoch: int) -> float:

@@ -38,13 +38,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from asft.env import configure_environment  # noqa: E402
+from asft.env import configure_environment
 
 configure_environment()
 
-from asft import stages  # noqa: E402
-from asft.config import load_config  # noqa: E402
-from asft.metrics import paired_bootstrap  # noqa: E402
+from asft import stages
+from asft.config import load_config
+from asft.metrics import paired_bootstrap
 
 # method -> (config key of its regulariser, values). Values span KL(pi || pi_ref) from ~pi_ref to far.
 GRIDS = {
@@ -129,8 +129,8 @@ def main() -> None:
 
     from asft.data.preprocess import ProcessedData
     from asft.models.reward import RewardEnsemble
-    from asft.posttrain import load_policy
     from asft.policy_eval import PolicyScorer
+    from asft.posttrain import load_policy
 
     data = ProcessedData.open(work / "processed")
     ref_model = load_policy(ref)[0]
@@ -295,8 +295,8 @@ def plots(res: dict, work: Path, simulated: bool) -> None:
         base = [s["base"]["test"][key] for s in seeds if key in s["base"]["test"]]
         if base:
             pts["base (pi_ref)"] = [(0.0, float(np.mean(base)), "")]
-        for m in pts:
-            pts[m].sort()
+        for rows_m in pts.values():
+            rows_m.sort()
         frontier(pts, work / f"frontier_{key.replace('/', '_').replace('@', '')}.png",
                  f"{res['table']}: {label} vs KL", "KL(pi || pi_ref) (test contexts)", label, xscale="symlog")
 

@@ -25,13 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from asft.env import configure_environment  # noqa: E402
+from asft.env import configure_environment
 
 configure_environment()
 
-from asft import stages  # noqa: E402
-from asft.config import POSTTRAIN_METHODS, load_config  # noqa: E402
-from asft.posttrain import evaluate_policies  # noqa: E402
+from asft import stages
+from asft.config import POSTTRAIN_METHODS, load_config
+from asft.posttrain import evaluate_policies
 
 # Annotation noise of the simulated judges behind the reward models; 'logged' = real data as is.
 NOISE = {

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from asft.plots import frontier, metric_panels  # noqa: E402
+from asft.plots import frontier, metric_panels
 
 
 def seeds_of(nres: dict) -> list[dict]:
@@ -26,7 +27,7 @@ def agg(reports: list[dict], method: str, key: str, split: str = "test") -> tupl
 
 
 def fmt(m: float, s: float, digits: int = 3) -> str:
-    return f"{m:.{digits}f} ± {s:.{digits}f}" if s == s and s > 0 else f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if not math.isnan(s) and s > 0 else f"{m:.{digits}f}"
 
 
 def main() -> None:

@@ -287,14 +287,29 @@ def dataset_entity(name: str, path: str | Path, md5: str) -> Dataset:
                    profile=json.dumps(profile))
 
 
+def log_inputs(client: MlflowClient, run_id: str, datasets: list[DatasetInput], attempts: int = 4) -> None:
+    """``client.log_inputs`` that survives a race on a shared tracking server: two runs logging the same
+    dataset (experiment, name, digest) at the same moment both find it missing and both insert it; MLflow's
+    SQL store does not catch the second insert's unique-constraint error. Again, the row is found and reused."""
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, datasets=datasets)
+            return
+        except mlflow.exceptions.MlflowException as e:
+            text = str(e)
+            if attempt == attempts - 1 or not ("IntegrityError" in text or "UNIQUE constraint" in text
+                                               or "duplicate key" in text):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def log_dataset(run: TrackedRun, name: str, path: str | Path, md5: str, context: str) -> Dataset:
     """Log a dataset as an input of ``run`` (the runs table's Datasets column and filter), and record
     its path as tag ``dvc.<name>.path`` (stage runs copy it with the md5: see ``stage_run(inputs=)``)."""
     if context not in DATASET_CONTEXTS:
         raise ValueError(f"dataset context must be one of {DATASET_CONTEXTS}, got {context!r}")
     ds = dataset_entity(name, path, md5)
-    run.client.log_inputs(run.run_id, datasets=[
-        DatasetInput(ds, tags=[InputTag(mlflow_tags.MLFLOW_DATASET_CONTEXT, context)])])
+    log_inputs(run.client, run.run_id, [DatasetInput(ds, tags=[InputTag(mlflow_tags.MLFLOW_DATASET_CONTEXT, context)])])
     run.set_tags({f"dvc.{name}.path": json.loads(ds.source)["uri"]})
     return ds
 
@@ -484,7 +499,7 @@ def stage_run(tracking_uri: str, parent_run_id: str, stage: str, tags: dict | No
                             tags={**lineage, "mlflow.parentRunId": parent_run_id, "stage": stage, **(tags or {})})
     tr = TrackedRun(client, run.info.run_id)
     if inputs:
-        client.log_inputs(run.info.run_id, datasets=[
+        log_inputs(client, run.info.run_id, [
             DatasetInput(dataset_entity(n, lineage[f"dvc.{n}.path"], lineage[f"dvc.{n}.md5"]),
                          tags=[InputTag(mlflow_tags.MLFLOW_DATASET_CONTEXT, ctx)]) for n, ctx in inputs.items()])
     try:

@@ -98,7 +98,7 @@ def processed(tmp_path_factory):
 def test_masked_training_nll_equals_the_served_policy(processed):
     """The per-target loss of the masked base is -log of the probability that evaluation's masked
     ranking assigns: same history (window and before it), same special tokens, targets kept."""
-    data, cfg = processed
+    data, _cfg = processed
     model = build_model(ModelConfig(n_layer=1, n_head=1, n_embd=16, dropout=0.0), data.vocab.size, 8, seed=1).eval()
     windows = base_windows(data, mask_history=True)
     assert any(len(w[2]) for w in windows), "some windows must start after the user's first item"
@@ -184,7 +184,7 @@ def test_backbones_build_save_load(kind, tmp_path):
     ids, am = torch.tensor([[4, 5, 6, 0]]), torch.tensor([[1, 1, 1, 0]])
     out = save_recommender(m, VOCAB, tmp_path / kind, meta={"max_len": 6})
     assert (out / "model.safetensors").is_file()
-    loaded, vocab, _ = load_recommender(out)
+    loaded, _, _ = load_recommender(out)
     torch.testing.assert_close(next_item_logits(m, ids, am), next_item_logits(loaded, ids, am))
     plain = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True).eval()
     assert type(plain) is type(m)

@@ -329,3 +329,39 @@ def test_recommendation_sample_table(store, policy, processed, tmp_path):
     with pytest.raises(ValueError, match="empty"):
         tracking.log_recommendation_sample(parent, frame.iloc[:0])
     parent.end()
+
+
+def test_log_inputs_survives_the_dataset_insert_race_and_raises_anything_else(store, tmp_path):
+    """Two retrains logging the same dataset at once against one server: MLflow's SQL store raises the
+    second insert's unique-constraint error; the retry finds the row the first one committed."""
+    client = MlflowClient(store)
+    exp = client.create_experiment("log-inputs-race")
+    run_id = client.create_run(exp).info.run_id
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("x")
+    ds = tracking.DatasetInput(tracking.dataset_entity("processed", tmp_path / "d", "abc.dir"))
+
+    class Racing:
+        calls = 0
+
+        def log_inputs(self, run_id, datasets):
+            Racing.calls += 1
+            if Racing.calls == 1:  # what the server answers when the other run inserted it first
+                raise mlflow.exceptions.MlflowException(
+                    "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name")
+            client.log_inputs(run_id, datasets=datasets)
+
+    tracking.log_inputs(Racing(), run_id, [ds])
+    assert Racing.calls == 2
+    assert [i.dataset.digest for i in client.get_run(run_id).inputs.dataset_inputs] == ["abc.dir"]
+
+    class Broken:
+        calls = 0
+
+        def log_inputs(self, run_id, datasets):
+            Broken.calls += 1
+            raise mlflow.exceptions.MlflowException("RESOURCE_DOES_NOT_EXIST: run not found")
+
+    with pytest.raises(mlflow.exceptions.MlflowException, match="run not found"):
+        tracking.log_inputs(Broken(), run_id, [ds])
+    assert Broken.calls == 1  # not a race: no retry

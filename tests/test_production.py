@@ -259,12 +259,12 @@ def test_scheduled_deployment_worker_registry_serving_compare_audit(servers, tin
                                      {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
             preds = json.loads(r.read())["predictions"]
-    finally:
         bad = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(
             {"dataframe_records": [{"history": vocab[:2], "k": -1}]}).encode(), {"Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as refused:  # a client error: 400 with the reason
             urllib.request.urlopen(bad, timeout=60)
         assert refused.value.code == 400 and "k must be an integer >= 1" in refused.value.read().decode()
+    finally:
         _stop(proc)
     assert len(preds) == 3 and len(preds[0]["items"]) == 5 and len(preds[1]["items"]) == 3
     assert [p["fallback"] for p in preds] == [None, None, "popular"] and len(preds[2]["items"]) == 2  # cold start

@@ -32,7 +32,7 @@ def test_storage_config_refuses_credentials_and_unknown_schemes():
     assert Remote("r", cfg.storage.dvc_remote, cfg.storage.s3_endpoint_url).dvc_config() == {
         "r": {"url": "s3://bucket/asft", "endpointurl": "http://minio:9000"}}
     assert Remote("r", "/shared/dvc").dvc_config() == {"r": {"url": "/shared/dvc"}}  # no endpoint for a path
-    for bad, says in (("storage.dvc_remote=s3://key:secret@bucket/x", "credentials"),
+    for bad, says in (("storage.dvc_remote=s3://key:password@bucket/x", "credentials"),
                       ("storage.results_url=gs://bucket/x", "unsupported URL scheme"),
                       ("storage.checkpoints_url=s3:///nobucket", "names no bucket"),
                       ("storage.s3_endpoint_url=minio:9000", "http(s)://host")):

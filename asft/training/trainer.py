@@ -358,7 +358,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.4f}")
 
-                def crossed(every: int) -> bool:  # a multiple of `every` steps was reached by this batch
+                def crossed(every: int, step: int = step) -> bool:  # a multiple of `every` steps was reached
                     return bool(every) and (step - self.repeat) // every < step // every
 
                 if crossed(cfg.eval_steps) and b + 1 < len(batches) and self.evaluate_fn is not None:

@@ -36,7 +36,6 @@ import argparse
 import datetime as _dt
 import hashlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -94,19 +93,18 @@ if ARGS is not None:
     for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[_v] = str(ARGS.threads)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
 # RecBole's own checkpoints pickle its Config object; torch>=2.6 defaults to
 # weights_only=True.  We never call torch.load through RecBole (we load the
 # checkpoint ourselves with weights_only=False -- fine inside this venv only).
-from logging import getLogger  # noqa: E402
+from logging import getLogger
 
-from recbole.config import Config  # noqa: E402  (recbole.quick_start imports ray: avoided)
-from recbole.data import create_dataset, data_preparation  # noqa: E402
-from recbole.data.transform import construct_transform  # noqa: E402
-from recbole.trainer import Trainer  # noqa: E402
-from recbole.utils import get_flops, get_model, get_trainer, init_logger, init_seed  # noqa: E402
+import numpy as np
+import torch
+from recbole.config import Config
+from recbole.data import create_dataset, data_preparation
+from recbole.data.transform import construct_transform
+from recbole.trainer import Trainer
+from recbole.utils import get_flops, get_model, get_trainer, init_logger, init_seed
 
 
 def build_config_dict(args, checkpoint_dir: Path) -> dict:
@@ -310,16 +308,15 @@ def sha256(path: Path) -> str:
 def machine_info(threads: int) -> dict:
     cpu_model = None
     try:
-        for line in open("/proc/cpuinfo"):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu_model = line.split(":", 1)[1].strip()
                 break
     except OSError:
         pass
     import pandas
-    import scipy
-
     import recbole
+    import scipy
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -408,7 +405,7 @@ def main(args) -> int:
     train_data, valid_data, test_data = data_preparation(config, dataset)
     data_s = time.perf_counter() - t
     result["data"].update({
-        "n_interactions": int(len(raw_interactions(dataset, config)[0])),
+        "n_interactions": len(raw_interactions(dataset, config)[0]),
         "n_augmented_sequences": int(dataset.inter_num),
         "n_users": int(dataset.user_num - 1),
         "n_items": int(dataset.item_num - 1),
@@ -424,7 +421,7 @@ def main(args) -> int:
     try:  # run_recbole does this too (it also advances the RNG: keep it for parity)
         transform = construct_transform(config)
         flops = get_flops(model, dataset, config["device"], logger, transform)
-    except Exception as e:  # pragma: no cover
+    except Exception as e:  # noqa: BLE001  # pragma: no cover (RecBole's FLOP counter: informational only)
         flops = f"failed: {e!r}"
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -519,13 +516,13 @@ def main(args) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main(ARGS))
-    except Exception:
+    except Exception:  # noqa: BLE001 (any failure is recorded in the result file, then exit 1)
         traceback.print_exc()
         try:
             p = Path(ARGS.out).resolve()
             prev = json.loads(p.read_text()) if p.exists() else {}
             prev.update({"status": "failed", "error": traceback.format_exc()})
             dump(p, prev)
-        except Exception:
-            pass
+        except OSError as e:
+            print(f"could not record the failure in {ARGS.out}: {e}", file=sys.stderr)
         sys.exit(1)
