@@ -128,6 +128,9 @@ class SimulatorConfig(_Section):
     )
     rating_noise: float = Field(0.5, ge=0, description="Std of Gaussian noise added before rounding ratings.")
     start_timestamp: int = Field(1_600_000_000, description="Timestamp of the first event (seconds).")
+    workers: int = Field(
+        0, ge=0, description="Processes that simulate blocks of 2,048 users at once (0 = one per available CPU"
+        " core). The log does not depend on it.")
 
 
 class PreprocessConfig(_Section):

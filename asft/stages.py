@@ -30,6 +30,7 @@ published; a failure raises :class:`asft.data.validation.DataValidationError` an
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -51,7 +52,9 @@ def load_raw(cfg: Config) -> InteractionData:
     if cfg.data.source == "simulator":
         from asft.simulator import Simulator
 
-        return Simulator(cfg.simulator, cfg.seed).generate()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = cfg.simulator.workers or cores
+        return Simulator(cfg.simulator, cfg.seed).generate(workers=workers)
     from asft.data.loaders import load_from_config
 
     return load_from_config(cfg.data)
