@@ -147,3 +147,24 @@ def run_method_bars(table, metrics: tuple[str, ...], path: str | Path, title: st
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def cost_curves(sizes: list[float], costs: dict[str, dict[str, list[float]]], path: str | Path, title: str,
+                xlabel: str = "events") -> Path:
+    """Log-log cost curves: one panel per metric (e.g. wall s, CPU s, peak MB), one line per stage, each
+    labelled with its least-squares slope (1 = linear in ``sizes``); a dotted slope-1 guide per panel."""
+    import numpy as np
+
+    metrics = sorted({m for per in costs.values() for m in per}, key=list(next(iter(costs.values()))).index)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False)
+    x = np.asarray(sizes, dtype=float)
+    for ax, m in zip(axes[0], metrics, strict=True):
+        for i, (stage, per) in enumerate(costs.items()):
+            y = np.maximum(np.asarray(per[m], dtype=float), 1e-3)
+            slope = float(np.polyfit(np.log(x), np.log(y), 1)[0]) if len(x) > 1 else float("nan")
+            ax.plot(x, y, "o-", color=f"C{i % 10}", label=f"{stage} (slope {slope:.2f})")
+        last = max(per[m][-1] for per in costs.values())  # through the costliest last point: linear from there down
+        ax.plot(x, last * x / x[-1], ":", color="grey", label="slope 1")
+        ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=m, title=f"{title}: {m}")
+        ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -221,6 +221,13 @@ def main() -> None:
     text = json.dumps(out, indent=2)
     if a.out:
         Path(a.out).write_text(text)
+        ok = [r for r in results if all(r["stages"].get(s, {}).get("rc") == 0 for s in stages)]
+        if len(ok) > 1:  # the log-log curves, next to the JSON
+            from asft.plots import cost_curves
+
+            costs = {s: {m: [(r["data_stages"] if s == "data_stages" else r["stages"][s])[m] for r in ok]
+                         for m in ("wall_s", "cpu_s", "peak_rss_mb")} for s in [*stages, "data_stages"]}
+            cost_curves([r["events"] for r in ok], costs, Path(a.out).with_suffix(".png"), a.source)
     print(text)
 
 
