@@ -150,7 +150,7 @@ STAGES: tuple[StageSpec, ...] = (
                       replace(_ADV, required=False)), output="models/posttrain/{method}",
               params=_POSTTRAIN_PARAMS,
               training=True, distributed=True, progress=True, options=("method",), foreach="posttrain.methods",
-              kind="train", summary="best valid {best_metric:.4f} at epoch {best_epoch}"),
+              kind="train", summary="{outcome}"),
     StageSpec("evaluate-policy", "stage_evaluate_policy", "section-7 report of one post-trained policy",
               inputs=(Input("model_dir", "--model", "models/posttrain/asft", "policy dir (or its best/)", model=True),
                       _REF, _PROCESSED, Input("reward_dir", "--reward", "models/reward", "reward ensemble dir",

@@ -145,3 +145,19 @@ def test_pair_loss_anchor_term_by_hand(monkeypatch):
     assert (anchored - plain).item() == pytest.approx(0.25 * nll.item(), rel=1e-6)
     with pytest.raises(ValueError, match="unknown pair loss 'kto'"):
         make_pair_loss("kto", 0.5)
+
+
+def test_console_outcome_says_why_pi_ref_was_kept():
+    from asft.pipeline import STAGES, summary_line
+    from asft.posttrain.runner import _outcome
+
+    cfg = load_config(None, ["posttrain.ndcg_tolerance=0.05"])
+    history = [{"step": 0, "valid/ndcg@10": 0.20}, {"step": 5, "valid/ndcg@10": 0.18},
+               {"step": 10, "valid/ndcg@10": 0.185}]
+    kept = _outcome({"returned_ref": True, "best_metric": 1.8, "best_epoch": 0}, history, cfg, 0.2)
+    assert kept == ("pi_ref kept: no update beat it on valid selection with valid ndcg@10 >= 95% of pi_ref's"
+                    " 0.2000; the updates' valid ndcg@10 0.1800-0.1850")
+    moved = _outcome({"returned_ref": False, "best_metric": 2.1, "best_epoch": 1.5}, history, cfg, 0.2)
+    assert moved == "best valid 2.1000 at epoch 1.5"
+    spec = next(s for s in STAGES if s.name == "posttrain")
+    assert summary_line(spec, {"outcome": kept}) == kept

@@ -232,8 +232,20 @@ def run_method(method: str, cfg: Config, inputs: PostTrainInputs, out_dir: str |
     summary["base_valid"] = {"ndcg@10": scorer.base_ndcg}
     summary["returned_ref"] = summary["best_epoch"] == 0  # no evaluated update beat pi_ref itself
     summary["model_dir"] = str(out_dir / "best")
-    write_json(out_dir / "train_summary.json", {**summary, "history": [h for r in results for h in r.history]})
+    history = [h for r in results for h in r.history]
+    summary["outcome"] = _outcome(summary, history, cfg, scorer.base_ndcg)
+    write_json(out_dir / "train_summary.json", {**summary, "history": history})
     return summary
+
+
+def _outcome(summary: dict, history: list[dict], cfg: Config, base_ndcg: float) -> str:
+    """One line for the console: which checkpoint was selected, or why pi_ref itself was kept."""
+    if not summary["returned_ref"]:
+        return f"best valid {summary['best_metric']:.4f} at epoch {summary['best_epoch']}"
+    ndcg = [h["valid/ndcg@10"] for h in history if h.get("step", 0) > 0 and "valid/ndcg@10" in h]
+    reached = f"; the updates' valid ndcg@10 {min(ndcg):.4f}-{max(ndcg):.4f}" if ndcg else ""
+    return (f"pi_ref kept: no update beat it on valid {cfg.posttrain.train.monitor} with valid ndcg@10 >="
+            f" {1 - cfg.posttrain.ndcg_tolerance:.0%} of pi_ref's {base_ndcg:.4f}{reached}")
 
 
 def _train_cfg(cfg: Config, epochs: int | None = None):
