@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from datetime import UTC, datetime
@@ -37,6 +36,7 @@ configure_environment()
 
 import numpy as np
 import torch
+from _usage import cpu_seconds, peak_rss_mb
 
 from asft import stages
 from asft.config import load_config
@@ -46,15 +46,6 @@ from asft.metrics import ndcg_per_user, paired_bootstrap
 from asft.models.recommender import load_recommender
 from asft.training.sft import train_base
 from asft.utils import write_json
-
-
-def cpu_seconds() -> float:
-    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_one(name: str, processed: Path, cfg, out: Path) -> dict:

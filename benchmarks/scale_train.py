@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ configure_environment()
 
 import numpy as np
 import torch
+from _usage import cpu_seconds, peak_rss_mb
 
 from asft.config import load_config
 from asft.data.preprocess import NUM_SPECIAL, ProcessedData
@@ -44,15 +44,6 @@ from asft.evaluation import evaluate_table
 from asft.models.recommender import build_model
 from asft.training.sft import base_windows, make_trainer, target_counts, use_sampled_softmax
 from asft.utils import seed_everything, write_json
-
-
-def cpu_seconds() -> float:
-    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def machine() -> dict:

@@ -200,3 +200,17 @@ def isolated_runs(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("ASFT_DVC_CACHE_DIR", str(cache))
     monkeypatch.setattr(lineage, "dvc_cache_dir", lambda: cache)
     return runs
+
+
+@pytest.fixture(scope="module")
+def tiny_processed(tmp_path_factory):
+    """A processed simulator dataset of 30 users x 30 items (windows of 8, stride 4) and its config."""
+    from asft.config import load_config
+    from asft.data.preprocess import ProcessedData, preprocess
+    from asft.simulator import simulate
+
+    cfg = load_config(None, ["simulator.n_users=30", "simulator.n_items=30", "simulator.min_len=14",
+                             "simulator.max_len=30", "preprocess.max_len=8", "preprocess.window_stride=4"])
+    root = tmp_path_factory.mktemp("proc")
+    preprocess(simulate(cfg.simulator, seed=cfg.seed), cfg.preprocess, root / "p")
+    return ProcessedData.open(root / "p"), cfg

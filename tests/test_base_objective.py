@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from asft.config import ModelConfig, TrainConfig, load_config
-from asft.data.preprocess import NUM_SPECIAL, ItemVocab, ProcessedData, preprocess
+from asft.data.preprocess import NUM_SPECIAL, ItemVocab
 from asft.evaluation import evaluate_table, mask_items, pad_right
 from asft.losses import masked_sft_loss, sft_loss
 from asft.models.recommender import (
@@ -23,7 +23,6 @@ from asft.models.recommender import (
     save_recommender,
 )
 from asft.models.reward import LlamaRewardModel, RewardModel, load_reward_model, save_reward_model
-from asft.simulator import simulate
 from asft.training.sft import base_windows, collate_windows, consumed_mask, count_targets, sft_batch_loss
 from asft.training.trainer import lr_factor
 
@@ -87,12 +86,8 @@ def test_lr_schedules():
 
 # ---------------------------------------------------------------------------- trains what it serves
 @pytest.fixture(scope="module")
-def processed(tmp_path_factory):
-    cfg = load_config(None, ["simulator.n_users=30", "simulator.n_items=30", "simulator.min_len=14",
-                             "simulator.max_len=30", "preprocess.max_len=8", "preprocess.window_stride=4"])
-    root = tmp_path_factory.mktemp("proc")
-    preprocess(simulate(cfg.simulator, seed=cfg.seed), cfg.preprocess, root / "p")
-    return ProcessedData.open(root / "p"), cfg
+def processed(tiny_processed):
+    return tiny_processed
 
 
 def test_masked_training_nll_equals_the_served_policy(processed):

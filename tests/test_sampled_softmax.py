@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from asft.config import BaseTrainConfig, ModelConfig, load_config
-from asft.data.preprocess import NUM_SPECIAL, ProcessedData, preprocess
+from asft.data.preprocess import NUM_SPECIAL
 from asft.losses import log_expected_counts, masked_sft_loss, sampled_softmax_loss
 from asft.models.recommender import build_model
-from asft.simulator import simulate
 from asft.training.sft import (
     NegativeSampler,
     base_windows,
@@ -106,12 +105,8 @@ def test_logq_corrected_partition_estimate_is_unbiased():
 
 # ---------------------------------------------------------------------------- in the base model
 @pytest.fixture(scope="module")
-def processed(tmp_path_factory):
-    cfg = load_config(None, ["simulator.n_users=30", "simulator.n_items=30", "simulator.min_len=14",
-                             "simulator.max_len=30", "preprocess.max_len=8", "preprocess.window_stride=4"])
-    root = tmp_path_factory.mktemp("proc")
-    preprocess(simulate(cfg.simulator, seed=cfg.seed), cfg.preprocess, root / "p")
-    return ProcessedData.open(root / "p"), cfg
+def processed(tiny_processed):
+    return tiny_processed
 
 
 class FixedNegatives(NegativeSampler):
