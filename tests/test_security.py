@@ -230,7 +230,7 @@ def _looks_like_secret_assignment(path: str, line: str) -> str | None:
     key, value = m.group(1), m.group(2)
     if value.startswith(("{", "[")) or value.endswith(("{", "[")):
         return None  # structure (a JSON object, a yaml flow mapping): its entries are lines of their own
-    value = value.split(" #")[0].strip()
+    value = value.split(" #")[0].strip().rstrip(",")  # a JSON line's separator is not part of the value
     if _is_reference(value):
         return None
     low = key.lower()
@@ -238,7 +238,7 @@ def _looks_like_secret_assignment(path: str, line: str) -> str | None:
     if re.search(r"(?:_file|_path|_name|_id|_url|_uri|_dir|_length|_ttl|_size|_enabled|_required|_prefix|tokens?_"
                  r"|_permission|description|title|_ref|_key_ref)$", low) or low in {"max_tokens", "tokens"}:
         return None
-    if value.lower() in {"true", "false"} or re.fullmatch(r"[\d.]+", value):
+    if value.lower() in {"true", "false", "null"} or re.fullmatch(r"-?[\d.]+(?:[eE][-+]?\d+)?", value):
         return None
     return f"{key} = {value[:40]}"
 
@@ -281,9 +281,11 @@ def test_secret_scanner_catches_what_it_must():
     assert _looks_like_secret_assignment("x.yaml", "  password: " + "hunter2hunter2")
     assert _looks_like_secret_assignment("x.env", "AWS_SECRET_ACCESS_KEY=" + "abc123abc123")
     assert _looks_like_secret_assignment("x.ini", "admin_password = " + "hunter2hunter2")
+    assert _looks_like_secret_assignment("x.json", '  "api_token": "' + "abc123abc123" + '",')
     for ok in ("POSTGRES_PASSWORD: ${POSTGRES_PASSWORD:?set it}", "POSTGRES_PASSWORD=", "password: ...",
                'secret_access_key: "<your key>"', "MLFLOW_TRACKING_PASSWORD: '{{ password }}'",
-               "PREFECT_API_AUTH_STRING=asft:$(rand)", "auth_cache_ttl_seconds = 0"):
+               "PREFECT_API_AUTH_STRING=asft:$(rand)", "auth_cache_ttl_seconds = 0",
+               '  "tokens_per_s": 26041.83346,', '"cost_per_token": 1e-05,', '"token_budget": null,'):
         assert not _looks_like_secret_assignment("x.yaml", ok), ok
 
 
